@@ -1,0 +1,1 @@
+"""nova_zmq_fast: a broker-less ZeroMQ RPC transport."""

@@ -1,0 +1,17 @@
+# The libzmq context and the single place where libzmq errors become Python
+# exceptions.  Every other module cimports these.
+
+cdef class Context:
+    cdef void *handle
+    cdef readonly int pid           # process that created it
+    cdef int epoch                  # fork_epoch() when it was created
+    cdef readonly int sockets       # open sockets, for leak accounting
+
+    cdef void *socket(self, int kind) except NULL
+    cdef void close_socket(self, void *sock, int linger_ms) noexcept
+    cdef bint usable(self) noexcept
+
+cdef int raise_zmq_error(int err) except -1
+cdef int check(int rc) except -1
+cdef int set_int(void *sock, int option, int value) except -1
+cdef int fork_epoch() noexcept

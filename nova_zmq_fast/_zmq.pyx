@@ -1,0 +1,145 @@
+"""libzmq context, fork safety and error mapping.
+
+Every libzmq return code in the package goes through `check()` /
+`raise_zmq_error()`, so errors look the same wherever they come from: an
+`OSError` subclass carrying libzmq's errno and message.  An interrupted call
+first gives Python signal handlers a chance to run (Ctrl-C raises
+KeyboardInterrupt), and otherwise surfaces as `InterruptedError`, which the
+blocking loops catch and retry.
+"""
+import os
+import re
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno as c_errno
+
+from nova_zmq_fast._libzmq cimport *
+
+
+class ZMQError(OSError):
+    """A libzmq call failed; `errno` is libzmq's error number."""
+
+
+cdef int _fork_epoch = 0
+
+
+def _after_fork_in_child():
+    global _fork_epoch
+    _fork_epoch += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef int fork_epoch() noexcept:
+    """Incremented in every forked child: objects remember the epoch they were
+    made in and know they belong to the parent when it differs."""
+    return _fork_epoch
+
+
+cdef int raise_zmq_error(int err) except -1:
+    if err == EINTR:
+        PyErr_CheckSignals()
+        raise InterruptedError(err, "interrupted system call")
+    raise ZMQError(err, zmq_strerror(err).decode("utf-8", "replace"))
+
+
+cdef inline int check(int rc) except -1:
+    if rc == -1:
+        raise_zmq_error(zmq_errno())
+    return rc
+
+
+cdef int set_int(void *sock, int option, int value) except -1:
+    return check(zmq_setsockopt(sock, option, &value, sizeof(int)))
+
+
+def libzmq_version():
+    """The (major, minor, patch) of the libzmq actually loaded."""
+    cdef int major, minor, patch
+    zmq_version(&major, &minor, &patch)
+    return (major, minor, patch)
+
+
+def compiled_libzmq_version():
+    """The libzmq version the core was compiled against."""
+    return (ZMQ_VERSION_MAJOR, ZMQ_VERSION_MINOR, ZMQ_VERSION_PATCH)
+
+
+def loaded_libzmq_files():
+    """Paths of every libzmq shared object mapped into this process.  There
+    must be exactly one: two copies would each run their own I/O threads and
+    could not share sockets."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").rpartition(" ")[2]
+            if re.search(r"/libzmq[^/]*\.so", path):
+                found.add(os.path.realpath(path))
+    return sorted(found)
+
+
+cdef class Context:
+    """One libzmq context per process.  It counts the sockets it hands out so
+    that `term()` can refuse to hang on a socket somebody forgot, and tests
+    can assert that everything was closed."""
+
+    def __cinit__(self, int io_threads=1):
+        self.handle = zmq_ctx_new()
+        if self.handle == NULL:
+            raise_zmq_error(zmq_errno())
+        self.pid = os.getpid()
+        self.epoch = _fork_epoch
+        self.sockets = 0
+        if io_threads != 1:
+            check(zmq_ctx_set(self.handle, ZMQ_IO_THREADS, io_threads))
+
+    cdef bint usable(self) noexcept:
+        # A forked child must never touch its parent's context: its I/O
+        # threads do not exist here.
+        return self.handle != NULL and self.epoch == _fork_epoch
+
+    cdef void *socket(self, int kind) except NULL:
+        if not self.usable():
+            raise ZMQError(ETERM, "context is closed or belongs to another process")
+        cdef void *sock = zmq_socket(self.handle, kind)
+        if sock == NULL:
+            raise_zmq_error(zmq_errno())
+        self.sockets += 1
+        return sock
+
+    cdef void close_socket(self, void *sock, int linger_ms) noexcept:
+        """Close with a bounded linger: queued messages get `linger_ms` to
+        leave, then are dropped, so term() never waits forever."""
+        if sock == NULL or not self.usable():
+            return
+        zmq_setsockopt(sock, ZMQ_LINGER, &linger_ms, sizeof(int))
+        zmq_close(sock)
+        self.sockets -= 1
+
+    def term(self):
+        """Terminate the context, waiting at most for the sockets' linger.
+        Refuses (RuntimeError) while sockets are still open."""
+        if self.handle == NULL:
+            return
+        if self.epoch != _fork_epoch:
+            self.handle = NULL      # the parent's: leave it alone
+            return
+        if self.sockets:
+            raise RuntimeError(f"{self.sockets} socket(s) still open")
+        cdef void *handle = self.handle
+        cdef int rc
+        self.handle = NULL
+        while True:
+            with nogil:
+                rc = zmq_ctx_term(handle)
+            if rc == 0 or zmq_errno() != EINTR:
+                break
+
+    @property
+    def closed(self):
+        return self.handle == NULL
+
+    def __dealloc__(self):
+        if self.handle != NULL and self.epoch == _fork_epoch and self.sockets == 0:
+            zmq_ctx_term(self.handle)

@@ -1,0 +1,81 @@
+"""Turning a received message into a method call.
+
+`RpcDispatcher` follows openstack.common.rpc's rules: a message names a
+method, an API version ('1.0' when missing) and optionally a namespace; the
+first callback object of that namespace whose RPC_API_VERSION has the same
+major version and a minor version at least as high, and that has the method,
+is called as method(ctxt, **args).
+
+What create_consumer() accepts as a proxy, and how the receive loop
+(`_server.Consumer.invoke`, in Cython because it runs for every message)
+calls it:
+  * an object with dispatch(), such as an RpcDispatcher: called as
+    dispatch(ctxt, version, method, namespace, **args);
+  * a plain callable: called as proxy(ctxt, msg) with every raw message,
+    which is how notification consumers are written;
+  * any other object: its public method msg['method'] is called as
+    method(ctxt, **args); names starting with '_' are never callable.
+"""
+import json
+
+from nova_zmq_fast.exceptions import InvalidMessage, UnsupportedRpcVersion
+
+
+def version_is_compatible(implemented, requested):
+    """True if an endpoint implementing `implemented` can serve `requested`:
+    same major version, requested minor <= implemented minor."""
+    try:
+        imp_major, imp_minor = (int(p) for p in str(implemented).split(".")[:2])
+        req = str(requested).split(".")
+        req_major, req_minor = int(req[0]), int(req[1]) if len(req) > 1 else 0
+    except (ValueError, IndexError):
+        return False
+    return req_major == imp_major and req_minor <= imp_minor
+
+
+def _public_method(obj, name):
+    if not isinstance(name, str) or not name or name.startswith("_"):
+        return None
+    method = getattr(obj, name, None)
+    return method if callable(method) else None
+
+
+class RpcDispatcher:
+    """Dispatch a message to one of several versioned callback objects."""
+
+    def __init__(self, callbacks):
+        self.callbacks = list(callbacks)
+
+    def dispatch(self, ctxt, version, method, namespace, **kwargs):
+        version = version or "1.0"
+        had_compatible = False
+        for proxy in self.callbacks:
+            if getattr(proxy, "RPC_API_NAMESPACE", None) != namespace:
+                continue
+            compatible = version_is_compatible(
+                getattr(proxy, "RPC_API_VERSION", "1.0"), version)
+            had_compatible = had_compatible or compatible
+            target = _public_method(proxy, method)
+            if compatible and target is not None:
+                return target(ctxt, **kwargs)
+        if had_compatible:
+            raise AttributeError(f"No such RPC function '{method}'")
+        raise UnsupportedRpcVersion(version=version)
+
+
+def unwrap(msg):
+    """Undo notify(..., envelope=True): {'oslo.version', 'oslo.message'}."""
+    if "oslo.message" in msg and "oslo.version" in msg:
+        inner = msg["oslo.message"]
+        try:
+            inner = json.loads(inner) if isinstance(inner, str) else inner
+        except ValueError:
+            raise InvalidMessage("enveloped message is not valid JSON") from None
+        if not isinstance(inner, dict):
+            raise InvalidMessage("enveloped message is not a dict")
+        return inner
+    return msg
+
+
+def wrap(msg):
+    return {"oslo.version": "2.0", "oslo.message": json.dumps(msg)}

@@ -1,0 +1,145 @@
+"""Exceptions raised by nova_zmq_fast, named as openstack.common.rpc named them.
+
+Each class that describes bad input also inherits the matching builtin
+(`ValueError`, `TypeError`), so callers can catch either.
+"""
+
+
+class RPCException(Exception):
+    """Base class.  `msg_fmt` is formatted with the keyword arguments."""
+
+    msg_fmt = "An unknown RPC related exception occurred."
+
+    def __init__(self, message=None, **kwargs):
+        self.kwargs = kwargs
+        if not message:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError, ValueError):
+                message = self.msg_fmt
+        self.message = message
+        super().__init__(message)
+
+
+class Timeout(RPCException):
+    """No reply arrived in time.  `topic` and `method` say which call."""
+
+    msg_fmt = "Timeout while waiting on RPC response - topic: %(topic)s, RPC method: %(method)s info: %(info)s"
+
+    def __init__(self, info=None, topic=None, method=None):
+        self.info = info
+        self.topic = topic
+        self.method = method
+        super().__init__(None, info=info or "<unknown>",
+                         topic=topic or "<unknown>", method=method or "<unknown>")
+
+
+class NoListeners(Timeout):
+    """Discovery knows no live consumer for the topic, so nothing was sent.
+
+    A subclass of Timeout because that is what callers of the original
+    driver already handle; it is raised at once instead of after waiting."""
+
+    msg_fmt = "No live consumer for topic %(topic)s (RPC method: %(method)s)"
+
+
+class PeerUnreachable(Timeout):
+    """No connection to the named server could be made within
+    rpc_zmq_connect_timeout, so nothing was sent to it."""
+
+    msg_fmt = "%(info)s"
+
+
+class RemoteError(RPCException):
+    """The remote method raised an exception this process may not re-create.
+
+    `exc_type` is the remote class name, `value` its message and `traceback`
+    the remote traceback as text."""
+
+    msg_fmt = "Remote error: %(exc_type)s %(value)s\n%(traceback)s."
+
+    def __init__(self, exc_type=None, value=None, traceback=None):
+        self.exc_type = exc_type
+        self.value = value
+        self.traceback = traceback
+        super().__init__(None, exc_type=exc_type, value=value, traceback=traceback)
+
+
+class UnsupportedRpcVersion(RPCException):
+    msg_fmt = "Specified RPC version, %(version)s, not supported by this endpoint."
+
+
+class InvalidMessage(RPCException, ValueError):
+    """A message given to the API is not `{'method': str, ...}`."""
+
+
+class SerializationError(RPCException, TypeError):
+    """The context or message holds something msgpack cannot encode."""
+
+
+class MessageTooLarge(RPCException, ValueError):
+    """The encoded message exceeds rpc_zmq_max_message_size."""
+
+
+class MalformedEnvelope(ValueError):
+    """Bytes received from the network are not a valid envelope."""
+
+
+# -- remote exceptions on the wire ------------------------------------------
+#
+# A failure travels as [module, class name, message, args, traceback text].
+
+def serialize_remote_exception(exc):
+    import traceback
+
+    import msgpack
+
+    cls = type(exc)
+    text = str(exc)
+    args = list(exc.args)
+    try:
+        msgpack.packb(args, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        args = [text]
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    return [cls.__module__, cls.__qualname__, text, args, tb]
+
+
+def deserialize_remote_exception(failure, allowed_modules):
+    """Re-create the remote exception as its own type when its module is
+    allowed (builtins by default), else as RemoteError."""
+    import builtins
+    import importlib
+    import sys
+
+    try:
+        module, name, text, args, tb = failure
+        module, name, text, tb = str(module), str(name), str(text), str(tb)
+        args = list(args) if isinstance(args, (list, tuple)) else [text]
+    except (TypeError, ValueError):
+        return RemoteError("Unknown", "malformed failure reply", "")
+    if module in ("builtins", "exceptions") and ("builtins" in allowed_modules
+                                                 or "exceptions" in allowed_modules):
+        cls = getattr(builtins, name, None)
+    elif module in allowed_modules:
+        try:
+            obj = sys.modules.get(module) or importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            cls = obj
+        except (ImportError, AttributeError):
+            cls = None
+    else:
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            exc = cls(*args)
+        except Exception:
+            exc = None
+        if exc is not None:
+            try:
+                exc.remote_traceback = tb
+            except AttributeError:
+                pass
+            return exc
+    return RemoteError(name, text, tb)

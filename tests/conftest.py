@@ -1,0 +1,123 @@
+"""Shared fixtures: service processes over real sockets, and a client whose
+sockets, threads and descriptors must all be released by rpc.cleanup()."""
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nova_zmq_fast import rpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def open_fds():
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def wait_until(predicate, timeout, interval=0.02):
+    """Poll `predicate` until it is truthy or `timeout` passes; return its
+    last value.  Bounded in time, as every loop in the tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class ServiceProcess:
+    """A tests.helpers.service process."""
+
+    def __init__(self, host, ipc_dir, topic="svc", options=None):
+        self.host = host
+        opts = {"rpc_zmq_ipc_dir": str(ipc_dir)}
+        opts.update(options or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.service", "--host", host,
+             "--topic", topic, "--options", json.dumps(opts)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.address = self._wait_ready(30)
+
+    def _wait_ready(self, timeout):
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                self.kill()
+                raise RuntimeError(f"service {self.host} did not start in {timeout}s")
+            line = self.proc.stdout.readline().split()
+        finally:
+            sel.close()
+        if len(line) != 2 or line[0] != "READY":
+            self.kill()
+            raise RuntimeError(f"service {self.host} failed to start: {line}")
+        return line[1]
+
+    def stop(self, timeout=15):
+        """SIGTERM: the service runs rpc.cleanup() and must exit 0 in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"service {self.host} did not stop in {timeout}s")
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if not self.proc.stdout.closed:
+            self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def ipc_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="module")
+def services(ipc_dir):
+    """Two services with different rpc_zmq_host values, on the embedded
+    default discovery, consuming 'svc'."""
+    started = []
+    try:
+        for host in ("h1", "h2"):
+            started.append(ServiceProcess(host, ipc_dir))
+        yield {s.host: s for s in started}
+    finally:
+        codes = [s.stop() for s in started]
+    assert codes == [0] * len(started), f"services exited with {codes}"
+
+
+@pytest.fixture
+def client(ipc_dir):
+    """rpc, initialised for this test; cleanup() must release everything."""
+    fds = open_fds()
+    threads = os_threads()
+    rpc.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+             rpc_response_timeout=10, rpc_cast_timeout=10, rpc_zmq_linger=2,
+             allowed_rpc_exception_modules=["builtins", "tests.helpers.errors"])
+    try:
+        yield rpc
+    finally:
+        rpc.cleanup()
+        rpc.init()                  # back to defaults for the next test
+    assert wait_until(lambda: os_threads() == threads, 5), \
+        f"threads leaked: {os_threads()} != {threads}"
+    assert open_fds() == fds, f"descriptors leaked: {open_fds()} != {fds}"
+
+
+def count_on(rpc_mod, service_topic, key):
+    return rpc_mod.call({}, service_topic, {"method": "count", "args": {"key": key}})

@@ -1,0 +1,140 @@
+"""A service process for the tests: `python -m tests.helpers.service ...`.
+
+It consumes `--topic` (direct and fanout) with a TestService, prints
+"READY <address>" once it serves, and exits cleanly (rpc.cleanup()) on
+SIGTERM.  Everything the tests check is observable over RPC: the service
+records casts, fanouts and notifications per key, and reports its own
+connection counters.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from nova_zmq_fast import rpc
+from tests.helpers.errors import CustomError
+
+
+class TestService:
+    RPC_API_VERSION = "1.3"
+
+    def __init__(self, host):
+        self.host = host
+        self.records = {}
+        self.lock = threading.Lock()
+        self.conn = None
+
+    # -- calls ---------------------------------------------------------------
+    def echo(self, ctxt, value):
+        return value
+
+    def whoami(self, ctxt):
+        return self.host
+
+    def add(self, ctxt, a, b):
+        return a + b
+
+    def context(self, ctxt):
+        return {"values": ctxt.to_dict(), "user_id": getattr(ctxt, "user_id", None)}
+
+    def sleep(self, ctxt, seconds):
+        time.sleep(seconds)
+        return self.host
+
+    def stream(self, ctxt, n, delay):
+        for i in range(n):
+            if i:
+                time.sleep(delay)
+            yield {"i": i, "host": self.host, "t": time.time()}
+
+    def fail(self, ctxt, kind, text):
+        if kind == "value":
+            raise ValueError(text)
+        if kind == "key":
+            raise KeyError(text)
+        if kind == "custom":
+            raise CustomError(text)
+        raise RuntimeError(text)
+
+    def stream_then_fail(self, ctxt):
+        yield 1
+        raise ValueError("stream broke")
+
+    def unencodable(self, ctxt):
+        return object()
+
+    def stats(self, ctxt):
+        return self.conn.stats()
+
+    def pid(self, ctxt):
+        return os.getpid()
+
+    # -- casts ---------------------------------------------------------------
+    def record(self, ctxt, key, value):
+        with self.lock:
+            self.records.setdefault(key, []).append(value)
+
+    def slow_record(self, ctxt, key, value, seconds):
+        time.sleep(seconds)
+        self.record(ctxt, key, value)
+
+    def records_for(self, ctxt, key):
+        with self.lock:
+            return list(self.records.get(key, []))
+
+    def count(self, ctxt, key):
+        with self.lock:
+            return len(self.records.get(key, []))
+
+
+class FanoutService(TestService):
+    """Fanout consumers record under 'fanout:<key>'."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def record(self, ctxt, key, value):
+        self.base.record(ctxt, "fanout:" + key, value)
+
+
+class V2Api:
+    RPC_API_VERSION = "2.0"
+    RPC_API_NAMESPACE = "v2"
+
+    def describe(self, ctxt):
+        return "v2"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--topic", default="svc")
+    parser.add_argument("--options", default="{}", help="rpc.init() options, JSON")
+    args = parser.parse_args()
+
+    options = json.loads(args.options)
+    options.setdefault("rpc_zmq_host", args.host)
+    rpc.init(**options)
+    service = TestService(args.host)
+    conn = rpc.create_connection()
+    service.conn = conn
+    conn.create_consumer(args.topic, rpc.RpcDispatcher([service, V2Api()]))
+    conn.create_consumer(args.topic, FanoutService(service), fanout=True)
+    conn.create_consumer(args.topic + "-raw", lambda ctxt, msg: service.record(
+        ctxt, "raw", msg))
+    conn.consume_in_thread()
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("READY", conn.address, flush=True)
+    while not done.wait(0.2):
+        pass
+    rpc.cleanup()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
