@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepare this checkout on a Debian/Ubuntu machine: the system packages that
+# are missing (libzmq3-dev, pkg-config, a C compiler, venv), a virtualenv in
+# .venv and an in-place build of the Cython core with the test extras.
+# Safe to run again: it rebuilds only when a source or build file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+EXTRAS=${NZF_EXTRAS:-test}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in libzmq3-dev pkg-config gcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+"$PYTHON" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
+"$PYTHON" -c "import sysconfig, os; exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+    || missing+=(python3-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]}" >&2
+    as_root apt-get update -q
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "${missing[@]}"
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+
+stamp=.venv/.nzf-build
+want=$( (echo "$EXTRAS"; cat setup.py pyproject.toml csrc/*.h nova_zmq_fast/*.pyx nova_zmq_fast/*.pxd) \
+        | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
+        ! .venv/bin/python -c "import nova_zmq_fast._server" 2>/dev/null; then
+    echo "bootstrap: building nova_zmq_fast (about a minute)" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    echo "$want" > "$stamp"
+fi
