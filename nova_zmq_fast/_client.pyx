@@ -95,7 +95,7 @@ cdef class Outbox:
     cdef int linger_ms              # for messages still queued when the thread ends
     cdef object __weakref__
 
-    def __cinit__(self, Context ctx, int send_timeout_ms, int linger_ms):
+    def __cinit__(self, Context ctx not None, int send_timeout_ms, int linger_ms):
         self.ctx = ctx
         self.linger_ms = linger_ms
         self.epoch = fork_epoch()
@@ -265,6 +265,9 @@ cdef class ReplyStream:
     cdef long thread
     cdef bint done
 
+    def __cinit__(self):
+        self.done = True                # until multicall() fills it in
+
     def __iter__(self):
         return self
 
@@ -290,7 +293,8 @@ cdef class ReplyStream:
 
     cdef finish(self):
         self.done = True
-        self.outbox.streams.pop(self.msg_id, None)
+        if self.outbox is not None:
+            self.outbox.streams.pop(self.msg_id, None)
 
     def close(self):
         """Stop listening; later replies for this stream are dropped."""
@@ -322,7 +326,7 @@ cdef class Client:
     cdef public unsigned long long casts, calls, fanouts, notifies, timeouts
     cdef public unsigned long long no_listeners, notifications_dropped
 
-    def __cinit__(self, Context ctx, matchmaker, *, double send_timeout,
+    def __cinit__(self, Context ctx not None, matchmaker, *, double send_timeout,
                   double response_timeout, Py_ssize_t max_message_size,
                   rebuild_exception, double linger=5.0, double connect_timeout=2.0):
         self.ctx = ctx
@@ -472,23 +476,28 @@ cdef class Client:
         self.notifies += 1
         return True
 
-    def call(self, context, topic, msg, timeout=None):
-        """Send to one consumer and wait for its result (or exception)."""
+    cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
+                            int flags) except? 0:
+        """Validate and send a CALL; returns its msg_id."""
         cdef const char *t
         cdef Py_ssize_t tlen
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
+        ob.last_id += 1
+        self.request(KIND_CALL, flags, self.route(topic), context, t, tlen, msg,
+                     ob.last_id, ob, topic, method)
+        self.calls += 1
+        return ob.last_id
+
+    def call(self, context, topic, msg, timeout=None):
+        """Send to one consumer and wait for its result (or exception)."""
         cdef double wait = self.check_timeout(timeout)
         cdef Outbox ob = self.outbox()
-        ob.last_id += 1
-        cdef uint64_t msg_id = ob.last_id
-        self.request(KIND_CALL, 0, self.route(topic), context, t, tlen,
-                     msg, msg_id, ob, topic, method)
-        self.calls += 1
+        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, 0)
         reply = ob.wait_reply(msg_id, _monotonic() + wait)
         if reply is None:
             self.timeouts += 1
-            raise Timeout(None, topic, method)
+            raise Timeout(None, topic, msg["method"])
         kind, body = reply
         if kind == KIND_FAILURE:
             raise self.decode_failure(body)
@@ -500,30 +509,19 @@ cdef class Client:
         """Like call, but returns an iterator over every value the remote
         method yields, each delivered as soon as it is produced.  `timeout`
         bounds the wait for each value."""
-        cdef const char *t
-        cdef Py_ssize_t tlen
-        topic_utf8(topic, &t, &tlen)
-        method = method_of(msg)
         cdef double wait = self.check_timeout(timeout)
         cdef Outbox ob = self.outbox()
-        ob.last_id += 1
-        cdef uint64_t msg_id = ob.last_id
+        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, FLAG_MULTI)
         cdef ReplyStream stream = ReplyStream.__new__(ReplyStream)
+        stream.msg_id = msg_id
         stream.client = self
         stream.outbox = ob
-        stream.msg_id = msg_id
         stream.timeout = wait
         stream.topic = topic
-        stream.method = method
+        stream.method = msg["method"]
         stream.thread = _get_ident()
-        ob.streams[msg_id] = []
-        try:
-            self.request(KIND_CALL, FLAG_MULTI, self.route(topic),
-                         context, t, tlen, msg, msg_id, ob, topic, method)
-        except BaseException:
-            ob.streams.pop(msg_id, None)
-            raise
-        self.calls += 1
+        stream.done = False
+        ob.streams[stream.msg_id] = []
         return stream
 
     # -- helpers -----------------------------------------------------------

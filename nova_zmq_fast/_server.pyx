@@ -85,6 +85,9 @@ cdef class RpcContext:
     the caller's context values, and to_dict() for passing it on."""
     cdef dict _values
 
+    def __cinit__(self):
+        self._values = {}
+
     def __init__(self, values=None, **kwargs):
         self._values = dict(values or (), **kwargs)
 
@@ -225,7 +228,8 @@ cdef class Server:
         self.sock = self.control = NULL
         self.lf_ready = False
 
-    def __init__(self, Context ctx, str bind, str host, bytes identity=None, *,
+    def __init__(self, Context ctx not None, str bind not None, str host not None,
+                 bytes identity=None, *,
                  Py_ssize_t max_message_size, int max_threads=64, double patience=0.005,
                  double quiet=0.05, serialize_failure=None):
         cdef int64_t limit

@@ -61,3 +61,26 @@ def test_envelope_wrapping():
     assert unwrap({"a": 1}) == {"a": 1}
     with pytest.raises(InvalidMessage):
         unwrap({"oslo.version": "2.0", "oslo.message": "{not json"})
+
+
+def test_rpc_context():
+    import copy
+
+    from nova_zmq_fast.rpc import RpcContext
+
+    ctxt = RpcContext({"user_id": "u", "roles": ["admin"]}, request_id="r")
+    assert ctxt.user_id == "u" and ctxt.request_id == "r"
+    with pytest.raises(AttributeError):
+        ctxt.missing
+    ctxt.read_deleted = "no"
+    assert ctxt.to_dict() == {"user_id": "u", "roles": ["admin"], "request_id": "r",
+                              "read_deleted": "no"}
+    ctxt.to_dict()["user_id"] = "changed"           # a copy
+    assert ctxt.user_id == "u"
+    clone = copy.deepcopy(ctxt)
+    assert clone == ctxt and clone is not ctxt
+    clone.roles.append("member")
+    assert ctxt.roles == ["admin"]
+    del ctxt.read_deleted
+    assert "read_deleted" not in ctxt.to_dict()
+    assert RpcContext.__new__(RpcContext).to_dict() == {}
