@@ -310,7 +310,8 @@ cdef class Client:
     and the counters.  One per process, made by nova_zmq_fast.rpc."""
     cdef Context ctx
     cdef object matchmaker
-    cdef dict routes                # the matchmaker's route cache, read directly
+    cdef dict routes                # the matchmaker's route caches, read directly
+    cdef dict fanout_routes
     cdef object tls
     cdef object outboxes
     cdef dict rr
@@ -332,6 +333,7 @@ cdef class Client:
         self.ctx = ctx
         self.matchmaker = matchmaker
         self.routes = matchmaker.routes
+        self.fanout_routes = matchmaker.fanout_routes
         self.tls = threading.local()
         self.outboxes = weakref.WeakSet()
         self.rr = {}
@@ -369,10 +371,12 @@ cdef class Client:
                                   f"rpc_zmq_max_message_size is {self.max_message_size}")
         return body
 
-    cdef tuple route(self, object topic):
-        entry = self.routes.get(topic)
+    cdef tuple route(self, object topic, bint fanout=False):
+        entry = (self.fanout_routes if fanout else self.routes).get(topic)
         if entry is not None and <double>(<tuple>entry)[0] > _monotonic():
             return <tuple>(<tuple>entry)[1]
+        if fanout:
+            return self.matchmaker.lookup_fanout(topic)
         return self.matchmaker.lookup(topic)
 
     cdef object pick(self, tuple endpoints, object topic, object method):
@@ -451,7 +455,7 @@ cdef class Client:
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
         cdef Outbox ob = self.outbox()
-        endpoints = self.matchmaker.lookup_fanout(topic)
+        endpoints = self.route(topic, True)
         self.request(KIND_FANOUT, 0, endpoints, context, t, tlen, msg, 0, ob)
         self.fanouts += 1
         return len(endpoints)

@@ -19,7 +19,7 @@ any msgpack work.  The body is msgpack because it is what the payloads are;
 pickle is never used.  `_envelope_py.py` is a pure-Python twin used by the
 property and fuzz tests.
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcpy
@@ -164,15 +164,11 @@ def encode_header(int kind, int flags, uint64_t msg_id, topic):
     return PyBytes_FromStringAndSize(buf, write_header(buf, kind, flags, msg_id, t, tlen))
 
 
-def decode_header(const unsigned char[:] data not None):
+def decode_header(bytes data not None):
     """Parse a header frame: (version, kind, flags, msg_id, topic).
     Raises MalformedEnvelope with the reason."""
     cdef Header h
-    cdef int status
-    if data.shape[0] == 0:
-        status = parse_header(b"", 0, &h)
-    else:
-        status = parse_header(<const char *>&data[0], data.shape[0], &h)
+    cdef int status = parse_header(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &h)
     if status != HDR_OK:
         raise MalformedEnvelope(_HEADER_ERRORS[status])
     topic = PyBytes_FromStringAndSize(h.topic, h.topic_len) if h.topic_len else b""
@@ -188,11 +184,9 @@ def pack_body(obj):
     return new_packer().pack(obj)
 
 
-def unpack_body(const unsigned char[:] data not None):
+def unpack_body(bytes data not None):
     """msgpack-decode a body; raises MalformedEnvelope on bad input."""
-    if data.shape[0] == 0:
-        return unpack(b"", 0)
-    return unpack(<const char *>&data[0], data.shape[0])
+    return unpack(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
 
 def check_topic(topic):

@@ -155,6 +155,11 @@ cdef class Consumer:
         else:
             self.mode = PROXY_METHODS
 
+    def handle(self, dict context not None, dict message not None):
+        """Run one cast the way the receive loop does; for tests and
+        micro-benchmarks."""
+        return self.invoke(RpcContext.wrap(context), message, KIND_CAST)
+
     cdef object invoke(self, RpcContext ctxt, dict msg, int kind):
         if kind == KIND_NOTIFY:
             msg = _unwrap(msg)
@@ -394,19 +399,24 @@ cdef class Server:
                 zmq_msg_close(&parts[i])
 
     cdef int _recv(self, zmq_msg_t *parts, Header *h, int timeout_ms) except -1:
-        """Receive one message, waiting (GIL released) up to `timeout_ms`
-        (-1: forever) for the first frame; the rest of a multipart message
-        is already there."""
+        """Receive one message.  While messages are queued this takes them
+        with the GIL held and no system call; only an empty queue releases
+        the GIL and blocks, up to `timeout_ms` (-1: forever).  The rest of a
+        multipart message is already there."""
         cdef int n = 1, rc, err, status
-        if timeout_ms >= 0:
-            set_int(self.sock, ZMQ_RCVTIMEO, timeout_ms)
-        with nogil:
-            rc = zmq_msg_recv(&parts[0], self.sock, 0)
+        rc = zmq_msg_recv(&parts[0], self.sock, ZMQ_DONTWAIT)
         if rc == -1:
             err = zmq_errno()
-            if err == EAGAIN or err == EINTR:
-                return GOT_NOTHING
-            raise_zmq_error(err)
+            if err != EAGAIN and err != EINTR:
+                raise_zmq_error(err)
+            set_int(self.sock, ZMQ_RCVTIMEO, timeout_ms)
+            with nogil:
+                rc = zmq_msg_recv(&parts[0], self.sock, 0)
+            if rc == -1:
+                err = zmq_errno()
+                if err == EAGAIN or err == EINTR:
+                    return GOT_NOTHING
+                raise_zmq_error(err)
         while zmq_msg_more(&parts[n - 1]) and n < MAX_PARTS:
             check(zmq_msg_recv(&parts[n], self.sock, 0))
             n += 1

@@ -44,7 +44,7 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.service", "--host", host,
              "--topic", topic, "--options", json.dumps(opts)],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.address = self._wait_ready(30)
 
     def _wait_ready(self, timeout):
@@ -71,15 +71,19 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise AssertionError(f"service {self.host} did not stop in {timeout}s")
-        self.proc.stdout.close()
+        self._close_pipes()
         return self.proc.returncode
+
+    def _close_pipes(self):
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if not pipe.closed:
+                pipe.close()
 
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        if not self.proc.stdout.closed:
-            self.proc.stdout.close()
+        self._close_pipes()
 
 
 @pytest.fixture(scope="module")

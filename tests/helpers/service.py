@@ -2,7 +2,7 @@
 
 It consumes `--topic` (direct and fanout) with a TestService, prints
 "READY <address>" once it serves, and exits cleanly (rpc.cleanup()) on
-SIGTERM.  Everything the tests check is observable over RPC: the service
+SIGTERM or when its stdin closes (the test process died).  Everything the tests check is observable over RPC: the service
 records casts, fanouts and notifications per key, and reports its own
 connection counters.
 """
@@ -129,6 +129,8 @@ def main():
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # The test process holds our stdin: if it dies, stdin closes and we go.
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     print("READY", conn.address, flush=True)
     while not done.wait(0.2):
         pass

@@ -1,0 +1,61 @@
+"""Shared by the benchmark peers: the workload, a JSON-lines command loop
+on stdin/stdout, and readings of a process's own costs."""
+import json
+import os
+import sys
+import time
+
+# Realistic but small: a context of a few keys and args of one int.
+CONTEXT = {"user_id": "u-6a3c1fd2", "project_id": "p-91d2e07b",
+           "request_id": "req-3f1a9c2e-77b4-4d0e-9c1a-0b5e2f6d8a41"}
+ARGS = {"n": 1}
+
+
+def cpu_seconds():
+    """User + system CPU of the whole process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def costs():
+    return {"cpu": cpu_seconds(), "rss_mb": rss_mb(), "fds": fds()}
+
+
+def ready(**info):
+    print(json.dumps(dict(info, ready=True)), flush=True)
+
+
+def command_loop(handlers):
+    """Run {"op": name, ...} commands from stdin until EOF or "quit"."""
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command.pop("op")
+        if op == "quit":
+            break
+        try:
+            result = handlers[op](**command)
+        except Exception as exc:           # reported to the runner
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(result), flush=True)
+
+
+def wait_until(predicate, timeout, pause=0.0005):
+    """Poll until predicate() is true; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+    return True

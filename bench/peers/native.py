@@ -1,0 +1,165 @@
+"""Benchmark peer: the project's native API (nova_zmq_fast.rpc).
+
+    native.py serve --host s0 --index 0 --groups 1,4,8 --ipc-dir D
+    native.py client --ipc-dir D
+    native.py registrar --ipc-dir D
+
+Server s0 consumes 'bench'; every server consumes 'ctl' (reached as
+'ctl.<host>') and the fanout topic 'fan<N>' of each group N it belongs to
+(server i is in every group N > i).  The registrar holds K idle servers on
+other topics.  Commands arrive as JSON lines on stdin (see common.py).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nova_zmq_fast import rpc  # noqa: E402
+from peers.common import ARGS, CONTEXT, command_loop, costs, cpu_seconds, fds, ready, wait_until  # noqa: E402,E501
+
+PING = {"method": "ping", "args": ARGS}
+COUNT = {"method": "count", "args": ARGS}
+
+
+class BenchApi:
+    def __init__(self):
+        self.handled = 0
+        self.fanned = {}
+
+    def ping(self, ctxt, n):
+        return n
+
+    def count(self, ctxt, n):
+        self.handled += 1
+
+    def handled_count(self, ctxt):
+        return self.handled
+
+    def fanned_count(self, ctxt, group):
+        return self.fanned[str(group)].handled
+
+    def cost(self, ctxt):
+        return costs()
+
+
+class FanApi:
+    """Counts one fanout group; as cheap per message as BenchApi.count."""
+
+    def __init__(self, api, group):
+        self.handled = 0
+        api.fanned[str(group)] = self
+
+    def count(self, ctxt, n):
+        self.handled += 1
+
+
+def serve(args):
+    rpc.init(rpc_zmq_host=args.host, rpc_zmq_ipc_dir=args.ipc_dir)
+    api = BenchApi()
+    conn = rpc.create_connection()
+    if args.index == 0:
+        conn.create_consumer("bench", api)
+    conn.create_consumer("ctl", api)
+    for group in (int(g) for g in args.groups.split(",") if g):
+        if args.index < group:
+            conn.create_consumer(f"fan{group}", FanApi(api, group), fanout=True)
+    conn.consume_in_thread()
+    ready(pid=os.getpid())
+    command_loop({"costs": lambda: costs()})
+    rpc.cleanup()
+
+
+def client(args):
+    rpc.init(rpc_zmq_host="bench-client", rpc_zmq_ipc_dir=args.ipc_dir)
+    ctl = lambda host, method, **kw: rpc.call(CONTEXT, f"ctl.{host}",  # noqa: E731
+                                              {"method": method, "args": kw})
+
+    def call(n):
+        for _ in range(min(200, n)):
+            rpc.call(CONTEXT, "bench", PING)
+        start = time.perf_counter()
+        for _ in range(n):
+            rpc.call(CONTEXT, "bench", PING)
+        return {"usec": (time.perf_counter() - start) / n * 1e6}
+
+    def cast(n):
+        base = ctl("s0", "handled_count")
+        server_cpu = ctl("s0", "cost")["cpu"]
+        my_cpu = cpu_seconds()
+        start = time.perf_counter()
+        for _ in range(n):
+            rpc.cast(CONTEXT, "bench", COUNT)
+        sent = time.perf_counter()
+        if not wait_until(lambda: ctl("s0", "handled_count") >= base + n, 300):
+            return {"error": "casts not all handled"}
+        elapsed = time.perf_counter() - start
+        return {"rate": n / elapsed, "send_rate": n / (sent - start),
+                "client_cpu_100k": (cpu_seconds() - my_cpu) / n * 1e5,
+                "server_cpu_100k": (ctl("s0", "cost")["cpu"] - server_cpu) / n * 1e5}
+
+    def fanout(n, group):
+        hosts = [f"s{i}" for i in range(group)]
+        bases = [ctl(h, "fanned_count", group=group) for h in hosts]
+        start = time.perf_counter()
+        for _ in range(n):
+            rpc.fanout_cast(CONTEXT, f"fan{group}", COUNT)
+        for host, base in zip(hosts, bases):
+            if not wait_until(lambda: ctl(host, "fanned_count", group=group) >= base + n, 300):
+                return {"error": f"fanouts not all handled by {host}"}
+        elapsed = time.perf_counter() - start
+        return {"usec_per_recipient": elapsed / (n * group) * 1e6}
+
+    def fds_by_peers(groups):
+        """Descriptors of this client as it talks to more and more servers."""
+        out = {}
+        for group in groups:
+            for i in range(group):
+                ctl(f"s{i}", "handled_count")
+            out[str(group)] = fds()
+        return out
+
+    ready(pid=os.getpid())
+    command_loop({"call": call, "cast": cast, "fanout": fanout, "fds_by_peers": fds_by_peers,
+                  "costs": lambda: costs()})
+    rpc.cleanup()
+
+
+def registrar(args):
+    """Holds K idle servers registered on other topics."""
+    rpc.init(rpc_zmq_host="bench-registrar", rpc_zmq_ipc_dir=args.ipc_dir)
+    conns = []
+
+    class Idle:
+        def noop(self, ctxt):
+            pass
+
+    def set_servers(k):
+        while len(conns) < k:
+            conn = rpc.create_connection()
+            conn.create_consumer(f"other-{len(conns)}", Idle())
+            conn.consume_in_thread()
+            conns.append(conn)
+        while len(conns) > k:
+            conns.pop().close()
+        return {"registered": len(conns)}
+
+    ready(pid=os.getpid())
+    command_loop({"set": set_servers})
+    rpc.cleanup()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["serve", "client", "registrar"])
+    parser.add_argument("--host", default="s0")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--groups", default="")
+    parser.add_argument("--ipc-dir", required=True)
+    args = parser.parse_args()
+    {"serve": serve, "client": client, "registrar": registrar}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""The side-by-side benchmark: raw libzmq, hand-written pyzmq+msgpack,
+nova_zmq_fast's native API, and oslo.messaging over RabbitMQ and over the
+project's own driver, in one run on one machine.
+
+    python bench/run.py --quick      # under a minute: a smoke run
+    python bench/run.py              # the full run behind the README table
+
+Every measurement runs several times, in alternating order (forward, then
+reversed), with all peers kept running between rounds.  The table gives
+the median of each figure and, for each target, the median of the per-round
+ratios (each round's figures were taken a few seconds apart, so their ratio
+is robust to the machine's drift).  Progress goes to stderr; the figures go
+to bench/out/results.json and the scaling curves to bench/out/scaling.png.
+Nothing here is a pass/fail test: targets are reported, not asserted.
+"""
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import selectors
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+RABBIT_URL = "rabbit://guest:guest@127.0.0.1:5672/"
+
+SIZES = {
+    "quick": dict(rounds=3, raw_rtt=3000, raw_msgs=1_000_000, calls=1000, casts=30000,
+                  fanout=30000, groups=[1, 4, 8], registered=[1, 64], oslo_calls=100,
+                  oslo_casts=300, zmqfast_casts=5000, micro_time="0.05"),
+    "full": dict(rounds=7, raw_rtt=20000, raw_msgs=5_000_000, calls=5000, casts=200000,
+                 fanout=200000, groups=[1, 2, 4, 8, 16, 32], registered=[1, 4, 16, 64],
+                 oslo_calls=1000, oslo_casts=3000, zmqfast_casts=50000, micro_time="0.5"),
+}
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- peers ---------------------------------------------------------------------------
+
+class Peer:
+    """A benchmark peer process speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, name, argv, timeout=60, env=None):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=HERE,
+                                     env=env)
+        self.info = self._read(timeout)
+        if not self.info.get("ready"):
+            raise RuntimeError(f"{name} did not start: {self.info}")
+
+    def _read(self, timeout):
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                raise TimeoutError(f"{self.name}: no answer in {timeout}s")
+        finally:
+            sel.close()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited ({self.proc.poll()})")
+        return json.loads(line)
+
+    def ask(self, op, timeout=600, **args):
+        self.proc.stdin.write(json.dumps(dict(args, op=op)) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(timeout)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name} {op}: {answer['error']}")
+        return answer
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def rabbit_available():
+    try:
+        import oslo_messaging  # noqa: F401
+    except ImportError:
+        return "oslo.messaging is not installed (pip install -e .[bench])"
+    try:
+        socket.create_connection(("127.0.0.1", 5672), 2).close()
+    except OSError as exc:
+        return f"no RabbitMQ at 127.0.0.1:5672 ({exc.strerror or exc})"
+    return None
+
+
+def zmqfast_driver_available():
+    try:
+        import oslo_messaging  # noqa: F401
+    except ImportError:
+        return "oslo.messaging is not installed (pip install -e .[bench])"
+    try:
+        drivers = importlib.metadata.entry_points(group="oslo.messaging.drivers")
+    except TypeError:                          # Python < 3.10
+        drivers = importlib.metadata.entry_points().get("oslo.messaging.drivers", [])
+    if not any(ep.name == "zmqfast" for ep in drivers):
+        return "the zmqfast oslo.messaging driver is not installed"
+    return None
+
+
+# -- the benchmark ---------------------------------------------------------------------
+
+class Benchmark:
+    def __init__(self, mode, out):
+        self.mode = mode
+        self.size = SIZES[mode]
+        self.out = out
+        self.peers = []
+        self.skipped = {}
+        self.values = {}                # key -> [one figure per round]
+        self.extras = {}                # key -> [dict per round] (cost figures)
+        self.tmp = tempfile.mkdtemp(prefix="nzf-bench-")
+
+    # setup --------------------------------------------------------------------------
+
+    def build_raw(self):
+        cflags = subprocess.check_output(["pkg-config", "--cflags", "--libs", "libzmq"],
+                                         text=True)
+        bindir = os.path.join(self.out, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        for name in ("zmq_lat", "zmq_thr"):
+            subprocess.check_call(["gcc", "-O2", "-o", os.path.join(bindir, name),
+                                   os.path.join(HERE, "c", f"{name}.c"), *shlex.split(cflags)])
+        self.bin = bindir
+
+    def start(self):
+        s = self.size
+        ipc = os.path.join(self.tmp, "registry")
+        native = os.path.join(HERE, "peers", "native.py")
+        groups = ",".join(map(str, s["groups"]))
+        log(f"starting {max(s['groups'])} native servers, clients and reference peers")
+        self.servers = [self.spawn(f"native server s{i}", [
+            PY, native, "serve", "--host", f"s{i}", "--index", str(i), "--groups", groups,
+            "--ipc-dir", ipc]) for i in range(max(s["groups"]))]
+        self.native = self.spawn("native client", [PY, native, "client", "--ipc-dir", ipc])
+        self.registrar = self.spawn("registrar", [PY, native, "registrar", "--ipc-dir", ipc])
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        pyzmq = os.path.join(HERE, "peers", "pyzmq_rpc.py")
+        self.pyzmq_server = self.spawn("pyzmq server", [PY, pyzmq, "serve", "--endpoint",
+                                                        endpoint])
+        self.pyzmq = self.spawn("pyzmq client", [PY, pyzmq, "client", "--endpoint", endpoint])
+        oslo = os.path.join(HERE, "peers", "oslo_rpc.py")
+        self.oslo = {}
+        urls = {"rabbit": RABBIT_URL,
+                "zmqfast": f"zmqfast://?rpc_zmq_ipc_dir={os.path.join(self.tmp, 'oslo')}"}
+        for name, why_not in (("rabbit", rabbit_available()),
+                              ("zmqfast", zmqfast_driver_available())):
+            if why_not:
+                self.skipped[f"oslo_{name}"] = why_not
+                log(f"skipping oslo.messaging over {name}: {why_not}")
+                continue
+            try:
+                server = self.spawn(f"oslo {name} server", [PY, oslo, "serve", "--url",
+                                                             urls[name]])
+                self.oslo[name] = (server, self.spawn(f"oslo {name} client", [
+                    PY, oslo, "client", "--url", urls[name]]))
+            except (RuntimeError, TimeoutError) as exc:
+                self.skipped[f"oslo_{name}"] = str(exc)
+                log(f"skipping oslo.messaging over {name}: {exc}")
+        time.sleep(1.0)                         # let discovery see everyone
+        self.fds_by_peers = self.native.ask("fds_by_peers", groups=s["groups"])
+        self.server_fds = self.servers[0].ask("costs")["fds"]
+        self.idle_rss = {"native server": self.servers[0].ask("costs")["rss_mb"],
+                         "pyzmq server": self.pyzmq.ask("server_costs")["rss_mb"]}
+        for name, (server, _) in self.oslo.items():
+            self.idle_rss[f"oslo {name} server"] = server.ask("costs")["rss_mb"]
+
+    def spawn(self, name, argv):
+        peer = Peer(name, argv)
+        self.peers.append(peer)
+        return peer
+
+    def stop(self):
+        for peer in reversed(self.peers):
+            peer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # measurements ---------------------------------------------------------------
+
+    def raw(self, program, *args):
+        out = subprocess.check_output([os.path.join(self.bin, program),
+                                       f"tcp://127.0.0.1:{free_port()}", "64", *map(str, args)],
+                                      text=True, timeout=300)
+        return json.loads(out)
+
+    def measurements(self):
+        s = self.size
+        m = [
+            ("raw.call", lambda: self.raw("zmq_lat", s["raw_rtt"])["usec_per_rtt"]),
+            ("raw.cast", lambda: self.raw("zmq_thr", s["raw_msgs"])["msgs_per_sec"]),
+            ("pyzmq.call", lambda: self.pyzmq.ask("call", n=s["calls"])["usec"]),
+            ("pyzmq.cast", lambda: self.cast(self.pyzmq, "pyzmq.cast", s["casts"] // 4)),
+            ("native.call", lambda: self.native.ask("call", n=s["calls"])["usec"]),
+            ("native.cast", lambda: self.cast(self.native, "native.cast", s["casts"])),
+        ]
+        for n in s["groups"]:
+            m.append((f"native.fanout.{n}", lambda n=n: self.fanout(n)))
+        for k in s["registered"]:
+            m.append((f"native.registered.{k}", lambda k=k: self.registered(k)))
+        for name, (_, client) in self.oslo.items():
+            casts = s["oslo_casts"] if name == "rabbit" else s["zmqfast_casts"]
+            m.append((f"oslo_{name}.call",
+                      lambda c=client: c.ask("call", n=s["oslo_calls"])["usec"]))
+            m.append((f"oslo_{name}.cast",
+                      lambda c=client, k=f"oslo_{name}.cast", n=casts: self.cast(c, k, n)))
+        return m
+
+    def cast(self, client, key, n):
+        answer = client.ask("cast", n=n)
+        self.extras.setdefault(key, []).append(answer)
+        return answer["rate"]
+
+    def fanout(self, n):
+        # The same number of deliveries for every N: fanout / N messages.
+        answer = self.native.ask("fanout", n=self.size["fanout"] // n, group=n)
+        self.extras.setdefault(f"native.fanout.{n}", []).append(answer)
+        return answer["usec_per_recipient"]
+
+    def registered(self, k):
+        self.registrar.ask("set", k=k)
+        time.sleep(0.2)
+        return self.native.ask("cast", n=self.size["casts"])["rate"]
+
+    def run(self):
+        measurements = self.measurements()
+        rounds = self.size["rounds"]
+        for r in range(rounds):
+            order = measurements if r % 2 == 0 else list(reversed(measurements))
+            for i, (key, fn) in enumerate(order, 1):
+                log(f"round {r + 1}/{rounds}  {i:2d}/{len(order)}  {key}")
+                self.values.setdefault(key, []).append(fn())
+        self.registrar.ask("set", k=0)
+
+    def micro(self):
+        path = os.path.join(self.out, "micro.json")
+        log("micro-benchmarks (pytest-benchmark)")
+        result = subprocess.run(
+            [PY, "-m", "pytest", os.path.join(HERE, "test_micro.py"), "-q", "-p",
+             "no:cacheprovider", f"--benchmark-json={path}",
+             f"--benchmark-min-time={self.size['micro_time']}", "--benchmark-disable-gc"],
+            cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            log(result.stdout[-2000:], result.stderr[-2000:])
+            return {}
+        with open(path) as f:
+            data = json.load(f)
+        return {b["name"]: {"group": b["group"], "median_ns": b["stats"]["median"] * 1e9}
+                for b in data["benchmarks"]}
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def paired(values, a, b, fn):
+    """Median over rounds of fn(a_r, b_r)."""
+    pairs = list(zip(values.get(a, []), values.get(b, [])))
+    return median([fn(x, y) for x, y in pairs]) if pairs else None
+
+
+def summarize(bench, micro):
+    v = bench.values
+    med = {k: median(xs) for k, xs in v.items()}
+    s = bench.size
+    targets = []
+
+    def target(name, value, goal, ok):
+        targets.append({"target": name, "value": value, "goal": goal,
+                        "met": None if value is None else ok(value)})
+
+    target("native cast rate / raw PUSH/PULL rate",
+           paired(v, "native.cast", "raw.cast", lambda a, b: a / b), ">= 0.25",
+           lambda x: x >= 0.25)
+    target("native cast rate / hand-written pyzmq cast rate",
+           paired(v, "native.cast", "pyzmq.cast", lambda a, b: a / b), ">= 10",
+           lambda x: x >= 10)
+    target("native call round trip / raw REQ/REP round trip",
+           paired(v, "native.call", "raw.call", lambda a, b: a / b), "<= 1.3",
+           lambda x: x <= 1.3)
+    target("oslo.messaging call: RabbitMQ latency / zmqfast latency",
+           paired(v, "oslo_rabbit.call", "oslo_zmqfast.call", lambda a, b: a / b), ">= 10",
+           lambda x: x >= 10)
+    target("oslo.messaging cast: zmqfast rate / RabbitMQ rate",
+           paired(v, "oslo_zmqfast.cast", "oslo_rabbit.cast", lambda a, b: a / b), ">= 10",
+           lambda x: x >= 10)
+    worst = None
+    for n in s["groups"]:
+        ratio = paired(v, f"native.fanout.{n}", "native.cast", lambda a, b: a / (1e6 / b))
+        if ratio is not None:
+            worst = ratio if worst is None else max(worst, ratio)
+    target("fanout cost per recipient / cost of one cast (worst N)", worst, "<= 1.2",
+           lambda x: x <= 1.2)
+    k0, k1 = min(s["registered"]), max(s["registered"])
+    target(f"cast rate with {k1} servers registered / with {k0}",
+           paired(v, f"native.registered.{k1}", f"native.registered.{k0}",
+                  lambda a, b: a / b), ">= 0.9", lambda x: x >= 0.9)
+
+    costs = {}
+    for key, answers in bench.extras.items():
+        if key.endswith(".cast"):
+            costs[key] = {"client_cpu_s_per_100k": median([a["client_cpu_100k"] for a in answers]),
+                          "server_cpu_s_per_100k": median([a["server_cpu_100k"] for a in answers])}
+    return {"medians": med, "rounds": v, "targets": targets, "cpu": costs,
+            "idle_rss_mb": bench.idle_rss, "client_fds_by_peers": bench.fds_by_peers,
+            "server_fds_idle": bench.server_fds,
+            "skipped": bench.skipped, "micro": micro}
+
+
+LABELS = {
+    "raw.call": ("raw libzmq REQ/REP round trip (C)", "us"),
+    "raw.cast": ("raw libzmq PUSH/PULL, 64 B (C)", "msg/s"),
+    "pyzmq.call": ("hand-written pyzmq+msgpack call", "us"),
+    "pyzmq.cast": ("hand-written pyzmq+msgpack cast", "msg/s"),
+    "native.call": ("nova_zmq_fast call", "us"),
+    "native.cast": ("nova_zmq_fast cast", "msg/s"),
+    "oslo_rabbit.call": ("oslo.messaging + RabbitMQ call", "us"),
+    "oslo_rabbit.cast": ("oslo.messaging + RabbitMQ cast", "msg/s"),
+    "oslo_zmqfast.call": ("oslo.messaging + zmqfast call", "us"),
+    "oslo_zmqfast.cast": ("oslo.messaging + zmqfast cast", "msg/s"),
+}
+
+
+def label(key):
+    if key in LABELS:
+        return LABELS[key]
+    if key.startswith("native.fanout."):
+        return (f"nova_zmq_fast fanout to N={key.rsplit('.', 1)[1]}", "us/recipient")
+    if key.startswith("native.registered."):
+        return (f"nova_zmq_fast cast, {key.rsplit('.', 1)[1]} servers on other topics", "msg/s")
+    return (key, "")
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if unit == "msg/s" or x >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}" if x < 10 else f"{x:.1f}"
+
+
+def print_report(summary, machine):
+    print(f"\nnova_zmq_fast benchmark ({machine['mode']} mode, {machine['rounds']} rounds, "
+          f"{machine['date']})")
+    print(f"machine: {machine['cpus']} CPUs, {machine['cpu_model']}, Python "
+          f"{machine['python']}, libzmq {machine['libzmq']}\n")
+    print(f"| {'figure':56} | {'median':>12} | unit |")
+    print(f"|{'-' * 58}|{'-' * 14}|------|")
+    for key, value in summary["medians"].items():
+        name, unit = label(key)
+        print(f"| {name:56} | {fmt(value, unit):>12} | {unit} |")
+    for key, why in summary["skipped"].items():
+        print(f"| {key:56} | {'n/a':>12} | {why} |")
+    print(f"\n| {'target (median of per-round ratios)':62} | {'value':>7} | goal    | met |")
+    print(f"|{'-' * 64}|{'-' * 9}|---------|-----|")
+    for t in summary["targets"]:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
+        print(f"| {t['target']:62} | {fmt(t['value']):>7} | {t['goal']:7} | {met:3} |")
+    print("\nCPU seconds per 100k casts (client side / server side):")
+    for key, c in summary["cpu"].items():
+        print(f"  {label(key)[0]:45} {c['client_cpu_s_per_100k']:.2f} / "
+              f"{c['server_cpu_s_per_100k']:.2f}")
+    print("idle resident memory: " + ", ".join(
+        f"{k} {v:.0f} MB" for k, v in summary["idle_rss_mb"].items()))
+    print("open fds of a client talking to N servers: " + ", ".join(
+        f"N={n}: {v}" for n, v in summary["client_fds_by_peers"].items())
+        + f"; of an idle server: {summary['server_fds_idle']}")
+    if summary["micro"]:
+        print("\nmicro-benchmarks (median ns per operation):")
+        for name, b in sorted(summary["micro"].items(), key=lambda kv: (kv[1]["group"], kv[0])):
+            print(f"  {b['group']:22} {name:45} {b['median_ns']:10.0f}")
+
+
+def plot(summary, path, size):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is missing: no PNG")
+        return
+    med = summary["medians"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = [n for n in size["groups"] if med.get(f"native.fanout.{n}")]
+    left.plot(groups, [med[f"native.fanout.{n}"] for n in groups], "o-",
+              label="fanout: wall time per recipient")
+    if med.get("native.cast"):
+        one = 1e6 / med["native.cast"]
+        left.axhline(one, color="gray", ls="--", label="one cast")
+        left.axhline(1.2 * one, color="red", ls=":", label="target: 1.2 x one cast")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("fanout recipients N")
+    left.set_ylabel("microseconds")
+    left.set_title("fanout cost per recipient")
+    left.legend(fontsize=8)
+    ks = [k for k in size["registered"] if med.get(f"native.registered.{k}")]
+    right.plot(ks, [med[f"native.registered.{k}"] for k in ks], "o-",
+               label="cast throughput")
+    if ks:
+        right.axhline(0.9 * med[f"native.registered.{ks[0]}"], color="red", ls=":",
+                      label="target: 90% of K=1")
+    right.set_xscale("log", base=2)
+    right.set_ylim(bottom=0)
+    right.set_xlabel("servers registered on other topics K")
+    right.set_ylabel("casts / s")
+    right.set_title("cast throughput vs registered servers")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def machine_info(mode, rounds):
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    libzmq = subprocess.run(["pkg-config", "--modversion", "libzmq"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"mode": mode, "rounds": rounds, "cpus": os.cpu_count(), "cpu_model": model,
+            "python": platform.python_version(), "libzmq": libzmq,
+            "kernel": platform.release(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"))
+    parser.add_argument("--no-micro", action="store_true", help="skip pytest-benchmark")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    os.makedirs(args.out, exist_ok=True)
+    bench = Benchmark(mode, args.out)
+    started = time.monotonic()
+    try:
+        bench.build_raw()
+        bench.start()
+        bench.run()
+    finally:
+        bench.stop()
+    micro = {} if args.no_micro else bench.micro()
+    summary = summarize(bench, micro)
+    summary["machine"] = machine_info(mode, bench.size["rounds"])
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print_report(summary, summary["machine"])
+    plot(summary, os.path.join(args.out, "scaling.png"), bench.size)
+    log(f"done in {summary['seconds']}s; figures in {args.out}/results.json")
+
+
+if __name__ == "__main__":
+    main()
