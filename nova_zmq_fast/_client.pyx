@@ -18,6 +18,7 @@ is full a send blocks for up to rpc_cast_timeout, then raises Timeout.  No
 message is dropped silently, and closing an outbox with a linger flushes
 what it queued.
 """
+import select
 import threading
 import time
 import weakref
@@ -93,11 +94,14 @@ cdef class Outbox:
     cdef long forgotten_seen        # discovery's forget counter, last seen
     cdef dict streams               # msg_id -> list: replies for open multicalls
     cdef int linger_ms              # for messages still queued when the thread ends
+    cdef bint green                 # wait cooperatively (eventlet), never in libzmq
     cdef object __weakref__
 
-    def __cinit__(self, Context ctx not None, int send_timeout_ms, int linger_ms):
+    def __cinit__(self, Context ctx not None, int send_timeout_ms, int linger_ms,
+                  bint green=False):
         self.ctx = ctx
         self.linger_ms = linger_ms
+        self.green = green
         self.epoch = fork_epoch()
         self.sock = ctx.socket(ZMQ_ROUTER)
         self.peers = set()
@@ -168,10 +172,13 @@ cdef class Outbox:
                 elif _monotonic() >= connect_deadline:
                     raise PeerUnreachable(f"no connection to {address.decode()} "
                                           f"within {connect_timeout:g}s")
-                pause.tv_sec = 0
-                pause.tv_nsec = pause_ns
-                with nogil:
-                    nanosleep(&pause, NULL)
+                if self.green:
+                    time.sleep(pause_ns * 1e-9)     # patched: yields to other greenlets
+                else:
+                    pause.tv_sec = 0
+                    pause.tv_nsec = pause_ns
+                    with nogil:
+                        nanosleep(&pause, NULL)
                 pause_ns = min(pause_ns * 2, 5000000)
                 rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
                 continue
@@ -185,6 +192,10 @@ cdef class Outbox:
             timeout_ms = <int>((deadline - _monotonic()) * 1000)
             if timeout_ms <= 0:
                 raise Timeout("send queue to peer is full", None, None)
+            if self.green:
+                time.sleep(0.001)
+                rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+                continue
             set_int(self.sock, ZMQ_SNDTIMEO, timeout_ms)
             with nogil:
                 rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE)
@@ -197,14 +208,10 @@ cdef class Outbox:
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline):
         """Wait for the next reply to `msg_id`: (kind, body bytes), or None
         at the deadline.  Replies for other open multicall streams are kept
-        for them; stale ones (calls that already timed out) are dropped.
-
-        The wait is one blocking zmq_msg_recv with ZMQ_RCVTIMEO and the GIL
-        released: the same path as a REQ socket's, with no zmq_poll."""
+        for them; stale ones (calls that already timed out) are dropped."""
         cdef zmq_msg_t part
         cdef Header h
-        cdef int rc, err, nparts, status
-        cdef long timeout_ms
+        cdef int nparts, status
         cdef bytes body
         cdef list pending = self.streams.get(msg_id)
         if pending:
@@ -212,19 +219,8 @@ cdef class Outbox:
         zmq_msg_init(&part)
         try:
             while True:
-                timeout_ms = <long>((deadline - _monotonic()) * 1000.0 + 0.999)
-                if timeout_ms <= 0:
+                if not self.next_frame(&part, deadline):
                     return None
-                set_int(self.sock, ZMQ_RCVTIMEO, <int>min(timeout_ms, 2000000000))
-                with nogil:
-                    rc = zmq_msg_recv(&part, self.sock, 0)
-                if rc == -1:
-                    err = zmq_errno()
-                    if err == EINTR:
-                        check_signals()
-                    elif err != EAGAIN:
-                        raise_zmq_error(err)
-                    continue
                 # [peer, header, body]
                 nparts = 1
                 status = HDR_SHORT
@@ -246,6 +242,50 @@ cdef class Outbox:
                     pending.append((h.kind, body))
         finally:
             zmq_msg_close(&part)
+
+    cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1:
+        """Receive the first frame of the next message, waiting until
+        `deadline`; False if none came.
+
+        Natively this is one blocking zmq_msg_recv with ZMQ_RCVTIMEO and the
+        GIL released: the same path as a REQ socket's, with no zmq_poll.
+        Green (eventlet), it waits on the socket's ZMQ_FD with select(),
+        which eventlet makes cooperative, so the hub never blocks."""
+        cdef int rc, err, events
+        cdef long timeout_ms
+        cdef size_t size = sizeof(int)
+        cdef int fd
+        cdef double left
+        while True:
+            if self.green:
+                if zmq_msg_recv(part, self.sock, ZMQ_DONTWAIT) != -1:
+                    return True
+                if zmq_errno() not in (EAGAIN, EINTR):
+                    raise_zmq_error(zmq_errno())
+                left = deadline - _monotonic()
+                if left <= 0:
+                    return False
+                # ZMQ_FD is edge-triggered: look at ZMQ_EVENTS before sleeping.
+                check(zmq_getsockopt(self.sock, ZMQ_EVENTS, &events, &size))
+                if events & ZMQ_POLLIN:
+                    continue
+                size = sizeof(int)
+                check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
+                select.select([fd], [], [], min(left, 0.05))
+                continue
+            timeout_ms = <long>((deadline - _monotonic()) * 1000.0 + 0.999)
+            if timeout_ms <= 0:
+                return False
+            set_int(self.sock, ZMQ_RCVTIMEO, <int>min(timeout_ms, 2000000000))
+            with nogil:
+                rc = zmq_msg_recv(part, self.sock, 0)
+            if rc != -1:
+                return True
+            err = zmq_errno()
+            if err == EINTR:
+                check_signals()
+            elif err != EAGAIN:
+                raise_zmq_error(err)
 
 
 cdef int check_signals() except -1:
@@ -276,11 +316,14 @@ cdef class ReplyStream:
             raise StopIteration
         if _get_ident() != self.thread:
             raise RuntimeError("a multicall stream must be read by the thread that made the call")
-        reply = self.outbox.wait_reply(self.msg_id, _monotonic() + self.timeout)
-        if reply is None:
-            self.finish()
-            self.client.timeouts += 1
-            raise Timeout(None, self.topic, self.method)
+        while True:
+            reply = self.outbox.wait_reply(self.msg_id, _monotonic() + self.timeout)
+            if reply is None:
+                self.finish()
+                self.client.timeouts += 1
+                raise Timeout(None, self.topic, self.method)
+            if reply[0] != KIND_HEARTBEAT:         # a heartbeat restarts the wait
+                break
         kind, body = reply
         if kind == KIND_CHUNK:
             return self.client.decode_value(body)
@@ -319,6 +362,7 @@ cdef class Client:
     cdef int linger_ms
     cdef readonly double connect_timeout
     cdef dict down                  # address -> time until which it is skipped
+    cdef readonly bint green
     cdef readonly double send_timeout
     cdef readonly double response_timeout
     cdef readonly Py_ssize_t max_message_size
@@ -329,7 +373,8 @@ cdef class Client:
 
     def __cinit__(self, Context ctx not None, matchmaker, *, double send_timeout,
                   double response_timeout, Py_ssize_t max_message_size,
-                  rebuild_exception, double linger=5.0, double connect_timeout=2.0):
+                  rebuild_exception, double linger=5.0, double connect_timeout=2.0,
+                  bint green=False):
         self.ctx = ctx
         self.matchmaker = matchmaker
         self.routes = matchmaker.routes
@@ -343,6 +388,7 @@ cdef class Client:
         self.linger_ms = <int>(linger * 1000)
         self.connect_timeout = connect_timeout
         self.down = {}
+        self.green = green
         self.max_message_size = max_message_size
         self.rebuild_exception = rebuild_exception
 
@@ -352,7 +398,7 @@ cdef class Client:
         if ob is None or ob.epoch != fork_epoch() or ob.sock == NULL:
             if self.closed:
                 raise RPCException("this RPC client was cleaned up")
-            ob = Outbox(self.ctx, self.send_timeout_ms, self.linger_ms)
+            ob = Outbox(self.ctx, self.send_timeout_ms, self.linger_ms, self.green)
             ob.forgotten_seen = self.matchmaker.forgotten_count
             self.tls.outbox = ob
             self.outboxes.add(ob)
@@ -493,15 +539,28 @@ cdef class Client:
         self.calls += 1
         return ob.last_id
 
-    def call(self, context, topic, msg, timeout=None):
-        """Send to one consumer and wait for its result (or exception)."""
+    def call(self, context, topic, msg, timeout=None, monitor_timeout=None):
+        """Send to one consumer and wait for its result (or exception).
+
+        With `monitor_timeout`, the call also fails when the server has
+        sent neither the result nor a heartbeat for that long (oslo.messaging's
+        call monitor); heartbeats let a long call run up to `timeout`."""
         cdef double wait = self.check_timeout(timeout)
+        cdef double monitor = self.check_timeout(monitor_timeout) if monitor_timeout else 0
         cdef Outbox ob = self.outbox()
         cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, 0)
-        reply = ob.wait_reply(msg_id, _monotonic() + wait)
-        if reply is None:
-            self.timeouts += 1
-            raise Timeout(None, topic, msg["method"])
+        cdef double deadline = _monotonic() + wait
+        cdef double alive_until
+        while True:
+            alive_until = deadline if monitor == 0 else min(deadline, _monotonic() + monitor)
+            reply = ob.wait_reply(msg_id, alive_until)
+            if reply is None:
+                self.timeouts += 1
+                if alive_until < deadline:
+                    raise Timeout(f"no heartbeat for {monitor:g}s", topic, msg["method"])
+                raise Timeout(None, topic, msg["method"])
+            if reply[0] != KIND_HEARTBEAT:
+                break
         kind, body = reply
         if kind == KIND_FAILURE:
             raise self.decode_failure(body)

@@ -17,6 +17,7 @@ cdef enum Kind:
     KIND_CHUNK = 17             # one streamed value; more follow
     KIND_END = 18               # end of a stream, no value
     KIND_FAILURE = 19           # the remote method raised; final
+    KIND_HEARTBEAT = 20         # the call is still running (call monitor)
 
 cdef enum Flag:
     FLAG_MULTI = 1              # on CALL: stream every yielded value

@@ -5,13 +5,14 @@ sockets add or consume (see docs/envelope.md for the full picture):
 
   header  13 fixed bytes, then the topic:
             0   version   u8     always 1 for this format
-            1   kind      u8     CAST, CALL, FANOUT, NOTIFY / RESULT, CHUNK, END, FAILURE
+            1   kind      u8     CAST, CALL, FANOUT, NOTIFY / RESULT, CHUNK, END,
+                                 FAILURE, HEARTBEAT
             2   flags     u16le  FLAG_MULTI on a CALL asks for a stream
             4   msg_id    u64le  correlates replies with calls; 0 on casts
             12  topic_len u8     1..255 on requests, 0 on replies
             13  topic     UTF-8
   body    msgpack: [context, message] on requests, the value on RESULT and
-          CHUNK, [module, class, text, args, traceback] on FAILURE, empty on END.
+          CHUNK, the failure on FAILURE, empty on END and HEARTBEAT.
 
 The header is parsed in C straight from the frame's bytes (no Python object
 for it), so the receive loop can drop bad or unknown-topic messages before
@@ -50,7 +51,7 @@ cdef inline bint is_request(int kind) noexcept nogil:
 
 
 cdef inline bint is_reply(int kind) noexcept nogil:
-    return KIND_RESULT <= kind <= KIND_FAILURE
+    return KIND_RESULT <= kind <= KIND_HEARTBEAT
 
 
 cdef int parse_header(const char *buf, size_t n, Header *h) noexcept nogil:
@@ -142,7 +143,7 @@ cdef object unpack(const char *buf, size_t n):
 KINDS = {
     "CAST": KIND_CAST, "CALL": KIND_CALL, "FANOUT": KIND_FANOUT,
     "NOTIFY": KIND_NOTIFY, "RESULT": KIND_RESULT, "CHUNK": KIND_CHUNK,
-    "END": KIND_END, "FAILURE": KIND_FAILURE,
+    "END": KIND_END, "FAILURE": KIND_FAILURE, "HEARTBEAT": KIND_HEARTBEAT,
 }
 FLAG_MULTI_CALL = FLAG_MULTI
 ENVELOPE_VERSION = VERSION

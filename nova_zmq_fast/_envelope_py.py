@@ -12,10 +12,10 @@ from nova_zmq_fast.exceptions import MalformedEnvelope
 
 ENVELOPE_VERSION = 1
 KINDS = {"CAST": 1, "CALL": 2, "FANOUT": 3, "NOTIFY": 4,
-         "RESULT": 16, "CHUNK": 17, "END": 18, "FAILURE": 19}
+         "RESULT": 16, "CHUNK": 17, "END": 18, "FAILURE": 19, "HEARTBEAT": 20}
 FLAG_MULTI_CALL = 1
 _REQUESTS = {1, 2, 3, 4}
-_REPLIES = {16, 17, 18, 19}
+_REPLIES = {16, 17, 18, 19, 20}
 _FIXED = struct.Struct("<BBHQB")            # version, kind, flags, msg_id, topic_len
 MAX_TOPIC = 255
 

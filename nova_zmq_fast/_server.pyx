@@ -26,7 +26,6 @@ at once instead of waiting for its timeout.
 """
 import logging
 import os
-import threading
 import time
 
 cimport cython
@@ -39,6 +38,7 @@ from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set_int
 from nova_zmq_fast._envelope cimport *
 
+from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.dispatcher import unwrap
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, SerializationError)
@@ -131,6 +131,47 @@ cdef enum ProxyKind:
     PROXY_DISPATCHER                # has dispatch(): version/namespace rules
     PROXY_CALLABLE                  # called as proxy(ctxt, msg) with raw messages
     PROXY_METHODS                   # its public method msg['method'] is called
+    PROXY_DEFERRED                  # called as proxy(ctxt, msg, replier); replies later
+
+
+@cython.final
+cdef class Replier:
+    """Answers one call later, from any thread (the oslo.messaging driver
+    hands requests to its executor and replies from there).  The reply goes
+    through the server's control socket to whichever worker leads."""
+    cdef Server server
+    cdef bytes identity
+    cdef uint64_t msg_id
+    cdef readonly bint done
+
+    def result(self, value):
+        """The final value."""
+        self._send(KIND_RESULT, _packb(value))
+
+    def failure(self, payload):
+        """The call failed; `payload` is the serialized exception."""
+        self._send(KIND_FAILURE, _packb(payload))
+
+    def heartbeat(self):
+        """The call is still running (restarts the caller's call monitor)."""
+        if not self.done:
+            self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+                                    PyBytes_GET_SIZE(self.identity), KIND_HEARTBEAT,
+                                    self.msg_id, b"")
+
+    cdef _send(self, int kind, bytes body):
+        if self.done:
+            return
+        self.done = True
+        self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+                                PyBytes_GET_SIZE(self.identity), kind, self.msg_id, body)
+
+
+cdef bytes _packb(value):
+    try:
+        return new_packer().pack(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"reply cannot be encoded with msgpack: {exc}") from None
 
 
 @cython.final
@@ -143,12 +184,14 @@ cdef class Consumer:
     cdef object dispatch
     cdef int mode
 
-    def __cinit__(self, str topic, bint fanout, proxy):
+    def __cinit__(self, str topic, bint fanout, proxy, bint deferred=False):
         self.topic = topic
         self.fanout = fanout
         self.proxy = proxy
         self.dispatch = getattr(proxy, "dispatch", None)
-        if callable(self.dispatch):
+        if deferred:
+            self.mode = PROXY_DEFERRED
+        elif callable(self.dispatch):
             self.mode = PROXY_DISPATCHER
         elif callable(proxy):
             self.mode = PROXY_CALLABLE
@@ -165,6 +208,8 @@ cdef class Consumer:
             msg = _unwrap(msg)
         if self.mode == PROXY_CALLABLE:
             return self.proxy(ctxt, msg)
+        if self.mode == PROXY_DEFERRED:
+            return self.proxy(ctxt, msg, None)
         method = msg.get("method")
         if type(method) is not str or not method:
             raise InvalidMessage("message has no 'method'")
@@ -221,7 +266,8 @@ cdef class Server:
     cdef readonly str bound         # the endpoint libzmq reports
     cdef Py_ssize_t max_message_size
     cdef readonly int max_threads
-    cdef list threads
+    cdef readonly int workers        # worker threads running
+    cdef bint started
     cdef object threads_lock
     cdef bint stopping
     cdef double quiet
@@ -246,8 +292,7 @@ cdef class Server:
         self.host_suffix = ("." + host).encode("utf-8")
         self.max_message_size = max_message_size
         self.max_threads = max(1, max_threads)
-        self.threads = []
-        self.threads_lock = threading.Lock()
+        self.threads_lock = unpatched("_thread").allocate_lock()
         self.quiet = quiet
         self.handle_failure = serialize_failure
         if lf_init(&self.lf, <int64_t>(patience * 1e9)) != 0:
@@ -299,9 +344,12 @@ cdef class Server:
 
     # -- consumers ---------------------------------------------------------
 
-    def add_consumer(self, str topic, bint fanout, proxy):
+    def add_consumer(self, str topic, bint fanout, proxy, bint deferred=False):
+        """Serve `topic` with `proxy`.  deferred=True: the proxy is called
+        as proxy(ctxt, msg, replier) and answers calls through the Replier
+        whenever it likes (replier is None for casts)."""
         table = self.fanouts if fanout else self.direct
-        table[topic.encode("utf-8")] = Consumer(topic, fanout, proxy)
+        table[topic.encode("utf-8")] = Consumer(topic, fanout, proxy, deferred)
         self.last = None
 
     def remove_consumer(self, str topic, bint fanout):
@@ -336,16 +384,19 @@ cdef class Server:
     def start(self):
         """Start serving: one leader plus a standby; more on demand."""
         with self.threads_lock:
-            if self.threads or self.stopping:
+            if self.started or self.stopping:
                 return
+            self.started = True
             for _ in range(min(2, self.max_threads)):
                 self._spawn()
 
     cdef _spawn(self):
-        t = threading.Thread(target=self._work, name=f"nzf-worker-{len(self.threads)}",
-                             daemon=True)
-        self.threads.append(t)
-        t.start()
+        self.workers += 1
+        try:
+            unpatched("_thread").start_new_thread(self._work, ())
+        except BaseException:
+            self.workers -= 1
+            raise
 
     cdef _grow(self):
         """Called by a worker that took over from a busy leader: keep a
@@ -353,28 +404,30 @@ cdef class Server:
         if self.lf.waiting > 0 or self.stopping:
             return
         with self.threads_lock:
-            alive = sum(1 for t in self.threads if t.is_alive())
-            if alive < self.max_threads and not self.stopping:
+            if self.workers < self.max_threads and not self.stopping:
                 self._spawn()
 
     def _work(self):
         cdef uint64_t gen
         cdef int stole
         cdef Worker w = Worker()
-        while True:
-            with nogil:
-                gen = lf_follow(&self.lf, &stole)
-            if gen == 0:
-                return
-            if stole:
-                self._grow()
-            try:
-                self._lead(w, gen)
-            except BaseException:
-                LOG.exception("receive loop failed; closing server %s", self.bound)
-                self.stopping = True
-                lf_close_owner(&self.lf, gen)
-                return
+        try:
+            while True:
+                with nogil:
+                    gen = lf_follow(&self.lf, &stole)
+                if gen == 0:
+                    return
+                if stole:
+                    self._grow()
+                try:
+                    self._lead(w, gen)
+                except BaseException:
+                    LOG.exception("receive loop failed; closing server %s", self.bound)
+                    self.stopping = True
+                    lf_close_owner(&self.lf, gen)
+                    return
+        finally:
+            self.workers -= 1
 
     cdef _lead(self, Worker w, uint64_t gen):
         """Serve while holding the token `gen`; return when it moves on."""
@@ -519,7 +572,17 @@ cdef class Server:
             return
         ctxt = RpcContext.wrap(<dict>(<list>body)[0])
         msg = <dict>(<list>body)[1]
+        cdef Replier replier
         try:
+            if consumer.mode == PROXY_DEFERRED and kind == KIND_CALL:
+                replier = Replier.__new__(Replier)
+                replier.server = self
+                replier.identity = (<const char *>zmq_msg_data(&parts[0]))[
+                    :zmq_msg_size(&parts[0])]
+                replier.msg_id = msg_id
+                consumer.proxy(ctxt, msg, replier)
+                self.counters[HANDLED] += 1
+                return
             result = consumer.invoke(ctxt, msg, kind)
             if kind == KIND_CALL:
                 self._answer(w, gen, &parts[0], msg_id, h.flags & FLAG_MULTI, result)
@@ -543,7 +606,8 @@ cdef class Server:
         if multi:
             for value in result:
                 self._reply(w, gen, identity, KIND_CHUNK, msg_id, value)
-            self._send_reply(gen, identity, KIND_END, msg_id, b"")
+            self._send_reply(gen, <const char *>zmq_msg_data(identity),
+                             zmq_msg_size(identity), KIND_END, msg_id, b"")
             return
         last = None
         for last in result:
@@ -556,7 +620,8 @@ cdef class Server:
             body = w.packer.pack(value)
         except (TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(f"result cannot be encoded with msgpack: {exc}") from None
-        self._send_reply(gen, identity, kind, msg_id, body)
+        self._send_reply(gen, <const char *>zmq_msg_data(identity), zmq_msg_size(identity),
+                         kind, msg_id, body)
 
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc):
         try:
@@ -564,39 +629,35 @@ cdef class Server:
         except Exception:
             body = w.packer.pack(["builtins", "RuntimeError",
                                   "the remote exception could not be encoded", [], ""])
-        self._send_reply(gen, identity, KIND_FAILURE, msg_id, body)
+        self._send_reply(gen, <const char *>zmq_msg_data(identity), zmq_msg_size(identity),
+                         KIND_FAILURE, msg_id, body)
 
-    cdef _send_reply(self, uint64_t gen, zmq_msg_t *identity, int kind,
-                     uint64_t msg_id, bytes body):
+    cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
+                     int kind, uint64_t msg_id, bytes body):
         """Send [identity, header, body] back to the caller: directly while
-        this worker holds the token, else via the control socket for the
-        leader to forward.  Either way under the token mutex, so the token
-        cannot move in between."""
+        this worker holds the token `gen`, else (gen 0: not a worker) via the
+        control socket for the leader to forward.  Either way under the token
+        mutex, so the token cannot move in between."""
         cdef char header[MAX_HEADER]
         cdef size_t hlen = write_header(header, kind, 0, msg_id, NULL, 0)
-        cdef zmq_msg_t rid
         cdef int ok = 0
         cdef const char *data = PyBytes_AS_STRING(body)
         cdef size_t size = PyBytes_GET_SIZE(body)
-        zmq_msg_init(&rid)
-        zmq_msg_copy(&rid, identity)
         with nogil:
             lf_lock(&self.lf)
             if not self.lf.closed:
-                if self.lf.owner == gen:
-                    if zmq_msg_send(&rid, self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
+                if gen != 0 and self.lf.owner == gen:
+                    if zmq_send(self.sock, identity, identity_len,
+                                ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
+                        zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
+                        zmq_send(self.sock, data, size, 0)
                         ok = 1
                 elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                    zmq_msg_send(&rid, self.control, ZMQ_SNDMORE)
-                    ok = 2
-                if ok == 1:
-                    zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
-                    zmq_send(self.sock, data, size, 0)
-                elif ok == 2:
+                    zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
                     zmq_send(self.control, header, hlen, ZMQ_SNDMORE)
                     zmq_send(self.control, data, size, 0)
+                    ok = 2
             lf_unlock(&self.lf)
-        zmq_msg_close(&rid)
         if ok == 1:
             self.counters[REPLIES] += 1
         elif ok == 0:
@@ -609,7 +670,7 @@ cdef class Server:
 
     @property
     def running(self):
-        return any(t.is_alive() for t in self.threads)
+        return self.workers > 0
 
     def stop(self, double timeout):
         """Finish queued work, then close.  Waits at most `timeout` seconds;
@@ -631,7 +692,7 @@ cdef class Server:
         # The leader drains and closes the token; if nobody leads (never
         # started, or every worker is inside a handler) close it ourselves.
         with self.threads_lock:
-            started = bool(self.threads)
+            started = self.started
         while not self.lf.closed:
             if not started or _monotonic() >= deadline:
                 if lf_try_close(&self.lf):
@@ -640,17 +701,17 @@ cdef class Server:
                 break                               # a leader that ignores STOP
             time.sleep(0.002)
         closed = self.lf.closed
-        for t in list(self.threads):
-            t.join(max(0.0, deadline - _monotonic()))
-        finished = not any(t.is_alive() for t in self.threads)
+        while self.workers > 0 and _monotonic() < deadline:
+            time.sleep(0.002)
         if not closed:
             LOG.error("server %s did not stop; leaving its sockets open", self.bound)
             return False
         linger = max(0, <int>((deadline - _monotonic()) * 1000))
         self._close_sockets(linger)
-        if finished:
-            self.threads = []
-        return finished
+        if self.workers:
+            LOG.warning("server %s: %d handler(s) still running after %.1fs",
+                        self.bound, self.workers, timeout)
+        return self.workers == 0
 
     cdef _close_sockets(self, int linger_ms):
         self.ctx.close_socket(self.control, 0)
@@ -665,5 +726,5 @@ cdef class Server:
         if self.sock != NULL and self.epoch == fork_epoch():
             if lf_try_close(&self.lf):
                 self._close_sockets(0)
-        if self.lf_ready and not any(t.is_alive() for t in (self.threads or ())):
+        if self.lf_ready and self.workers == 0:
             lf_destroy(&self.lf)

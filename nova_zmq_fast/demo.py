@@ -8,7 +8,6 @@ and what happens when a service is killed.  Every step is checked; the exit
 status is 0 only if all of them held.
 """
 import argparse
-import os
 import signal
 import statistics
 import subprocess

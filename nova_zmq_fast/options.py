@@ -1,5 +1,8 @@
 """Configuration: the original ZeroMQ driver's option names and defaults.
 
+Each option's help text lives here once; the oslo.messaging driver builds
+its [oslo_messaging_zmqfast] options from the same list.
+
 `Options.from_conf(conf, **overrides)` reads them from an oslo.config
 ConfigOpts, a dict, or any object with attributes; unknown keyword overrides
 are an error, so a typo does not silently fall back to a default.
@@ -19,36 +22,50 @@ def tcp_endpoint(host, port):
     return f"tcp://{host}:{port}"
 
 
+def _opt(default=None, help="", factory=None):
+    meta = {"help": help}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass
 class Options:
-    # name: (default)                       what it means
-    rpc_zmq_host: str = dataclasses.field(default_factory=socket.gethostname)
-    """Logical host name: 'topic.host' reaches this process."""
-    rpc_zmq_matchmaker: str = "local"
-    """Discovery backend: 'local' (embedded, one machine) or 'ring'."""
-    matchmaker_ringfile: str = "/etc/oslo/matchmaker_ring.json"
-    """JSON ring file for 'ring': {"topic": ["host", "host:port"]}."""
-    rpc_zmq_bind_address: Optional[str] = None
-    """Address servers listen on.  None: 127.0.0.1 for 'local', '*' otherwise."""
-    rpc_zmq_port: Optional[int] = None
-    """TCP port servers listen on.  None: 9501 for 'ring', a free port otherwise."""
-    rpc_zmq_ipc_dir: str = "/var/run/openstack"
-    """Directory for the embedded registry ('local')."""
-    rpc_response_timeout: float = 60
-    """Seconds call() and multicall() wait for a reply."""
-    rpc_cast_timeout: float = 30
-    """Seconds a send may wait for a full peer queue before Timeout."""
-    rpc_zmq_connect_timeout: float = 2
-    """Seconds a send waits for a connection to a peer before trying another."""
-    rpc_thread_pool_size: int = 64
-    """Most worker threads a server runs at once."""
-    allowed_rpc_exception_modules: List[str] = dataclasses.field(
-        default_factory=lambda: ["nova.exception", "cinder.exception", "builtins"])
-    """Modules whose remote exceptions are re-raised as their own type."""
-    rpc_zmq_max_message_size: int = 16 * 1024 * 1024
-    """Largest message body (bytes) sent or accepted; larger ones are refused."""
-    rpc_zmq_linger: float = 5
-    """Seconds close()/cleanup() give queued work and messages to finish."""
+    rpc_zmq_host: str = _opt(
+        factory=socket.gethostname,
+        help="Logical host name of this process: 'topic.host' reaches it.")
+    rpc_zmq_matchmaker: str = _opt(
+        "local", "Discovery: 'local' (embedded, one machine) or 'ring' (a JSON ring file).")
+    matchmaker_ringfile: str = _opt(
+        "/etc/oslo/matchmaker_ring.json",
+        'Ring file for the ring matchmaker: {"topic": ["host", "host:port"]}.')
+    rpc_zmq_bind_address: Optional[str] = _opt(
+        None, "Address servers listen on; unset: 127.0.0.1 for 'local', '*' otherwise.")
+    rpc_zmq_port: Optional[int] = _opt(
+        None, "TCP port servers listen on; unset: a free port for 'local', 9501 for 'ring'.")
+    rpc_zmq_ipc_dir: str = _opt(
+        "/var/run/openstack",
+        "Directory of the embedded registry (a per-user directory if not writable).")
+    rpc_response_timeout: float = _opt(60, "Seconds call() and multicall() wait for a reply.")
+    rpc_cast_timeout: float = _opt(
+        30, "Seconds a send may wait for room in a full peer queue before Timeout.")
+    rpc_zmq_connect_timeout: float = _opt(
+        2, "Seconds a send waits for a connection to a peer before trying another.")
+    rpc_thread_pool_size: int = _opt(64, "Most worker threads a server runs at once.")
+    allowed_rpc_exception_modules: List[str] = _opt(
+        factory=lambda: ["nova.exception", "cinder.exception", "builtins"],
+        help="Modules whose remote exceptions are re-raised as their own type.")
+    rpc_zmq_max_message_size: int = _opt(
+        16 * 1024 * 1024, "Largest message body in bytes sent or accepted.")
+    rpc_zmq_linger: float = _opt(
+        5, "Seconds close()/cleanup() give queued work and outgoing messages to finish.")
+
+    @classmethod
+    def describe(cls):
+        """(name, type, default, help) of every option."""
+        probe = cls()
+        return [(f.name, f.type, getattr(probe, f.name), f.metadata["help"])
+                for f in dataclasses.fields(cls)]
 
     @classmethod
     def names(cls):

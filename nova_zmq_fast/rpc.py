@@ -11,23 +11,17 @@ A Nova-era service switches transport by changing one import:
 
     rpc.call(ctxt, "compute", {"method": "ping", "args": {"x": 1}}, timeout=5)
 
-Layers underneath: `_client` (sending, per-thread sockets), `_server`
-(receive loop and dispatch), `matchmaker` (discovery), `dispatcher`
-(version rules), `_envelope` (wire format), `_zmq` (libzmq context).
+Layers underneath: `runtime` (the context, discovery, client and
+connections this module keeps one of), `_client` (sending, per-thread
+sockets), `_server` (receive loop and dispatch), `matchmaker` (discovery),
+`dispatcher` (version rules), `_envelope` (wire format), `_zmq` (libzmq).
 """
 import atexit
-import errno
 import logging
 import os
-import socket
 import threading
-import time
 
-from nova_zmq_fast import matchmaker as _matchmaker
-from nova_zmq_fast._client import Client
-from nova_zmq_fast._envelope import check_topic
-from nova_zmq_fast._server import RpcContext, Server
-from nova_zmq_fast._zmq import Context
+from nova_zmq_fast._server import RpcContext
 from nova_zmq_fast.dispatcher import RpcDispatcher, wrap
 from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
     InvalidMessage, MessageTooLarge, NoListeners, PeerUnreachable, RemoteError,
@@ -35,6 +29,7 @@ from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
     deserialize_remote_exception, serialize_remote_exception)
 from nova_zmq_fast.matchmaker import Endpoint
 from nova_zmq_fast.options import DEFAULT_RING_PORT, Options, tcp_endpoint
+from nova_zmq_fast.runtime import Connection, Runtime
 
 __all__ = [
     "init", "create_connection", "call", "multicall", "cast", "fanout_cast",
@@ -51,44 +46,6 @@ _options = None
 _runtime_ = None
 
 
-class _Runtime:
-    """Everything this process has open: libzmq context, discovery, the
-    sending client and the serving connections."""
-
-    def __init__(self, options):
-        self.options = options
-        self.context = Context()
-        try:
-            self.matchmaker = _matchmaker.create(options)
-            # The transport's own errors (UnsupportedRpcVersion, ...) always
-            # come back as themselves.
-            allowed = tuple(options.allowed_rpc_exception_modules) + (
-                "nova_zmq_fast.exceptions",)
-            self.client = Client(
-                self.context, self.matchmaker,
-                send_timeout=options.rpc_cast_timeout,
-                response_timeout=options.rpc_response_timeout,
-                max_message_size=options.rpc_zmq_max_message_size,
-                linger=options.rpc_zmq_linger,
-                connect_timeout=options.rpc_zmq_connect_timeout,
-                rebuild_exception=lambda failure: deserialize_remote_exception(failure, allowed))
-        except BaseException:
-            self.context.term()
-            raise
-        self.connections = set()
-
-    def close(self):
-        deadline = time.monotonic() + self.options.rpc_zmq_linger
-        for conn in list(self.connections):
-            conn._close(deadline)
-        self.client.close(max(0.0, deadline - time.monotonic()))
-        self.matchmaker.close()
-        try:
-            self.context.term()
-        except RuntimeError as exc:         # a server that could not stop
-            LOG.error("libzmq context left open: %s", exc)
-
-
 def _runtime():
     rt = _runtime_
     if rt is None:
@@ -101,7 +58,7 @@ def _runtime():
 
 def _start():
     global _runtime_
-    _runtime_ = _Runtime(_options or Options.from_conf())
+    _runtime_ = Runtime(_options or Options.from_conf())
     return _runtime_
 
 
@@ -234,144 +191,4 @@ def queue_get_for(context, topic, host):
 def create_connection(new=True):
     """A Connection for consuming.  new=False returns this process's shared
     one."""
-    rt = _runtime()
-    with _lock:
-        if not new:
-            for conn in rt.connections:
-                if conn._shared:
-                    return conn
-        conn = Connection(rt, shared=not new)
-        rt.connections.add(conn)
-        return conn
-
-
-BIND_ATTEMPTS = 5
-
-
-def _free_port(bind_address):
-    """A TCP port that is free on `bind_address` right now."""
-    host = bind_address.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if host in ("*", "0.0.0.0", "::"):
-        host = ""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class Connection:
-    """A set of consumers served by one listening socket and its workers."""
-
-    def __init__(self, runtime, shared=False):
-        self._rt = runtime
-        self._shared = shared
-        self._server = None
-        self._address = None
-        self._consumers = {}                # (topic, fanout) -> proxy
-        self._consuming = False
-        self._closing = False
-        self._closed = threading.Event()    # set once fully closed
-        self._lock = threading.Lock()
-
-    def _ensure_server(self):
-        if self._server is None:
-            opts = self._rt.options
-            for attempt in range(BIND_ATTEMPTS):
-                # The advertised address is also the server's routing id, so
-                # the port must be known before binding: pick a free one.
-                port = opts.port or _free_port(opts.bind_address)
-                address = tcp_endpoint(opts.advertised_host(), port)
-                try:
-                    self._server = Server(
-                        self._rt.context, opts.bind_endpoint(port), opts.rpc_zmq_host,
-                        address.encode(),
-                        max_message_size=opts.rpc_zmq_max_message_size,
-                        max_threads=opts.rpc_thread_pool_size,
-                        serialize_failure=serialize_remote_exception)
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE or opts.port or \
-                            attempt == BIND_ATTEMPTS - 1:
-                        raise
-                    continue                # somebody took the free port first
-                self._address = address
-                break
-        return self._server
-
-    def _check_open(self):
-        if self._closing:
-            raise RPCException("connection is closed")
-
-    @property
-    def address(self):
-        """The endpoint peers use to reach this connection."""
-        return self._address
-
-    def create_consumer(self, topic, proxy, fanout=False):
-        """Consume `topic` with `proxy` (an RpcDispatcher, an object whose
-        methods are called as method(ctxt, **args), or a callable called as
-        proxy(ctxt, msg)).  fanout=True receives fanout_cast()s instead."""
-        check_topic(topic)
-        if proxy is None:
-            raise TypeError("proxy must not be None")
-        fanout = bool(fanout)
-        with self._lock:
-            self._check_open()
-            server = self._ensure_server()
-            server.add_consumer(topic, fanout, proxy)
-            self._consumers[(topic, fanout)] = proxy
-            if self._consuming:
-                self._register(topic, fanout)
-
-    def _register(self, topic, fanout):
-        self._rt.matchmaker.register(topic, self._rt.options.rpc_zmq_host,
-                                     self._address, fanout)
-
-    def consume_in_thread(self):
-        """Start serving in worker threads and announce the consumers."""
-        with self._lock:
-            self._check_open()
-            if self._consuming:
-                return
-            self._ensure_server().start()
-            for topic, fanout in self._consumers:
-                self._register(topic, fanout)
-            self._consuming = True
-
-    def wait(self):
-        """Block until the connection is closed (by another thread)."""
-        while not self._closed.wait(0.5):
-            pass
-
-    def close(self):
-        """Stop consuming: withdraw from discovery, finish the queued work
-        (bounded by rpc_zmq_linger), release the socket and threads."""
-        self._close(time.monotonic() + self._rt.options.rpc_zmq_linger)
-
-    def _close(self, deadline):
-        with self._lock:
-            first = not self._closing
-            self._closing = True
-            if first and self._consuming:
-                for topic, fanout in self._consumers:
-                    self._rt.matchmaker.unregister(topic, self._rt.options.rpc_zmq_host,
-                                                   self._address, fanout)
-        if not first:                       # another thread is closing it
-            self._closed.wait(max(0.0, deadline - time.monotonic()))
-            return
-        try:
-            if self._server is not None:
-                self._server.stop(max(0.0, deadline - time.monotonic()))
-        finally:
-            self._rt.connections.discard(self)
-            self._closed.set()
-
-    def stats(self):
-        counters = self._server.stats() if self._server is not None else {}
-        return dict(counters, address=self._address,
-                    topics=sorted(f"{t}{' (fanout)' if f else ''}" for t, f in self._consumers))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    return _runtime().connection(shared=not new)

@@ -34,43 +34,43 @@ def wait_until(predicate, timeout, interval=0.02):
         time.sleep(interval)
 
 
-class ServiceProcess:
-    """A tests.helpers.service process."""
+class ChildProcess:
+    """A helper process that prints "READY ..." once it serves and stops on
+    SIGTERM (or when its stdin, held by this process, closes)."""
 
-    def __init__(self, host, ipc_dir, topic="svc", options=None):
-        self.host = host
-        opts = {"rpc_zmq_ipc_dir": str(ipc_dir)}
-        opts.update(options or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.service", "--host", host,
-             "--topic", topic, "--options", json.dumps(opts)],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.address = self._wait_ready(30)
+    def __init__(self, name, argv, wait=True):
+        self.name = name
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.ready_line = None
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self, timeout):
+    def wait_ready(self, timeout=60):
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         try:
             if not sel.select(timeout):
                 self.kill()
-                raise RuntimeError(f"service {self.host} did not start in {timeout}s")
+                raise RuntimeError(f"{self.name} did not start in {timeout}s")
             line = self.proc.stdout.readline().split()
         finally:
             sel.close()
-        if len(line) != 2 or line[0] != "READY":
+        if not line or line[0] != "READY":
             self.kill()
-            raise RuntimeError(f"service {self.host} failed to start: {line}")
-        return line[1]
+            raise RuntimeError(f"{self.name} failed to start: {line}")
+        self.ready_line = line[1:]
+        return self
 
     def stop(self, timeout=15):
-        """SIGTERM: the service runs rpc.cleanup() and must exit 0 in time."""
+        """SIGTERM: the process cleans up and must exit 0 in time."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise AssertionError(f"service {self.host} did not stop in {timeout}s")
+                raise AssertionError(f"{self.name} did not stop in {timeout}s")
         self._close_pipes()
         return self.proc.returncode
 
@@ -84,6 +84,18 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._close_pipes()
+
+
+class ServiceProcess(ChildProcess):
+    """A tests.helpers.service process (the native API)."""
+
+    def __init__(self, host, ipc_dir, topic="svc", options=None):
+        self.host = host
+        opts = {"rpc_zmq_ipc_dir": str(ipc_dir)}
+        opts.update(options or {})
+        super().__init__(host, [sys.executable, "-m", "tests.helpers.service", "--host", host,
+                                "--topic", topic, "--options", json.dumps(opts)])
+        self.address = self.ready_line[0]
 
 
 @pytest.fixture(scope="module")

@@ -210,3 +210,20 @@ def test_ring_end_to_end_across_processes(tmp_path, client):
     finally:
         codes = [s.stop() for s in servers]
     assert codes == [0, 0]
+
+
+def test_topics_by_prefix(tmp_path):
+    mm = local(tmp_path)
+    other = local(tmp_path)
+    try:
+        assert other.topics("ex:notifications.info%") == ()
+        mm.register("ex:notifications.info%", "h1", "tcp://127.0.0.1:1001")
+        mm.register("ex:notifications.info%billing", "h1", "tcp://127.0.0.1:1001")
+        mm.register("ex:notifications.error%", "h1", "tcp://127.0.0.1:1001")
+        assert other.topics("ex:notifications.info%") == ("ex:notifications.info%",
+                                                          "ex:notifications.info%billing")
+    finally:
+        mm.close()
+        other.close()
+    ring_mm, _ = ring(tmp_path, {"a.x": ["h"], "a.y": ["h"], "b": ["h"]})
+    assert ring_mm.topics("a.") == ("a.x", "a.y")

@@ -1,7 +1,7 @@
 """Discovery ("matchmaker"): which live servers consume a topic, and where.
 
-A backend implements four things: `register`, `unregister`, and `_fetch`
-for one topic (direct or fanout).  This base class adds what every backend
+A backend implements `register`, `unregister`, `_fetch` (the live endpoints
+of one topic, direct or fanout) and `_list_topics` (names by prefix).  This base class adds what every backend
 needs on the message path: a short cache so that a cast costs a dict lookup
 rather than a registry read, the 'topic.host' rule, and the list of
 endpoints declared dead so outboxes can drop their queues to them.
@@ -59,6 +59,7 @@ class MatchMaker(abc.ABC):
         # The client reads `routes` itself on the message path.
         self.routes = {}
         self.fanout_routes = {}
+        self._prefixes = {}                 # prefix -> (expiry, topic names)
         self._lock = threading.Lock()
         self._forgotten = collections.OrderedDict()
         self.forgotten_count = 0
@@ -76,6 +77,10 @@ class MatchMaker(abc.ABC):
     @abc.abstractmethod
     def _fetch(self, topic, fanout):
         """Registered live endpoints for exactly `topic` (a list)."""
+
+    @abc.abstractmethod
+    def _list_topics(self, prefix):
+        """Names of the topics registered that start with `prefix`."""
 
     def close(self):
         """Withdraw everything this process registered."""
@@ -116,12 +121,27 @@ class MatchMaker(abc.ABC):
             cache.pop(topic, None)
         return endpoints
 
+    def topics(self, prefix):
+        """Registered topic names starting with `prefix` (cached like
+        lookups).  The oslo.messaging driver finds notification pools with
+        it: one topic per pool."""
+        entry = self._prefixes.get(prefix)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        names = tuple(sorted(self._list_topics(prefix)))
+        if names:
+            self._prefixes[prefix] = (time.monotonic() + CACHE_TTL, names)
+        else:
+            self._prefixes.pop(prefix, None)
+        return names
+
     def forget_topic(self, topic, fanout):
         (self.fanout_routes if fanout else self.routes).pop(topic, None)
 
     def invalidate(self):
         self.routes.clear()
         self.fanout_routes.clear()
+        self._prefixes.clear()
 
     # -- dead endpoints ------------------------------------------------------
 

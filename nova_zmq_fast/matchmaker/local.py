@@ -81,6 +81,7 @@ class LocalMatchMaker(MatchMaker):
             node.entries.add((topic, fanout))
         self.revive(address)
         self.forget_topic(topic, fanout)
+        self._prefixes.clear()
 
     def unregister(self, topic, host, address, fanout=False):
         with self._reg_lock:
@@ -153,6 +154,12 @@ class LocalMatchMaker(MatchMaker):
                 endpoints.append(endpoint)
         endpoints.sort(key=lambda ep: ep.address)
         return endpoints
+
+    def _list_topics(self, prefix):
+        try:
+            return [name for name in os.listdir(self.topics_dir) if name.startswith(prefix)]
+        except FileNotFoundError:
+            return []
 
     def _alive(self, node_id, directory):
         """The node's endpoint if its process is alive; otherwise clean up

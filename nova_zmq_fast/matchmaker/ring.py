@@ -82,6 +82,9 @@ class RingMatchMaker(MatchMaker):
     def unregister(self, topic, host, address, fanout=False):
         pass
 
+    def _list_topics(self, prefix):
+        return [topic for topic in self._ring if topic.startswith(prefix)]
+
     def _fetch(self, topic, fanout):
         try:
             self._reload()
