@@ -1,0 +1,157 @@
+"""An oslo.messaging service process for the tests:
+
+    python -m tests.helpers.oslo_service rpc --name s1 --url URL [--executor eventlet]
+    python -m tests.helpers.oslo_service notify --name n1 --url URL --pool p [--batch 5]
+
+`rpc` runs an RPC server on topic --topic (exchange --exchange, server
+--name) with TestEndpoint and a namespaced endpoint.  `notify` runs a
+notification listener on --topic in --pool; what it receives can be read
+back through a control RPC server ('ctl', server --name).  Prints READY and
+exits cleanly on SIGTERM or when stdin closes.
+"""
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["rpc", "notify"])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--topic", default="svc")
+    parser.add_argument("--exchange", default=None)
+    parser.add_argument("--executor", default="threading")
+    parser.add_argument("--pool", default=None)
+    parser.add_argument("--batch", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.executor == "eventlet":
+        import eventlet
+        eventlet.monkey_patch()
+    import warnings
+    warnings.filterwarnings("ignore")
+
+    import oslo_messaging as messaging
+    from oslo_config import cfg
+
+    from tests.helpers.errors import CustomError
+
+    cfg.CONF([], project="nzf-test")
+    lock = threading.Lock()
+    received = []
+
+    class TestEndpoint:
+        target = messaging.Target(version="1.3")
+
+        def whoami(self, ctxt):
+            return args.name
+
+        def echo(self, ctxt, value):
+            return value
+
+        def context(self, ctxt):
+            return ctxt
+
+        def sleep(self, ctxt, seconds):
+            time.sleep(seconds)
+            return args.name
+
+        def fail(self, ctxt, kind, text):
+            if kind == "custom":
+                raise CustomError(text)
+            raise ValueError(text)
+
+        def expected(self, ctxt):
+            raise messaging.ExpectedException()
+
+        def record(self, ctxt, value):
+            with lock:
+                received.append(value)
+
+        def records(self, ctxt):
+            with lock:
+                return list(received)
+
+        def pid(self, ctxt):
+            return os.getpid()
+
+        def executor_is_green(self, ctxt):
+            from oslo_utils import eventletutils
+            return eventletutils.is_monkey_patched("thread")
+
+    class AdminEndpoint:
+        target = messaging.Target(namespace="admin", version="2.0")
+
+        def describe(self, ctxt):
+            return "admin"
+
+    class NotificationEndpoint:
+        def _got(self, priority, payload):
+            with lock:
+                received.append({"priority": priority, "payload": payload,
+                                 "t": time.monotonic()})
+
+    for priority in ("audit", "debug", "info", "warn", "error", "critical", "sample"):
+        def handler(self, ctxt, publisher_id, event_type, payload, metadata,
+                    priority=priority):
+            self._got(priority, payload)
+        setattr(NotificationEndpoint, priority, handler)
+
+    class BatchEndpoint:
+        def info(self, messages):
+            with lock:
+                received.append({"batch": [m["payload"] for m in messages]})
+
+    transport = messaging.get_rpc_transport(cfg.CONF, url=args.url)
+    servers = []
+    if args.mode == "rpc":
+        target = messaging.Target(topic=args.topic, server=args.name, exchange=args.exchange)
+        servers.append(messaging.get_rpc_server(transport, target,
+                                                [TestEndpoint(), AdminEndpoint()],
+                                                executor=args.executor))
+    else:
+        ntransport = messaging.get_notification_transport(cfg.CONF, url=args.url)
+        targets = [messaging.Target(topic=args.topic, exchange=args.exchange)]
+        if args.batch:
+            servers.append(messaging.get_batch_notification_listener(
+                ntransport, targets, [BatchEndpoint()], executor=args.executor,
+                pool=args.pool, batch_size=args.batch, batch_timeout=0.5))
+        else:
+            servers.append(messaging.get_notification_listener(
+                ntransport, targets, [NotificationEndpoint()], executor=args.executor,
+                pool=args.pool))
+        servers.append(messaging.get_rpc_server(
+            transport, messaging.Target(topic="ctl", server=args.name), [TestEndpoint()],
+            executor=args.executor))
+    for server in servers:
+        server.start()
+
+    # Stop on SIGTERM, or when the test process dies and our stdin closes.
+    # The stdin watcher must be a native thread: a blocking read in a green
+    # one would stall the eventlet hub.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("signal"))
+    native = threading
+    if args.executor == "eventlet":
+        import eventlet.patcher
+        native = eventlet.patcher.original("threading")
+    native.Thread(target=lambda: (sys.stdin.read(), stop.append("eof")), daemon=True).start()
+    print("READY", flush=True)
+    while not stop:
+        time.sleep(0.1)
+    for server in servers:
+        server.stop()
+    for server in servers:
+        server.wait()
+    transport.cleanup()
+    if args.mode == "notify":
+        ntransport.cleanup()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,518 @@
+"""The oslo.messaging driver: real RPCClient, RPC servers, Notifier and
+notification listeners, across processes, over `zmqfast://`."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", module="oslo_messaging")
+messaging = pytest.importorskip("oslo_messaging")
+from oslo_config import cfg  # noqa: E402
+
+from tests.conftest import ROOT, ChildProcess, open_fds, os_threads, wait_until  # noqa: E402
+from tests.helpers.errors import CustomError  # noqa: E402
+
+RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
+cfg.CONF([], project="nzf-test")
+
+
+def zmqfast_url(registry, **query):
+    params = "&".join(f"{k}={v}" for k, v in dict(rpc_zmq_ipc_dir=registry, **query).items())
+    return f"zmqfast://?{params}"
+
+
+def service(mode, name, url, **opts):
+    argv = [sys.executable, "-m", "tests.helpers.oslo_service", mode, "--name", name,
+            "--url", url]
+    for key, value in opts.items():
+        argv += [f"--{key}", str(value)]
+    return ChildProcess(name, argv, wait=False)
+
+
+def start_all(*procs):
+    for proc in procs:
+        proc.wait_ready()
+    return procs
+
+
+def rabbit_reachable():
+    try:
+        socket.create_connection(("127.0.0.1", 5672), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("oslo-registry"))
+
+
+@pytest.fixture(scope="module")
+def servers(registry):
+    """Two threading-executor servers on 'svc', one eventlet-executor server
+    on 'svc-green', and one on 'svc' in another exchange."""
+    url = zmqfast_url(registry)
+    procs = start_all(service("rpc", "s1", url), service("rpc", "s2", url),
+                      service("rpc", "g1", url, topic="svc-green", executor="eventlet"),
+                      service("rpc", "x1", url, exchange="other"))
+    yield {p.name: p for p in procs}
+    codes = [p.stop() for p in procs]
+    assert codes == [0] * len(procs)
+
+
+@pytest.fixture
+def no_leaks():
+    """Set up first, torn down last: every transport a test made must have
+    released its threads and descriptors."""
+    fds, threads = open_fds(), os_threads()
+    yield
+    assert wait_until(lambda: os_threads() == threads, 5), "threads leaked"
+    assert open_fds() == fds, "descriptors leaked"
+
+
+@pytest.fixture
+def transport(no_leaks, registry):
+    """An RPC transport in this process, cleaned up after the test."""
+    transport = messaging.get_rpc_transport(
+        cfg.CONF, url=zmqfast_url(registry),
+        allowed_remote_exmods=["tests.helpers.errors"])
+    yield transport
+    transport.cleanup()
+
+
+def client(transport, topic="svc", **kw):
+    kw.setdefault("timeout", 10)
+    return messaging.get_rpc_client(transport, messaging.Target(topic=topic), **kw)
+
+
+def records(transport, server, topic="svc", exchange=None):
+    target = messaging.Target(topic=topic, server=server, exchange=exchange)
+    return messaging.get_rpc_client(transport, target, timeout=10).call({}, "records")
+
+
+# -- routing -------------------------------------------------------------------------
+
+def test_calls_and_casts_spread_over_the_servers(servers, transport):
+    rpc = client(transport)
+    assert {rpc.call({}, "whoami") for _ in range(20)} == {"s1", "s2"}
+    key = uuid.uuid4().hex
+    for i in range(40):
+        rpc.cast({}, "record", value=f"{key}-{i}")
+
+    def mine():
+        return [v for s in ("s1", "s2") for v in records(transport, s) if v.startswith(key)]
+    assert wait_until(lambda: len(mine()) >= 40, 10)
+    got = mine()
+    assert sorted(got) == sorted(f"{key}-{i}" for i in range(40))
+    per_server = [len([v for v in records(transport, s) if v.startswith(key)])
+                  for s in ("s1", "s2")]
+    assert min(per_server) > 0
+
+
+def test_target_server_reaches_that_server_only(servers, transport):
+    rpc = client(transport).prepare(server="s2")
+    assert {rpc.call({}, "whoami") for _ in range(10)} == {"s2"}
+
+
+def test_fanout_reaches_each_server_once(servers, transport):
+    key = uuid.uuid4().hex
+    client(transport).prepare(fanout=True).cast({}, "record", value=key)
+    for server in ("s1", "s2"):
+        assert wait_until(lambda: key in records(transport, server), 10)
+        assert records(transport, server).count(key) == 1
+    assert key not in records(transport, "x1", exchange="other")
+
+
+def test_the_context_arrives_as_sent(servers, transport):
+    ctxt = {"user_id": "u1", "project_id": "p1", "request_id": "req-9"}
+    assert client(transport).call(ctxt, "context") == ctxt
+
+
+def test_exchanges_are_separate_worlds(servers, transport):
+    other = messaging.get_rpc_client(
+        transport, messaging.Target(topic="svc", exchange="other"), timeout=10)
+    assert {other.call({}, "whoami") for _ in range(6)} == {"x1"}
+    key = uuid.uuid4().hex
+    other.prepare(fanout=True).cast({}, "record", value=key)
+    assert wait_until(lambda: key in records(transport, "x1", exchange="other"), 10)
+    assert all(key not in records(transport, s) for s in ("s1", "s2"))
+    nowhere = messaging.get_rpc_client(
+        transport, messaging.Target(topic="svc", exchange="nowhere"), timeout=0.5)
+    with pytest.raises(messaging.MessagingTimeout):
+        nowhere.call({}, "whoami")
+
+
+# -- timeouts ----------------------------------------------------------------------
+
+def test_call_with_no_server_times_out_at_its_timeout(servers, transport):
+    start = time.monotonic()
+    with pytest.raises(messaging.MessagingTimeout):
+        client(transport, topic="nobody", timeout=1).call({}, "whoami")
+    assert 0.9 <= time.monotonic() - start < 2.0
+
+
+def test_at_least_once_fails_fast_when_nobody_listens(servers, transport):
+    options = messaging.TransportOptions(at_least_once=True)
+    rpc = client(transport, topic="nobody", timeout=30, transport_options=options)
+    start = time.monotonic()
+    with pytest.raises(messaging.MessageUndeliverable):
+        rpc.call({}, "whoami")
+    with pytest.raises(messaging.MessageUndeliverable):
+        rpc.cast({}, "whoami")
+    assert time.monotonic() - start < 1.0
+    client(transport, topic="nobody").cast({}, "whoami")    # default: dropped quietly
+
+
+def test_concurrent_calls_time_out_each_on_its_own(servers, transport):
+    results = {}
+
+    def call(timeout):
+        start = time.monotonic()
+        try:
+            client(transport, timeout=timeout).prepare(server="s1").call(
+                {}, "sleep", seconds=5)
+            results[timeout] = "returned"
+        except messaging.MessagingTimeout:
+            results[timeout] = time.monotonic() - start
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in (0.5, 1.0, 1.5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for timeout, elapsed in results.items():
+        assert elapsed != "returned"
+        assert timeout - 0.05 <= elapsed < timeout + 0.6, (timeout, elapsed)
+    assert len(results) == 3
+
+
+# -- errors and endpoints ----------------------------------------------------------------
+
+def test_remote_exceptions(servers, transport, registry):
+    rpc = client(transport)
+    with pytest.raises(ValueError, match="plain"):
+        rpc.call({}, "fail", kind="value", text="plain")
+    with pytest.raises(CustomError, match="allowed"):
+        rpc.call({}, "fail", kind="custom", text="allowed")
+    strict = messaging.get_rpc_transport(cfg.CONF, url=zmqfast_url(registry))
+    try:
+        with pytest.raises(messaging.RemoteError) as info:
+            client(strict).call({}, "fail", kind="custom", text="not allowed")
+        assert info.value.exc_type == "CustomError"
+    finally:
+        strict.cleanup()
+
+
+def endpoint_outcomes(transport, topic):
+    rpc = client(transport, topic=topic)
+    outcomes = {}
+    for name, prepared, method in [
+            ("same minor", rpc.prepare(version="1.3"), "whoami"),
+            ("older minor", rpc.prepare(version="1.1"), "whoami"),
+            ("newer minor", rpc.prepare(version="1.4"), "whoami"),
+            ("newer major", rpc.prepare(version="2.0"), "whoami"),
+            ("namespace", rpc.prepare(namespace="admin", version="2.0"), "describe"),
+            ("wrong namespace", rpc.prepare(namespace="nope"), "describe"),
+            ("no such method", rpc, "nope")]:
+        try:
+            prepared.call({}, method)
+            outcomes[name] = "ok"
+        except messaging.RemoteError as exc:
+            outcomes[name] = exc.exc_type
+    return outcomes
+
+
+def test_endpoint_rules_match_the_rabbitmq_driver(servers, transport):
+    mine = endpoint_outcomes(transport, "svc")
+    assert mine == {"same minor": "ok", "older minor": "ok",
+                    "newer minor": "UnsupportedVersion", "newer major": "UnsupportedVersion",
+                    "namespace": "ok", "wrong namespace": "UnsupportedVersion",
+                    "no such method": "NoSuchMethod"}
+    if not rabbit_reachable():
+        pytest.skip("no RabbitMQ at 127.0.0.1:5672 to compare with")
+    topic = f"nzf-test-{uuid.uuid4().hex[:8]}"
+    rabbit_server = service("rpc", "r1", RABBIT, topic=topic).wait_ready()
+    rabbit = messaging.get_rpc_transport(cfg.CONF, url=RABBIT)
+    try:
+        assert endpoint_outcomes(rabbit, topic) == mine
+    finally:
+        rabbit.cleanup()
+        assert rabbit_server.stop() == 0
+
+
+# -- call monitor ---------------------------------------------------------------------
+
+def test_call_monitor_keeps_a_long_call_alive(servers, transport):
+    rpc = client(transport, timeout=20, call_monitor_timeout=2).prepare(server="s2")
+    start = time.monotonic()
+    assert rpc.call({}, "sleep", seconds=4) == "s2"
+    assert time.monotonic() - start >= 4
+
+
+def test_call_monitor_notices_a_dead_server(registry, transport):
+    doomed = service("rpc", "doomed", zmqfast_url(registry), topic="mortal").wait_ready()
+    rpc = client(transport, topic="mortal", timeout=60, call_monitor_timeout=2)
+    threading.Timer(1.0, doomed.kill).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(messaging.MessagingTimeout):
+            rpc.call({}, "sleep", seconds=30)
+        assert time.monotonic() - start < 1.0 + 2 + 1.5
+    finally:
+        doomed.kill()
+
+
+# -- executors -----------------------------------------------------------------------
+
+def test_eventlet_executor_serves_concurrently(servers, transport):
+    rpc = client(transport, topic="svc-green")
+    assert rpc.call({}, "executor_is_green") is True
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(rpc.call({}, "sleep", seconds=1)))
+               for _ in range(5)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert results == ["g1"] * 5
+    assert time.monotonic() - start < 3.0
+
+
+GREEN_POLL = """
+import eventlet
+eventlet.monkey_patch()
+import sys, time, warnings
+warnings.filterwarnings("ignore")
+import oslo_messaging as messaging
+from oslo_config import cfg
+cfg.CONF([], project="nzf-test")
+transport = messaging.get_rpc_transport(cfg.CONF, url=sys.argv[1])
+listener = transport._driver.listen(messaging.Target(topic="green-poll", server="p1"), 1, None)
+poller = listener._poll_style_listener       # eventlet: the polling listener
+ticks = []
+def tick():
+    while True:
+        ticks.append(time.monotonic())
+        eventlet.sleep(0.01)
+eventlet.spawn(tick)
+eventlet.sleep(0.05)
+start = time.monotonic()
+got = poller.poll(timeout=0.5)
+elapsed = time.monotonic() - start
+during = len([t for t in ticks if start <= t <= start + elapsed])
+listener.cleanup()
+transport.cleanup()
+print(got, round(elapsed, 2), during)
+"""
+
+
+def test_a_listener_poll_never_blocks_the_eventlet_hub(registry):
+    out = subprocess.run([sys.executable, "-c", GREEN_POLL, zmqfast_url(registry)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got, elapsed, ticks = out.stdout.split()
+    assert got == "[]"
+    assert 0.45 <= float(elapsed) < 1.0
+    assert int(ticks) >= 20            # the hub kept running other greenlets
+
+
+GREEN_CALLS = """
+import eventlet
+eventlet.monkey_patch()
+import sys, time, warnings
+warnings.filterwarnings("ignore")
+import oslo_messaging as messaging
+from oslo_config import cfg
+cfg.CONF([], project="nzf-test")
+transport = messaging.get_rpc_transport(cfg.CONF, url=sys.argv[1])
+client = messaging.get_rpc_client(transport, messaging.Target(topic="svc", server="s1"),
+                                  timeout=10)
+ticks = []
+def tick():
+    while True:
+        ticks.append(time.monotonic())
+        eventlet.sleep(0.01)
+eventlet.spawn(tick)
+pool = eventlet.GreenPool()
+start = time.monotonic()
+results = list(pool.imap(lambda i: client.call({}, "sleep", seconds=0.5), range(4)))
+elapsed = time.monotonic() - start
+during = len([t for t in ticks if start <= t <= start + elapsed])
+transport.cleanup()
+print(",".join(results), round(elapsed, 2), during)
+"""
+
+
+def test_calls_from_greenthreads_never_block_the_hub(servers, registry):
+    out = subprocess.run([sys.executable, "-c", GREEN_CALLS, zmqfast_url(registry)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results, elapsed, ticks = out.stdout.split()
+    assert results == "s1,s1,s1,s1"
+    assert float(elapsed) < 2.0               # the four calls waited side by side
+    assert int(ticks) >= 0.5 * float(elapsed) / 0.01   # and the hub kept running
+
+
+# -- notifications ---------------------------------------------------------------------
+
+@pytest.fixture
+def notifier(no_leaks, registry):
+    """A notification transport in this process, cleaned up after the test."""
+    transport = messaging.get_notification_transport(cfg.CONF, url=zmqfast_url(registry))
+    yield transport
+    transport.cleanup()
+
+
+def listener_records(transport, name):
+    target = messaging.Target(topic="ctl", server=name)
+    return messaging.get_rpc_client(transport, target, timeout=10).call({}, "records")
+
+
+def test_every_priority_is_delivered(registry, notifier, transport):
+    topic = f"notes-{uuid.uuid4().hex[:8]}"
+    listener = service("notify", "n1", zmqfast_url(registry), topic=topic).wait_ready()
+    try:
+        n = messaging.Notifier(notifier, driver="messaging", topics=[topic], publisher_id="t")
+        for priority in ("audit", "debug", "info", "warn", "error", "critical", "sample"):
+            getattr(n, priority)({}, f"event.{priority}", {"p": priority})
+        assert wait_until(lambda: len(listener_records(transport, "n1")) == 7, 10)
+        got = listener_records(transport, "n1")
+        assert sorted(r["priority"] for r in got) == sorted(
+            ["audit", "debug", "info", "warn", "error", "critical", "sample"])
+        assert all(r["payload"] == {"p": r["priority"]} for r in got)
+    finally:
+        assert listener.stop() == 0
+
+
+def test_pools_split_and_each_pool_gets_everything(registry, notifier, transport):
+    topic = f"pools-{uuid.uuid4().hex[:8]}"
+    url = zmqfast_url(registry)
+    a1, a2, b1 = start_all(service("notify", "a1", url, topic=topic, pool="A"),
+                           service("notify", "a2", url, topic=topic, pool="A"),
+                           service("notify", "b1", url, topic=topic, pool="B"))
+    try:
+        n = messaging.Notifier(notifier, driver="messaging", topics=[topic], publisher_id="t")
+        for i in range(20):
+            n.info({}, "event", {"i": i})
+        in_a = lambda: [r["payload"]["i"] for s in ("a1", "a2")  # noqa: E731
+                        for r in listener_records(transport, s)]
+        assert wait_until(lambda: len(in_a()) == 20, 10)
+        assert wait_until(lambda: len(listener_records(transport, "b1")) == 20, 10)
+        time.sleep(0.3)
+        assert sorted(in_a()) == list(range(20))                 # each once in pool A
+        assert min(len(listener_records(transport, s)) for s in ("a1", "a2")) > 0
+        assert sorted(r["payload"]["i"] for r in listener_records(transport, "b1")) == \
+            list(range(20))
+    finally:
+        assert [p.stop() for p in (a1, a2, b1)] == [0, 0, 0]
+
+
+def test_batch_listener_receives_batches(registry, notifier, transport):
+    topic = f"batch-{uuid.uuid4().hex[:8]}"
+    listener = service("notify", "bt", zmqfast_url(registry), topic=topic,
+                       batch=5).wait_ready()
+    try:
+        n = messaging.Notifier(notifier, driver="messaging", topics=[topic], publisher_id="t")
+        for i in range(12):
+            n.info({}, "event", {"i": i})
+        batches = lambda: [r["batch"] for r in listener_records(transport, "bt")]  # noqa: E731
+        assert wait_until(lambda: sum(len(b) for b in batches()) == 12, 10)
+        sizes = [len(b) for b in batches()]
+        assert max(sizes) <= 5 and max(sizes) >= 2
+        assert sorted(p["i"] for b in batches() for p in b) == list(range(12))
+    finally:
+        assert listener.stop() == 0
+
+
+def test_a_notification_with_no_listener_is_dropped_and_counted(notifier):
+    n = messaging.Notifier(notifier, driver="messaging", topics=["nobody-listens"],
+                           publisher_id="t")
+    n.info({}, "event", {})
+    assert notifier._driver._runtime.client.stats()["notifications_dropped"] == 1
+
+
+# -- configuration and cleanup ----------------------------------------------------------
+
+def test_url_query_overrides_options(registry):
+    transport = messaging.get_rpc_transport(
+        cfg.CONF, url=zmqfast_url(registry, rpc_zmq_host="from-url", rpc_zmq_linger=1))
+    try:
+        options = transport._driver._options
+        assert options.rpc_zmq_host == "from-url" and options.rpc_zmq_linger == 1
+        assert options.rpc_zmq_ipc_dir == registry
+    finally:
+        transport.cleanup()
+
+
+@pytest.mark.parametrize("url", ["zmqfast+redis://127.0.0.1:6379/",
+                                 "zmqfast://?rpc_zmq_port=not-a-port",
+                                 "zmqfast://?no_such_option=1"])
+def test_bad_urls_are_clear_errors(url):
+    with pytest.raises((messaging.InvalidTransportURL, ValueError, cfg.Error)) as info:
+        messaging.get_rpc_transport(cfg.CONF, url=url)
+    if "redis" in url:
+        assert "redis" in str(info.value)
+
+
+def test_options_are_listed_for_the_config_generator():
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable),
+                                       "oslo-config-generator"),
+                          "--namespace", "nova_zmq_fast"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "[oslo_messaging_zmqfast]" in out.stdout
+    assert "#rpc_zmq_ipc_dir = /var/run/openstack" in out.stdout
+
+
+def test_cleanup_leaves_no_threads_sockets_or_registry_entries(tmp_path):
+    registry = str(tmp_path)
+    fds, threads = open_fds(), os_threads()
+    url = zmqfast_url(registry)
+    transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+    ntransport = messaging.get_notification_transport(cfg.CONF, url=url)
+
+    class Endpoint:
+        def ping(self, ctxt, n):
+            return n
+
+        def info(self, ctxt, publisher_id, event_type, payload, metadata):
+            pass
+
+    server = messaging.get_rpc_server(transport, messaging.Target(topic="t", server="me"),
+                                      [Endpoint()], executor="threading")
+    listener = messaging.get_notification_listener(
+        ntransport, [messaging.Target(topic="n")], [Endpoint()], executor="threading")
+    server.start()
+    listener.start()
+    assert client(transport, topic="t").call({}, "ping", n=3) == 3
+    messaging.Notifier(ntransport, driver="messaging", topics=["n"]).info({}, "e", {})
+    nodes = os.path.join(registry, "nova_zmq_fast-registry", "nodes")
+    assert len(os.listdir(nodes)) == 2
+    for s in (server, listener):
+        s.stop()
+        s.wait()
+    transport.cleanup()
+    ntransport.cleanup()
+    assert os.listdir(nodes) == []
+    assert wait_until(lambda: os_threads() == threads, 5), "threads leaked"
+    assert open_fds() == fds, "descriptors leaked"
+
+
+@pytest.mark.parametrize("transport_url", ["zmqfast", "rabbit"])
+def test_the_readme_example_app_runs_on_either_transport(tmp_path, transport_url):
+    if transport_url == "rabbit" and not rabbit_reachable():
+        pytest.skip("no RabbitMQ at 127.0.0.1:5672")
+    url = zmqfast_url(str(tmp_path)) if transport_url == "zmqfast" else RABBIT
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "oslo_app.py"),
+                          "--transport-url", url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "notifications -> ['compute.instance.create', 'compute.instance.delete']" \
+        in out.stdout
