@@ -25,7 +25,7 @@
 enum { LF_IDLE = 0, LF_BUSY = 1 };
 
 /* Quiet checks (of `patience` each) before the standby parks. */
-#define LF_PARK_AFTER 200
+#define LF_PARK_AFTER 50
 
 typedef struct {
     pthread_mutex_t mu;
@@ -109,7 +109,7 @@ static uint64_t lf_follow(lf_token *t, int *stole)
         t->standby = 1;
         t->waiting--;
         uint64_t seen = t->busy_seq;
-        int quiet = 0;
+        int quiet = LF_PARK_AFTER;          /* park until the leader is busy */
         while (!t->closed && t->owner != 0 && gen == 0) {
             struct timespec ts;
             if (t->phase != LF_BUSY) {

@@ -7,16 +7,18 @@ same identity, straight back to the waiting thread's outbox.
 Workers follow a lazy leader/follower scheme (csrc/leader.h): the worker
 holding the token receives a message and runs the handler itself, in its own
 thread, then goes back to the socket.  A fast request therefore costs no
-thread hand-off and a burst is drained in one loop without returning to
-zmq_poll.  If a handler runs longer than `patience`, a standby worker takes
-the token and keeps serving, so a slow method never blocks the others; the
-pool grows up to rpc_thread_pool_size workers.
+thread hand-off, and a burst is drained with the GIL held and no system call
+per message.  If a handler runs longer than `patience`, a standby worker
+takes the token and keeps serving, so a slow method never blocks the
+others; the pool grows up to rpc_thread_pool_size workers.
 
-The leader waits in one blocking zmq_msg_recv on that one socket, exactly as
-a REP server would (no zmq_poll, no second socket to check).  Anything else
-that must reach the leader (a stop request, or a reply from a worker that
-lost the token) is sent *into* the ROUTER by an inproc DEALER whose routing
-id is a random secret; the leader recognises it by that id.
+When the queue is empty the leader waits in one blocking zmq_msg_recv on
+that one socket, GIL released, exactly as a REP server would (no zmq_poll,
+no second socket to check).  Anything else that must reach the leader (a
+stop request, or a reply from a worker that lost the token or from a
+deferred consumer answering later) is sent *into* the ROUTER by an inproc
+DEALER whose routing id is a random secret; the leader recognises it by
+that id and forwards the reply.
 
 Bad input never stops the loop: a message with the wrong frame count, a bad
 header, an unknown version, an oversized body, undecodable msgpack or a
