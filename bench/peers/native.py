@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nova_zmq_fast import rpc  # noqa: E402
-from peers.common import ARGS, CONTEXT, command_loop, costs, cpu_seconds, fds, ready, wait_until  # noqa: E402,E501
+from peers.common import ARGS, CONTEXT, command_loop, time_calls, costs, cpu_seconds, fds, ready, wait_until  # noqa: E402,E501
 
 PING = {"method": "ping", "args": ARGS}
 COUNT = {"method": "count", "args": ARGS}
@@ -77,12 +77,7 @@ def client(args):
                                               {"method": method, "args": kw})
 
     def call(n):
-        for _ in range(min(200, n)):
-            rpc.call(CONTEXT, "bench", PING)
-        start = time.perf_counter()
-        for _ in range(n):
-            rpc.call(CONTEXT, "bench", PING)
-        return {"usec": (time.perf_counter() - start) / n * 1e6}
+        return time_calls(lambda: rpc.call(CONTEXT, "bench", PING), n)
 
     def cast(n):
         base = ctl("s0", "handled_count")

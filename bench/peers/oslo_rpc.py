@@ -18,7 +18,7 @@ from oslo_config import cfg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.common import ARGS, CONTEXT, command_loop, costs, cpu_seconds, ready, wait_until  # noqa: E402,E501
+from peers.common import ARGS, CONTEXT, command_loop, time_calls, costs, cpu_seconds, ready, wait_until  # noqa: E402,E501
 
 TOPIC = "nzf_bench"
 
@@ -69,12 +69,7 @@ def client(url):
     rpc = messaging.get_rpc_client(transport, messaging.Target(topic=TOPIC), timeout=30)
 
     def call(n):
-        for _ in range(min(20, n)):
-            rpc.call(CONTEXT, "ping", **ARGS)
-        start = time.perf_counter()
-        for _ in range(n):
-            rpc.call(CONTEXT, "ping", **ARGS)
-        return {"usec": (time.perf_counter() - start) / n * 1e6}
+        return time_calls(lambda: rpc.call(CONTEXT, "ping", **ARGS), n)
 
     def cast(n):
         base = rpc.call(CONTEXT, "handled_count")

@@ -18,7 +18,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.common import ARGS, CONTEXT, command_loop, costs, cpu_seconds, ready, wait_until  # noqa: E402,E501
+from peers.common import ARGS, CONTEXT, command_loop, time_calls, costs, cpu_seconds, ready, wait_until  # noqa: E402,E501
 
 
 class BenchApi:
@@ -71,12 +71,7 @@ def client(endpoint):
                                  "reply": False}))
 
     def call(n):
-        for _ in range(min(200, n)):
-            rpc_call("ping", **ARGS)
-        start = time.perf_counter()
-        for _ in range(n):
-            rpc_call("ping", **ARGS)
-        return {"usec": (time.perf_counter() - start) / n * 1e6}
+        return time_calls(lambda: rpc_call("ping", **ARGS), n)
 
     def cast(n):
         base = rpc_call("handled_count")
