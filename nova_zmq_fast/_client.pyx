@@ -18,6 +18,7 @@ is full a send blocks for up to rpc_cast_timeout, then raises Timeout.  No
 message is dropped silently, and closing an outbox with a linger flushes
 what it queued.
 """
+import logging
 import select
 import threading
 import time
@@ -38,6 +39,12 @@ from nova_zmq_fast.exceptions import (
     PeerUnreachable, RPCException, SerializationError, Timeout)
 
 cdef object _get_ident = threading.get_ident
+LOG = logging.getLogger("nova_zmq_fast.client")
+
+cdef enum Delivery:                 # how request() treats its endpoints
+    ONE_OF                          # a topic: one of them, the next if one is unreachable
+    EACH                            # a fanout: every one that can be reached
+    EXACTLY                         # named by the caller: each, or an error
 
 # How long a consumer that could not be reached is skipped by this process
 # (discovery notices a dead one within about a second anyway).
@@ -369,7 +376,7 @@ cdef class Client:
     cdef object rebuild_exception
     cdef bint closed
     cdef public unsigned long long casts, calls, fanouts, notifies, timeouts
-    cdef public unsigned long long no_listeners, notifications_dropped
+    cdef public unsigned long long no_listeners, notifications_dropped, fanout_unreachable
 
     def __cinit__(self, Context ctx not None, matchmaker, *, double send_timeout,
                   double response_timeout, Py_ssize_t max_message_size,
@@ -425,17 +432,20 @@ cdef class Client:
             return self.matchmaker.lookup_fanout(topic)
         return self.matchmaker.lookup(topic)
 
+    cdef tuple live(self, tuple endpoints):
+        """`endpoints` without those that just failed to connect."""
+        if not self.down:
+            return endpoints
+        now = _monotonic()
+        for address, until in list(self.down.items()):
+            if until <= now:
+                del self.down[address]
+        return tuple(ep for ep in endpoints if ep.address not in self.down)
+
     cdef object pick(self, tuple endpoints, object topic, object method):
-        """One endpoint, round-robin over the live consumers; endpoints that
-        just failed to connect are skipped for a while."""
+        """One endpoint, round-robin over the live consumers."""
+        endpoints = self.live(endpoints)
         cdef Py_ssize_t n = len(endpoints), i
-        if self.down:
-            now = _monotonic()
-            for address, until in list(self.down.items()):
-                if until <= now:
-                    del self.down[address]
-            endpoints = tuple(ep for ep in endpoints if ep.address not in self.down)
-            n = len(endpoints)
         if n == 0:
             self.no_listeners += 1
             raise NoListeners(None, topic, method)
@@ -445,21 +455,30 @@ cdef class Client:
         self.rr[topic] = i + 1
         return endpoints[i % n]
 
-    cdef int request(self, int kind, int flags, object endpoints, object context,
-                     const char *t, Py_ssize_t tlen, object msg, uint64_t msg_id,
-                     Outbox ob, object topic=None, object method=None) except -1:
-        """Encode once, then send to each endpoint.  Everything that can be
-        wrong with the arguments has raised before the first byte leaves.
-
-        With `topic` given (a cast or call routed by discovery), `endpoints`
-        are the candidates: the message goes to one of them, moving on to
-        another if the chosen one cannot be reached."""
+    cdef int request(self, int kind, int flags, int delivery, object endpoints,
+                     object context, const char *t, Py_ssize_t tlen, object msg,
+                     uint64_t msg_id, Outbox ob, object topic=None,
+                     object method=None) except -1:
+        """Encode once, then send.  Everything that can be wrong with the
+        arguments has raised before the first byte leaves.  `delivery`
+        says what to do with `endpoints` (see Delivery); an endpoint that
+        cannot be reached is skipped by this process for DOWN_FOR seconds."""
         cdef char header[MAX_HEADER]
         cdef bytes body = self.encode(ob, context, msg)
         cdef size_t hlen = write_header(header, kind, flags, msg_id, t, tlen)
-        if topic is None:
+        if delivery == EXACTLY:
             for ep in endpoints:
                 ob.send(ep.rid, header, hlen, body, self.send_timeout, self.connect_timeout)
+            return 0
+        if delivery == EACH:
+            for ep in self.live(endpoints):
+                try:
+                    ob.send(ep.rid, header, hlen, body, self.send_timeout,
+                            self.connect_timeout)
+                except PeerUnreachable:
+                    self.down[ep.address] = _monotonic() + DOWN_FOR
+                    self.fanout_unreachable += 1
+                    LOG.warning("fanout to %s skipped %s: not reachable", topic, ep.address)
             return 0
         while True:
             ep = self.pick(endpoints, topic, method)
@@ -478,7 +497,7 @@ cdef class Client:
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
         cdef Outbox ob = self.outbox()
-        self.request(KIND_CAST, 0, self.route(topic), context, t, tlen, msg, 0, ob,
+        self.request(KIND_CAST, 0, ONE_OF, self.route(topic), context, t, tlen, msg, 0, ob,
                      topic, method)
         self.casts += 1
 
@@ -489,20 +508,21 @@ cdef class Client:
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
         cdef Outbox ob = self.outbox()
-        self.request(KIND_FANOUT if fanout else KIND_CAST, 0, endpoints,
+        self.request(KIND_FANOUT if fanout else KIND_CAST, 0, EXACTLY, tuple(endpoints),
                      context, t, tlen, msg, 0, ob)
         self.casts += 1
 
     def fanout_cast(self, context, topic, msg):
         """Send to every consumer registered with fanout=True on `topic`,
-        once each.  With none registered, nothing is sent."""
+        once each.  With none registered, nothing is sent; one that cannot
+        be reached is skipped (logged and counted), the others still get it."""
         cdef const char *t
         cdef Py_ssize_t tlen
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
         cdef Outbox ob = self.outbox()
         endpoints = self.route(topic, True)
-        self.request(KIND_FANOUT, 0, endpoints, context, t, tlen, msg, 0, ob)
+        self.request(KIND_FANOUT, 0, EACH, endpoints, context, t, tlen, msg, 0, ob, topic)
         self.fanouts += 1
         return len(endpoints)
 
@@ -517,8 +537,8 @@ cdef class Client:
             raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
         cdef Outbox ob = self.outbox()
         try:
-            self.request(KIND_NOTIFY, 0, self.route(topic), context, t, tlen, msg, 0, ob,
-                         topic, None)
+            self.request(KIND_NOTIFY, 0, ONE_OF, self.route(topic), context, t, tlen, msg, 0,
+                         ob, topic, None)
         except NoListeners:
             self.no_listeners -= 1                  # counted as a dropped notification
             self.notifications_dropped += 1
@@ -534,7 +554,7 @@ cdef class Client:
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
         ob.last_id += 1
-        self.request(KIND_CALL, flags, self.route(topic), context, t, tlen, msg,
+        self.request(KIND_CALL, flags, ONE_OF, self.route(topic), context, t, tlen, msg,
                      ob.last_id, ob, topic, method)
         self.calls += 1
         return ob.last_id
@@ -613,6 +633,7 @@ cdef class Client:
             "notifies": self.notifies, "timeouts": self.timeouts,
             "no_listeners": self.no_listeners,
             "notifications_dropped": self.notifications_dropped,
+            "fanout_unreachable": self.fanout_unreachable,
             "outboxes": len(self.outboxes),
         }
 

@@ -17,7 +17,6 @@ sockets), `_server` (receive loop and dispatch), `matchmaker` (discovery),
 `dispatcher` (version rules), `_envelope` (wire format), `_zmq` (libzmq).
 """
 import atexit
-import logging
 import os
 import threading
 
@@ -40,7 +39,6 @@ __all__ = [
     "MessageTooLarge",
 ]
 
-LOG = logging.getLogger("nova_zmq_fast.rpc")
 _lock = threading.RLock()
 _options = None
 _runtime_ = None

@@ -227,3 +227,27 @@ def test_topics_by_prefix(tmp_path):
         other.close()
     ring_mm, _ = ring(tmp_path, {"a.x": ["h"], "a.y": ["h"], "b": ["h"]})
     assert ring_mm.topics("a.") == ("a.x", "a.y")
+
+
+def test_fanout_skips_an_unreachable_server_and_reaches_the_others(tmp_path, client):
+    """The ring lists a server that is not running: a fanout still reaches
+    the live one, and counts the other instead of failing."""
+    live_port, dead_port = free_port("127.0.0.2"), free_port("127.0.0.3")
+    path = tmp_path / "ring.json"
+    path.write_text(json.dumps({"svc": [f"127.0.0.2:{live_port}",
+                                        f"127.0.0.3:{dead_port}"]}))
+    common = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(path)}
+    server = ServiceProcess("127.0.0.2", tmp_path, options=dict(
+        common, rpc_zmq_bind_address="127.0.0.2", rpc_zmq_port=live_port))
+    try:
+        client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=0.3, **common)
+        msg = {"method": "record", "args": {"key": "k", "value": 1}}
+        start = time.monotonic()
+        client.fanout_cast({}, "svc", msg)
+        assert time.monotonic() - start < 2.0
+        client.fanout_cast({}, "svc", msg)          # the dead one is skipped at once
+        assert wait_until(lambda: client.call(
+            {}, "svc.127.0.0.2", {"method": "count", "args": {"key": "fanout:k"}}) == 2, 10)
+        assert client.stats()["client"]["fanout_unreachable"] == 1
+    finally:
+        assert server.stop() == 0
