@@ -67,6 +67,44 @@ def time_calls(call, n):
     return {"usec": samples[n // 2] * 1e6, "usec_mean": sum(samples) / n * 1e6}
 
 
+class BenchApi:
+    """The server side of the workload: `ping` answers calls, `count`
+    counts casts; the rest is for the benchmark's own bookkeeping."""
+
+    def __init__(self):
+        self.handled = 0
+
+    def ping(self, ctxt, n):
+        return n
+
+    def count(self, ctxt, n):
+        self.handled += 1
+
+    def handled_count(self, ctxt):
+        return self.handled
+
+    def cost(self, ctxt):
+        return costs()
+
+
+def measure_casts(send, handled, server_cpu, n, pause=0.0005):
+    """send(n) sends n casts; time them until handled() shows the server
+    has handled the last one.  Rates, and CPU seconds per 100k casts on
+    each side."""
+    base = handled()
+    server_before = server_cpu()
+    mine_before = cpu_seconds()
+    start = time.perf_counter()
+    send(n)
+    sent = time.perf_counter()
+    if not wait_until(lambda: handled() >= base + n, 600, pause):
+        return {"error": "casts not all handled"}
+    elapsed = time.perf_counter() - start
+    return {"rate": n / elapsed, "send_rate": n / (sent - start),
+            "client_cpu_100k": (cpu_seconds() - mine_before) / n * 1e5,
+            "server_cpu_100k": (server_cpu() - server_before) / n * 1e5}
+
+
 def wait_until(predicate, timeout, pause=0.0005):
     """Poll until predicate() is true; False after `timeout` seconds."""
     deadline = time.monotonic() + timeout

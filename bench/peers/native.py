@@ -17,31 +17,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nova_zmq_fast import rpc  # noqa: E402
-from peers.common import ARGS, CONTEXT, command_loop, time_calls, costs, cpu_seconds, fds, ready, wait_until  # noqa: E402,E501
+from peers.common import (  # noqa: E402
+    ARGS, CONTEXT, BenchApi, command_loop, costs, fds, measure_casts, ready, time_calls,
+    wait_until)
 
 PING = {"method": "ping", "args": ARGS}
 COUNT = {"method": "count", "args": ARGS}
 
 
-class BenchApi:
+class NativeBenchApi(BenchApi):
     def __init__(self):
-        self.handled = 0
+        super().__init__()
         self.fanned = {}
-
-    def ping(self, ctxt, n):
-        return n
-
-    def count(self, ctxt, n):
-        self.handled += 1
-
-    def handled_count(self, ctxt):
-        return self.handled
 
     def fanned_count(self, ctxt, group):
         return self.fanned[str(group)].handled
-
-    def cost(self, ctxt):
-        return costs()
 
 
 class FanApi:
@@ -57,7 +47,7 @@ class FanApi:
 
 def serve(args):
     rpc.init(rpc_zmq_host=args.host, rpc_zmq_ipc_dir=args.ipc_dir)
-    api = BenchApi()
+    api = NativeBenchApi()
     conn = rpc.create_connection()
     if args.index == 0:
         conn.create_consumer("bench", api)
@@ -79,20 +69,13 @@ def client(args):
     def call(n):
         return time_calls(lambda: rpc.call(CONTEXT, "bench", PING), n)
 
-    def cast(n):
-        base = ctl("s0", "handled_count")
-        server_cpu = ctl("s0", "cost")["cpu"]
-        my_cpu = cpu_seconds()
-        start = time.perf_counter()
+    def send_casts(n):
         for _ in range(n):
             rpc.cast(CONTEXT, "bench", COUNT)
-        sent = time.perf_counter()
-        if not wait_until(lambda: ctl("s0", "handled_count") >= base + n, 300):
-            return {"error": "casts not all handled"}
-        elapsed = time.perf_counter() - start
-        return {"rate": n / elapsed, "send_rate": n / (sent - start),
-                "client_cpu_100k": (cpu_seconds() - my_cpu) / n * 1e5,
-                "server_cpu_100k": (ctl("s0", "cost")["cpu"] - server_cpu) / n * 1e5}
+
+    def cast(n):
+        return measure_casts(send_casts, lambda: ctl("s0", "handled_count"),
+                             lambda: ctl("s0", "cost")["cpu"], n)
 
     def fanout(n, group):
         hosts = [f"s{i}" for i in range(group)]

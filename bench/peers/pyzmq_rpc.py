@@ -11,31 +11,14 @@ This process never imports nova_zmq_fast: pyzmq brings its own libzmq.
 import argparse
 import os
 import sys
-import time
 
 import msgpack
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.common import ARGS, CONTEXT, command_loop, time_calls, costs, cpu_seconds, ready, wait_until  # noqa: E402,E501
-
-
-class BenchApi:
-    def __init__(self):
-        self.handled = 0
-
-    def ping(self, ctxt, n):
-        return n
-
-    def count(self, ctxt, n):
-        self.handled += 1
-
-    def handled_count(self, ctxt):
-        return self.handled
-
-    def cost(self, ctxt):
-        return costs()
+from peers.common import (  # noqa: E402
+    ARGS, CONTEXT, BenchApi, command_loop, costs, measure_casts, ready, time_calls)
 
 
 def serve(endpoint):
@@ -73,20 +56,13 @@ def client(endpoint):
     def call(n):
         return time_calls(lambda: rpc_call("ping", **ARGS), n)
 
-    def cast(n):
-        base = rpc_call("handled_count")
-        server_cpu = rpc_call("cost")["cpu"]
-        my_cpu = cpu_seconds()
-        start = time.perf_counter()
+    def send_casts(n):
         for _ in range(n):
             rpc_cast("count", **ARGS)
-        sent = time.perf_counter()
-        if not wait_until(lambda: rpc_call("handled_count") >= base + n, 300):
-            return {"error": "casts not all handled"}
-        elapsed = time.perf_counter() - start
-        return {"rate": n / elapsed, "send_rate": n / (sent - start),
-                "client_cpu_100k": (cpu_seconds() - my_cpu) / n * 1e5,
-                "server_cpu_100k": (rpc_call("cost")["cpu"] - server_cpu) / n * 1e5}
+
+    def cast(n):
+        return measure_casts(send_casts, lambda: rpc_call("handled_count"),
+                             lambda: rpc_call("cost")["cpu"], n)
 
     ready(pid=os.getpid())
     command_loop({"call": call, "cast": cast, "costs": lambda: costs(),
