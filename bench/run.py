@@ -323,32 +323,32 @@ def summarize(bench, micro):
         targets.append({"target": name, "value": value, "goal": goal,
                         "met": None if value is None else ok(value)})
 
-    target("native cast rate / raw PUSH/PULL rate",
-           paired(v, "native.cast", "raw.cast", lambda a, b: a / b), ">= 0.25",
-           lambda x: x >= 0.25)
-    target("native cast rate / hand-written pyzmq cast rate",
-           paired(v, "native.cast", "pyzmq.cast", lambda a, b: a / b), ">= 10",
-           lambda x: x >= 10)
-    target("native call round trip / raw REQ/REP round trip",
-           paired(v, "native.call", "raw.call", lambda a, b: a / b), "<= 1.3",
-           lambda x: x <= 1.3)
-    target("oslo.messaging call: RabbitMQ latency / zmqfast latency",
-           paired(v, "oslo_rabbit.call", "oslo_zmqfast.call", lambda a, b: a / b), ">= 10",
-           lambda x: x >= 10)
-    target("oslo.messaging cast: zmqfast rate / RabbitMQ rate",
-           paired(v, "oslo_zmqfast.cast", "oslo_rabbit.cast", lambda a, b: a / b), ">= 10",
-           lambda x: x >= 10)
+    ratio = lambda a, b: a / b  # noqa: E731
+    at_least = lambda goal: lambda x: x >= goal  # noqa: E731
+    at_most = lambda goal: lambda x: x <= goal  # noqa: E731
+    for name, a, b, goal, ok in [
+            ("native cast rate / raw PUSH/PULL rate", "native.cast", "raw.cast",
+             ">= 0.25", at_least(0.25)),
+            ("native cast rate / hand-written pyzmq cast rate", "native.cast", "pyzmq.cast",
+             ">= 10", at_least(10)),
+            ("native call round trip / raw REQ/REP round trip", "native.call", "raw.call",
+             "<= 1.3", at_most(1.3)),
+            ("oslo.messaging call: RabbitMQ latency / zmqfast latency", "oslo_rabbit.call",
+             "oslo_zmqfast.call", ">= 10", at_least(10)),
+            ("oslo.messaging cast: zmqfast rate / RabbitMQ rate", "oslo_zmqfast.cast",
+             "oslo_rabbit.cast", ">= 10", at_least(10))]:
+        target(name, paired(v, a, b, ratio), goal, ok)
     worst = None
     for n in s["groups"]:
-        ratio = paired(v, f"native.fanout.{n}", "native.fanout.ref", lambda a, b: a / (1e6 / b))
-        if ratio is not None:
-            worst = ratio if worst is None else max(worst, ratio)
+        cost = paired(v, f"native.fanout.{n}", "native.fanout.ref", lambda a, b: a / (1e6 / b))
+        if cost is not None:
+            worst = cost if worst is None else max(worst, cost)
     target("fanout cost per recipient / cost of one cast (worst N)", worst, "<= 1.2",
-           lambda x: x <= 1.2)
+           at_most(1.2))
     k0, k1 = min(s["registered"]), max(s["registered"])
     target(f"cast rate with {k1} servers registered / with {k0}",
            paired(v, f"native.registered.{k1}", f"native.registered.{k0}",
-                  lambda a, b: a / b), ">= 0.9", lambda x: x >= 0.9)
+                  ratio), ">= 0.9", at_least(0.9))
 
     costs = {}
     for key, answers in bench.extras.items():

@@ -1,7 +1,7 @@
 /* Differences between libzmq versions, kept out of the Cython sources.
  *
- * The project needs libzmq >= 4.2 (ZMQ_CONNECT_RID).  libzmq 4.3 renamed a
- * few options; older headers only have the old names. */
+ * The project needs libzmq >= 4.2.  libzmq 4.3 renamed ZMQ_IDENTITY to
+ * ZMQ_ROUTING_ID; older headers only have the old name. */
 #ifndef NZF_ZMQ_COMPAT_H
 #define NZF_ZMQ_COMPAT_H
 
@@ -13,10 +13,6 @@
 
 #ifndef ZMQ_ROUTING_ID
 #define ZMQ_ROUTING_ID ZMQ_IDENTITY
-#endif
-
-#ifndef ZMQ_CONNECT_ROUTING_ID
-#define ZMQ_CONNECT_ROUTING_ID ZMQ_CONNECT_RID
 #endif
 
 #endif

@@ -190,7 +190,7 @@ cdef class Outbox:
                 rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
                 continue
             if err == EINTR:
-                check_signals()
+                PyErr_CheckSignals()
             elif err != EAGAIN:
                 raise_zmq_error(err)
             # The peer's queue is full: wait for room, up to `timeout`.
@@ -290,14 +290,9 @@ cdef class Outbox:
                 return True
             err = zmq_errno()
             if err == EINTR:
-                check_signals()
+                PyErr_CheckSignals()
             elif err != EAGAIN:
                 raise_zmq_error(err)
-
-
-cdef int check_signals() except -1:
-    PyErr_CheckSignals()
-    return 0
 
 
 @cython.final

@@ -7,24 +7,18 @@ cdef extern from "zmq_compat.h" nogil:
     int ZMQ_ROUTER, ZMQ_DEALER
 
     int ZMQ_LINGER, ZMQ_SNDHWM, ZMQ_RCVHWM, ZMQ_SNDTIMEO, ZMQ_RCVTIMEO
-    int ZMQ_ROUTER_MANDATORY, ZMQ_CONNECT_ROUTING_ID, ZMQ_ROUTING_ID
-    int ZMQ_LAST_ENDPOINT, ZMQ_IPV6, ZMQ_MAXMSGSIZE, ZMQ_RCVMORE
-    int ZMQ_IMMEDIATE, ZMQ_ROUTER_HANDOVER, ZMQ_RECONNECT_IVL, ZMQ_FD, ZMQ_EVENTS
-    int ZMQ_IO_THREADS, ZMQ_BLOCKY
+    int ZMQ_ROUTER_MANDATORY, ZMQ_ROUTING_ID
+    int ZMQ_LAST_ENDPOINT, ZMQ_IPV6, ZMQ_MAXMSGSIZE
+    int ZMQ_IMMEDIATE, ZMQ_ROUTER_HANDOVER, ZMQ_FD, ZMQ_EVENTS
+    int ZMQ_IO_THREADS
 
     int ZMQ_DONTWAIT, ZMQ_SNDMORE
-    short ZMQ_POLLIN, ZMQ_POLLOUT
+    short ZMQ_POLLIN
 
-    int EAGAIN, EINTR, ETERM, EHOSTUNREACH, ENOTSOCK, EFSM
+    int EAGAIN, EINTR, ETERM, EHOSTUNREACH
 
     ctypedef struct zmq_msg_t:
         pass
-
-    ctypedef struct zmq_pollitem_t:
-        void *socket
-        int fd
-        short events
-        short revents
 
     void zmq_version(int *major, int *minor, int *patch)
     int zmq_errno()
@@ -33,7 +27,6 @@ cdef extern from "zmq_compat.h" nogil:
     void *zmq_ctx_new()
     int zmq_ctx_set(void *context, int option, int optval)
     int zmq_ctx_term(void *context)
-    int zmq_ctx_shutdown(void *context)
 
     void *zmq_socket(void *context, int type)
     int zmq_close(void *s)
@@ -46,14 +39,10 @@ cdef extern from "zmq_compat.h" nogil:
     int zmq_send(void *s, const void *buf, size_t len, int flags)
 
     int zmq_msg_init(zmq_msg_t *msg)
-    int zmq_msg_init_size(zmq_msg_t *msg, size_t size)
     int zmq_msg_send(zmq_msg_t *msg, void *s, int flags)
     int zmq_msg_recv(zmq_msg_t *msg, void *s, int flags)
     int zmq_msg_close(zmq_msg_t *msg)
-    int zmq_msg_copy(zmq_msg_t *dest, zmq_msg_t *src)
-    int zmq_msg_move(zmq_msg_t *dest, zmq_msg_t *src)
     void *zmq_msg_data(zmq_msg_t *msg)
     size_t zmq_msg_size(const zmq_msg_t *msg)
     int zmq_msg_more(const zmq_msg_t *msg)
 
-    int zmq_poll(zmq_pollitem_t *items, int nitems, long timeout)

@@ -3,7 +3,6 @@
 
 cdef class Context:
     cdef void *handle
-    cdef readonly int pid           # process that created it
     cdef int epoch                  # fork_epoch() when it was created
     cdef readonly int sockets       # open sockets, for leak accounting
 

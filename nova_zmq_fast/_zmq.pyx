@@ -88,7 +88,6 @@ cdef class Context:
         self.handle = zmq_ctx_new()
         if self.handle == NULL:
             raise_zmq_error(zmq_errno())
-        self.pid = os.getpid()
         self.epoch = _fork_epoch
         self.sockets = 0
         if io_threads != 1:
