@@ -1,4 +1,15 @@
-"""Build the Cython core against the system libzmq.
+"""Build the Cython core against libzmq.
+
+Where libzmq comes from:
+
+    NZF_LIBZMQ_PREFIX=/opt/libzmq   a prefix made by scripts/build-libzmq.sh
+                                    (the wheels: cibuildwheel sets it); the
+                                    extensions get an RPATH to it, so
+                                    auditwheel finds the library to bundle,
+                                    and the licences it left there ship in
+                                    the wheel's dist-info
+    otherwise                       pkg-config (Debian: ``apt install
+                                    libzmq3-dev``), else the default paths
 
 Extra ``build_ext`` switches, in the spirit of uvloop's setup.py:
 
@@ -7,17 +18,21 @@ Extra ``build_ext`` switches, in the spirit of uvloop's setup.py:
     --cython-directives  extra directives, e.g. "boundscheck=True"
     --zmq-debug          build with assertions and no optimisation
 
-libzmq's flags come from pkg-config (Debian: ``apt install libzmq3-dev``).
+Cython runs in ``build_ext.run()``, not earlier, so that the sdist lists the
+.pyx sources and never the generated C.
 """
 import os
 import shlex
+import shutil
 import subprocess
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ["_zmq", "_envelope", "_client", "_server"]
+MODULES = ["_zmq", "_curve", "_envelope", "_routes", "_dispatch", "_client", "_courier",
+           "_server"]
+PREFIX = os.environ.get("NZF_LIBZMQ_PREFIX")
 
 
 def pkg_config(*args):
@@ -29,12 +44,32 @@ def pkg_config(*args):
 
 
 def zmq_flags():
+    """(compile flags, link flags, runtime library dirs)."""
+    if PREFIX:
+        lib = os.path.join(PREFIX, "lib")
+        if not os.path.exists(os.path.join(PREFIX, "include", "zmq.h")):
+            raise SystemExit(f"NZF_LIBZMQ_PREFIX={PREFIX} holds no include/zmq.h")
+        return [f"-I{PREFIX}/include"], [f"-L{lib}", "-lzmq"], [lib]
     cflags = pkg_config("--cflags")
     libs = pkg_config("--libs")
     if cflags is None or libs is None:
         # No pkg-config: assume the headers and library are on default paths.
-        return [], ["-lzmq"]
-    return cflags, libs
+        return [], ["-lzmq"], []
+    return cflags, libs, []
+
+
+def licence_files():
+    """Our licence, plus those of the libraries in NZF_LIBZMQ_PREFIX that a
+    repaired wheel bundles.  setuptools only takes licence files from inside
+    the project, so they are copied under build/ first."""
+    files = ["LICENSE"]
+    source = os.path.join(PREFIX or "", "licenses")
+    if PREFIX and os.path.isdir(source):
+        target = os.path.join("build", "bundled-licenses")
+        shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
+        shutil.copytree(source, os.path.join(HERE, target))
+        files += sorted(os.path.join(target, name) for name in os.listdir(source))
+    return files
 
 
 class build_ext(_build_ext):
@@ -54,7 +89,7 @@ class build_ext(_build_ext):
         self.cython_directives = None
         self.zmq_debug = False
 
-    def finalize_options(self):
+    def run(self):
         from Cython.Build import cythonize
 
         directives = {
@@ -63,27 +98,38 @@ class build_ext(_build_ext):
             "boundscheck": False,
             "wraparound": False,
             "cdivision": True,
+            # No generated pickling: its __setstate__ trusts its argument.
+            # Classes that travel define __reduce__ themselves.
+            "auto_pickle": False,
         }
-        if self.cython_directives:
+        if isinstance(self.cython_directives, str):
+            extra = {}
             for item in self.cython_directives.split(","):
                 key, _, value = item.partition("=")
-                directives[key.strip()] = {"True": True, "False": False}.get(
+                extra[key.strip()] = {"True": True, "False": False}.get(
                     value.strip(), value.strip())
-        self.distribution.ext_modules[:] = cythonize(
-            self.distribution.ext_modules,
+            # Cython's own build_ext, our base when Cython is installed,
+            # reads this option too and wants a dict.
+            self.cython_directives = extra
+        directives.update(self.cython_directives or {})
+        generated = cythonize(
+            self.extensions,
             compiler_directives=directives,
             annotate=self.cython_annotate,
             force=self.cython_always,
             include_path=[os.path.join(HERE, "nova_zmq_fast")],
         )
+        # Keep the Extension objects: setuptools set its own state on them.
+        for ext, c_ext in zip(self.extensions, generated):
+            ext.sources = c_ext.sources
         if self.zmq_debug:
-            for ext in self.distribution.ext_modules:
+            for ext in self.extensions:
                 ext.extra_compile_args += ["-O0", "-g", "-UNDEBUG"]
-        super().finalize_options()
+        super().run()
 
 
 def extensions():
-    cflags, libs = zmq_flags()
+    cflags, libs, rpath = zmq_flags()
     return [
         Extension(
             f"nova_zmq_fast.{name}",
@@ -91,9 +137,11 @@ def extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args=cflags + ["-O2"],
             extra_link_args=libs + ["-pthread"],
+            runtime_library_dirs=rpath,
         )
         for name in MODULES
     ]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext})
+setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext},
+      license_files=licence_files())

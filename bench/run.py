@@ -1,6 +1,10 @@
 """The side-by-side benchmark: raw libzmq, hand-written pyzmq+msgpack,
-nova_zmq_fast's native API, and oslo.messaging over RabbitMQ and over the
-project's own driver, in one run on one machine.
+nova_zmq_fast's native API (with the embedded discovery and with Redis),
+and oslo.messaging over RabbitMQ and over the project's own driver, in one
+run on one machine; then the same workload spread over 1, 2 and 4 server
+hosts, each its own network namespace (tests.helpers.netns), found through
+Redis, next to as many servers on loopback found through the embedded
+discovery.
 
     python bench/run.py --quick      # under a minute: a smoke run
     python bench/run.py              # the full run behind the README table
@@ -41,14 +45,18 @@ SIZES = {
     # --smoke: every measurement once, tiny; for the test that the harness works.
     "smoke": dict(rounds=1, raw_rtt=200, raw_msgs=100_000, calls=200, casts=2000,
                   fanout=2000, groups=[1, 2], registered=[1, 4], oslo_calls=10,
-                  oslo_casts=30, zmqfast_casts=200, micro_time="0.01"),
+                  oslo_casts=30, zmqfast_casts=200, micro_time="0.01",
+                  hosts=[1, 2], spread_casts=2000, spread_calls=200, host_fanout=200),
     "quick": dict(rounds=3, raw_rtt=1000, raw_msgs=1_000_000, calls=1000, casts=30000,
                   fanout=30000, groups=[1, 4, 8], registered=[1, 64], oslo_calls=100,
-                  oslo_casts=300, zmqfast_casts=5000, micro_time="0.05"),
+                  oslo_casts=300, zmqfast_casts=5000, micro_time="0.05",
+                  hosts=[1, 2, 4], spread_casts=20000, spread_calls=2000, host_fanout=4000),
     "full": dict(rounds=7, raw_rtt=1500, raw_msgs=5_000_000, calls=1500, casts=200000,
                  fanout=200000, groups=[1, 2, 4, 8, 16, 32], registered=[1, 4, 16, 64],
-                 oslo_calls=1000, oslo_casts=3000, zmqfast_casts=50000, micro_time="0.5"),
+                 oslo_calls=1000, oslo_casts=3000, zmqfast_casts=50000, micro_time="0.5",
+                 hosts=[1, 2, 4], spread_casts=100000, spread_calls=6000, host_fanout=20000),
 }
+CALL_THREADS = 8                # callers at once in the aggregate call figures
 
 
 def log(*args):
@@ -59,6 +67,25 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_redis(directory):
+    """A redis-server of the benchmark's own on loopback: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", directory],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 # -- peers ---------------------------------------------------------------------------
@@ -150,6 +177,10 @@ class Benchmark:
         self.values = {}                # key -> [one figure per round]
         self.extras = {}                # key -> [dict per round] (cost figures)
         self.tmp = tempfile.mkdtemp(prefix="nzf-bench-")
+        self.redis_proc = None
+        self.redis_client = None
+        self.cluster = None
+        self.host_client = None
 
     # setup --------------------------------------------------------------------------
 
@@ -167,11 +198,12 @@ class Benchmark:
         s = self.size
         ipc = os.path.join(self.tmp, "registry")
         native = os.path.join(HERE, "peers", "native.py")
-        groups = ",".join(map(str, s["groups"]))
-        log(f"starting {max(s['groups'])} native servers, clients and reference peers")
+        sizes = sorted(set(s["groups"]) | set(s["hosts"]))
+        groups = ",".join(map(str, sizes))
+        log(f"starting {max(sizes)} native servers, clients and reference peers")
         self.servers = [self.spawn(f"native server s{i}", [
             PY, native, "serve", "--host", f"s{i}", "--index", str(i), "--groups", groups,
-            "--ipc-dir", ipc]) for i in range(max(s["groups"]))]
+            "--ipc-dir", ipc]) for i in range(max(sizes))]
         self.native = self.spawn("native client", [PY, native, "client", "--ipc-dir", ipc])
         self.registrar = self.spawn("registrar", [PY, native, "registrar", "--ipc-dir", ipc])
         endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -197,6 +229,8 @@ class Benchmark:
             except (RuntimeError, TimeoutError) as exc:
                 self.skipped[f"oslo_{name}"] = str(exc)
                 log(f"skipping oslo.messaging over {name}: {exc}")
+        self.start_redis_pair(native, ipc)
+        self.start_cluster(native)
         time.sleep(1.0)                         # let discovery see everyone
         self.fds_by_peers = self.native.ask("fds_by_peers", groups=s["groups"])
         self.server_fds = self.servers[0].ask("costs")["fds"]
@@ -204,6 +238,42 @@ class Benchmark:
                          "pyzmq server": self.pyzmq.ask("server_costs")["rss_mb"]}
         for name, (server, _) in self.oslo.items():
             self.idle_rss[f"oslo {name} server"] = server.ask("costs")["rss_mb"]
+
+    def start_redis_pair(self, native, ipc):
+        """A server and a client like s0 and the native client, found
+        through Redis: the price of Redis discovery on the message path."""
+        if shutil.which("redis-server") is None:
+            self.skipped["redis"] = "redis-server is not installed"
+            return
+        self.redis_proc, port = start_redis(self.tmp)
+        opts = json.dumps({"rpc_zmq_matchmaker": "redis", "matchmaker_redis_port": port,
+                           "rpc_zmq_bind_address": "127.0.0.1"})
+        self.spawn("redis server s0", [PY, native, "serve", "--host", "s0", "--index", "0",
+                                       "--ipc-dir", ipc, "--options", opts])
+        self.redis_client = self.spawn("redis client", [PY, native, "client", "--ipc-dir", ipc,
+                                                        "--options", opts])
+
+    def start_cluster(self, native):
+        """Servers on hosts h1..hN, each its own network namespace, found
+        through Redis in h0, where the client runs."""
+        sys.path.insert(0, ROOT)
+        from tests.helpers import netns
+        why = netns.unavailable_reason()
+        if why:
+            self.skipped["hosts"] = why
+            log(f"skipping the multi-host figures: {why}")
+            return
+        sizes = self.size["hosts"]
+        self.cluster = netns.Cluster(hosts=1 + max(sizes)).start()
+        self.cluster.start_redis(self.cluster[0])
+        opts = json.dumps({"rpc_zmq_matchmaker": "redis", "matchmaker_redis_host": "h0"})
+        ipc = os.path.join(self.tmp, "hosts")
+        for i, host in enumerate(self.cluster.hosts[1:]):
+            self.spawn(f"server {host.name}", host.exec_argv([
+                PY, native, "serve", "--host", host.name, "--index", str(i),
+                "--groups", ",".join(map(str, sizes)), "--ipc-dir", ipc, "--options", opts]))
+        self.host_client = self.spawn("client h0", self.cluster[0].exec_argv([
+            PY, native, "client", "--ipc-dir", ipc, "--options", opts]))
 
     def spawn(self, name, argv):
         peer = Peer(name, argv)
@@ -213,6 +283,11 @@ class Benchmark:
     def stop(self):
         for peer in reversed(self.peers):
             peer.close()
+        if self.redis_proc is not None:
+            self.redis_proc.kill()
+            self.redis_proc.wait(10)
+        if self.cluster is not None:
+            self.cluster.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # measurements ---------------------------------------------------------------
@@ -237,6 +312,11 @@ class Benchmark:
             ("pyzmq.cast", lambda: self.cast(self.pyzmq, "pyzmq.cast", s["casts"] // 4)),
             ("native.cast", lambda: self.cast(self.native, "native.cast", s["casts"])),
         ]
+        if self.redis_client is not None:
+            latency.append(("redis.call",
+                            lambda: self.redis_client.ask("call", n=s["calls"])["usec"]))
+            throughput.append(("redis.cast", lambda: self.cast(self.redis_client, "redis.cast",
+                                                               s["casts"])))
         fanout = [("native.fanout.ref",
                    lambda: self.cast(self.native, "native.fanout.ref", s["casts"]))]
         fanout += [(f"native.fanout.{n}", lambda n=n: self.fanout(n)) for n in s["groups"]]
@@ -249,10 +329,32 @@ class Benchmark:
                          lambda c=client: c.ask("call", n=s["oslo_calls"])["usec"]))
             oslo.append((f"oslo_{name}.cast",
                          lambda c=client, k=f"oslo_{name}.cast", n=casts: self.cast(c, k, n)))
+        hosts = []
+        for n in s["hosts"]:
+            local = [f"s{i}" for i in range(n)]
+            hosts.append((f"local.spread_cast.{n}", lambda n=n, h=local: self.spread(
+                self.native, "spread_casts", n=s["spread_casts"], group=n, hosts=h)))
+            hosts.append((f"local.spread_call.{n}", lambda n=n: self.spread(
+                self.native, "spread_calls", n=s["spread_calls"], group=n,
+                threads=CALL_THREADS)))
+            if self.host_client is None:
+                continue
+            remote = [f"h{i + 1}" for i in range(n)]
+            hosts.append((f"hosts.spread_cast.{n}", lambda n=n, h=remote: self.spread(
+                self.host_client, "spread_casts", n=s["spread_casts"], group=n, hosts=h)))
+            hosts.append((f"hosts.spread_call.{n}", lambda n=n: self.spread(
+                self.host_client, "spread_calls", n=s["spread_calls"], group=n,
+                threads=CALL_THREADS)))
+            hosts.append((f"hosts.fanout.{n}", lambda n=n, h=remote: self.host_client.ask(
+                "fanout", n=s["host_fanout"] // n, group=n, hosts=h)["usec_per_recipient"]))
         # Latency drifts fastest on a shared machine: short batches, three
         # times per round, so that each ratio pairs figures a second apart.
-        return [g for g in (latency, throughput, latency, fanout, registered, latency, oslo)
-                if g]
+        return [g for g in (latency, throughput, latency, fanout, registered, latency, oslo,
+                            hosts) if g]
+
+    @staticmethod
+    def spread(client, op, **args):
+        return client.ask(op, **args)["rate"]
 
     def cast(self, client, key, n):
         answer = client.ask("cast", n=n)
@@ -338,6 +440,8 @@ def summarize(bench, micro):
             ("oslo.messaging cast: zmqfast rate / RabbitMQ rate", "oslo_zmqfast.cast",
              "oslo_rabbit.cast", ">= 10", at_least(10))]:
         target(name, paired(v, a, b, ratio), goal, ok)
+    target("cast rate with Redis discovery / with the embedded one (one host)",
+           paired(v, "redis.cast", "native.cast", ratio), ">= 0.95", at_least(0.95))
     worst = None
     for n in s["groups"]:
         cost = paired(v, f"native.fanout.{n}", "native.fanout.ref", lambda a, b: a / (1e6 / b))
@@ -373,6 +477,8 @@ LABELS = {
     "oslo_rabbit.cast": ("oslo.messaging + RabbitMQ cast", "msg/s"),
     "oslo_zmqfast.call": ("oslo.messaging + zmqfast call", "us"),
     "oslo_zmqfast.cast": ("oslo.messaging + zmqfast cast", "msg/s"),
+    "redis.call": ("nova_zmq_fast call, Redis discovery", "us"),
+    "redis.cast": ("nova_zmq_fast cast, Redis discovery", "msg/s"),
 }
 
 
@@ -383,6 +489,15 @@ def label(key):
         return (f"nova_zmq_fast fanout to N={key.rsplit('.', 1)[1]}", "us/recipient")
     if key.startswith("native.registered."):
         return (f"nova_zmq_fast cast, {key.rsplit('.', 1)[1]} servers on other topics", "msg/s")
+    where, _, rest = key.partition(".")
+    what, _, n = rest.rpartition(".")
+    place = {"hosts": f"{n} server host(s), Redis", "local": f"{n} server(s) on loopback"}.get(where)
+    if place and what == "spread_cast":
+        return (f"aggregate casts, {place}", "msg/s")
+    if place and what == "spread_call":
+        return (f"aggregate calls ({CALL_THREADS} callers), {place}", "msg/s")
+    if place and what == "fanout":
+        return (f"fanout to {n} host(s), wall time per recipient", "us/recipient")
     return (key, "")
 
 
@@ -435,7 +550,7 @@ def plot(summary, path, size):
         log("matplotlib is missing: no PNG")
         return
     med = summary["medians"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, hosts) = plt.subplots(1, 3, figsize=(16, 4.2))
     groups = [n for n in size["groups"] if med.get(f"native.fanout.{n}")]
     left.plot(groups, [med[f"native.fanout.{n}"] for n in groups], "o-",
               label="fanout: wall time per recipient")
@@ -460,6 +575,20 @@ def plot(summary, path, size):
     right.set_ylabel("casts / s")
     right.set_title("cast throughput vs registered servers")
     right.legend(fontsize=8)
+    ns = size["hosts"]
+    for key, style, name in (("hosts.spread_cast", "o-", "casts, N hosts (Redis)"),
+                             ("local.spread_cast", "o--", "casts, N on loopback (local)"),
+                             ("hosts.spread_call", "s-", "calls, N hosts (Redis)"),
+                             ("local.spread_call", "s--", "calls, N on loopback (local)")):
+        points = [(n, med[f"{key}.{n}"]) for n in ns if med.get(f"{key}.{n}")]
+        if points:
+            hosts.plot(*zip(*points), style, label=name)
+    hosts.set_xticks(ns)
+    hosts.set_yscale("log")
+    hosts.set_xlabel("servers N (one per host, or all on loopback)")
+    hosts.set_ylabel("messages / s, all servers together")
+    hosts.set_title("aggregate throughput vs servers")
+    hosts.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"wrote {path}")

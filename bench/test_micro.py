@@ -8,7 +8,7 @@ import pytest
 
 from nova_zmq_fast import _envelope as c_env
 from nova_zmq_fast import _envelope_py as py_env
-from nova_zmq_fast._server import Consumer
+from nova_zmq_fast._dispatch import consumer as make_consumer
 
 CONTEXT = {"user_id": "u-6a3c1fd2", "project_id": "p-91d2e07b",
            "request_id": "req-3f1a9c2e-77b4-4d0e-9c1a-0b5e2f6d8a41"}
@@ -77,7 +77,7 @@ class PyConsumer:
 
 
 @pytest.mark.benchmark(group="dispatch")
-@pytest.mark.parametrize("make", [pytest.param(lambda p: Consumer("t", False, p), id="cython"),
+@pytest.mark.parametrize("make", [pytest.param(lambda p: make_consumer("t", False, p), id="cython"),
                                   pytest.param(PyConsumer, id="python")])
 def test_dispatch(benchmark, make):
     api = Api()

@@ -3,23 +3,29 @@
 Each calling thread owns one ROUTER socket (its *outbox*), connected to every
 peer that thread has talked to.  A server announces its advertised address
 as its ZeroMQ routing id, so a request goes out as [peer address, header,
-body]; the server answers on the same connection, so the reply comes back to
-the very thread that waits for it: no reply-dispatcher thread and no
-hand-off, and the round trip has the same hops as a raw REQ/REP exchange.
-Sockets live as long as their thread (or until cleanup()), never one per
-message.
+body]; the server answers on the same connection, so the reply comes back to the very thread
+that waits for it: no reply-dispatcher thread and no hand-off, and the
+round trip has the same hops as a raw REQ/REP exchange.  Sockets live as
+long as their thread (or until cleanup()), never one per message.
 
-Delivery: outboxes set ZMQ_IMMEDIATE and ZMQ_ROUTER_MANDATORY, so a message
-only ever enters the queue of an established connection.  A peer not yet
-connected (or whose connection dropped) is waited for, GIL released, up to
-rpc_zmq_connect_timeout; then the send fails loudly (PeerUnreachable), and a
-cast or call to a topic moves on to another consumer.  When a peer's queue
-is full a send blocks for up to rpc_cast_timeout, then raises Timeout.  No
-message is dropped silently, and closing an outbox with a linger flushes
-what it queued.
+Where a message goes: the route table (_routes.pyx) gives the consumers of
+the topic; round-robin picks where to start, and the message goes to the
+first consumer, from there, that has an established connection with room in
+its queue.  Outboxes set ZMQ_IMMEDIATE and ZMQ_ROUTER_MANDATORY, so a
+message only ever enters the queue of an established connection, and
+ZMTP heartbeats drop a connection whose peer stopped answering (frozen,
+partitioned): such a peer is skipped at once while another is up.  Only
+when no consumer is connected does a send wait for a connection, up to
+rpc_zmq_connect_timeout; when every connected one is full it waits for room
+(backpressure), up to rpc_cast_timeout.  Every wait is also bounded by the
+call's own deadline.  No message is dropped silently, and closing an outbox
+with a linger flushes what it queued.
 """
+import itertools
 import logging
+import os
 import select
+import struct
 import threading
 import time
 import weakref
@@ -27,28 +33,31 @@ import weakref
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set_int
 from nova_zmq_fast._envelope cimport *
+from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, NoListeners,
     PeerUnreachable, RPCException, SerializationError, Timeout)
 
 cdef object _get_ident = threading.get_ident
+cdef object _monitor_names = itertools.count()
 LOG = logging.getLogger("nova_zmq_fast.client")
 
-cdef enum Delivery:                 # how request() treats its endpoints
-    ONE_OF                          # a topic: one of them, the next if one is unreachable
-    EACH                            # a fanout: every one that can be reached
-    EXACTLY                         # named by the caller: each, or an error
-
-# How long a consumer that could not be reached is skipped by this process
-# (discovery notices a dead one within about a second anyway).
+# How long a consumer that could not be connected to is skipped by this
+# process (a new connection attempt goes on in the background).
 cdef double DOWN_FOR = 2.0
+# A consumer being dialled for the first time gets this long to connect when
+# round-robin picks it, so a new client spreads its first calls too; a peer
+# that was connected before, or never answers, is passed over at once.
+cdef double FIRST_DIAL_GRACE = 0.1
+cdef long PAUSE_MIN_NS = 20000
+cdef long PAUSE_MAX_NS = 5000000
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -89,45 +98,99 @@ cdef inline object method_of(object msg):
     return method
 
 
+cdef long pause(long pause_ns, bint green):
+    """Sleep `pause_ns` (cooperatively under eventlet, GIL released
+    otherwise); returns the next, longer pause."""
+    cdef timespec ts
+    if green:
+        time.sleep(pause_ns * 1e-9)         # patched: yields to other greenlets
+    else:
+        ts.tv_sec = 0
+        ts.tv_nsec = pause_ns
+        with nogil:
+            nanosleep(&ts, NULL)
+    return min(pause_ns * 2, PAUSE_MAX_NS)
+
+
+FLUSH_TOPIC = "nova_zmq_fast.flush"
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Peer:
+    """What an outbox knows of one server it dialled."""
+
+
 @cython.final
 cdef class Outbox:
     """One thread's calling socket (see the module docstring)."""
-    cdef Context ctx
-    cdef void *sock
-    cdef int epoch
-    cdef set peers                  # addresses this outbox connects to
-    cdef uint64_t last_id
-    cdef object packer
-    cdef long forgotten_seen        # discovery's forget counter, last seen
-    cdef dict streams               # msg_id -> list: replies for open multicalls
-    cdef int linger_ms              # for messages still queued when the thread ends
-    cdef bint green                 # wait cooperatively (eventlet), never in libzmq
-    cdef object __weakref__
 
-    def __cinit__(self, Context ctx not None, int send_timeout_ms, int linger_ms,
-                  bint green=False):
+    def __cinit__(self, Context ctx not None, int linger_ms, int backlog, bint green,
+                  tuple curve=None, int64_t max_message_size=0, int socket_buffer=0):
+        cdef int64_t limit
         self.ctx = ctx
+        self.monitor = NULL
+        self.reasons = {}
         self.linger_ms = linger_ms
+        self.backlog = backlog
         self.green = green
         self.epoch = fork_epoch()
         self.sock = ctx.socket(ZMQ_ROUTER)
-        self.peers = set()
+        self.peers = {}
         self.streams = {}
         self.packer = new_packer()
         self.last_id = 0
-        self.forgotten_seen = 0
+        self.dead_seen = 0
         try:
             set_int(self.sock, ZMQ_ROUTER_MANDATORY, 1)
             set_int(self.sock, ZMQ_IMMEDIATE, 1)
             set_int(self.sock, ZMQ_ROUTER_HANDOVER, 1)
-            set_int(self.sock, ZMQ_SNDTIMEO, send_timeout_ms)
             set_int(self.sock, ZMQ_IPV6, 1)
+            # A random routing id: the one libzmq would give (0x00 and a
+            # counter starting at a fixed value) is predictable, and servers
+            # let a connection with a known id take it over (handover).
+            identity = os.urandom(16)
+            check(zmq_setsockopt(self.sock, ZMQ_ROUTING_ID, PyBytes_AS_STRING(identity), 16))
             set_int(self.sock, ZMQ_LINGER, 0)
+            set_int(self.sock, ZMQ_SNDHWM, max(1, backlog))
+            if socket_buffer > 0:
+                set_int(self.sock, ZMQ_SNDBUF, socket_buffer)
+            set_int(self.sock, ZMQ_RCVHWM, 100000)     # a long multicall stream
+            if max_message_size > 0:
+                # As on the server: replies are bodies too, and libzmq drops
+                # a peer that sends a frame beyond this.
+                limit = max_message_size * 2 + 65536
+                check(zmq_setsockopt(self.sock, ZMQ_MAXMSGSIZE, &limit, sizeof(int64_t)))
+            if curve is not None:
+                self.curve_public, self.curve_secret = curve
+                # Z85 keys with their terminating NUL: 41 bytes.
+                check(zmq_setsockopt(self.sock, ZMQ_CURVE_PUBLICKEY,
+                                     PyBytes_AS_STRING(self.curve_public), 41))
+                check(zmq_setsockopt(self.sock, ZMQ_CURVE_SECRETKEY,
+                                     PyBytes_AS_STRING(self.curve_secret), 41))
+                self._watch_handshakes()
         except BaseException:
             self.close(0)
             raise
 
+    cdef _watch_handshakes(self):
+        # Handshake failures (a refused key, a server that is not who
+        # discovery says) arrive as monitor events; why() reads them.
+        name = f"inproc://nzf-monitor-{os.getpid()}-{next(_monitor_names)}".encode()
+        check(zmq_socket_monitor(self.sock, name, ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                                 ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH))
+        self.monitor = self.ctx.socket(ZMQ_PAIR)
+        set_int(self.monitor, ZMQ_LINGER, 0)
+        check(zmq_connect(self.monitor, name))
+
     cdef void close(self, int linger_ms) noexcept:
+        if self.monitor != NULL:
+            if self.epoch == fork_epoch():
+                if self.sock != NULL:
+                    zmq_socket_monitor(self.sock, NULL, 0)
+                self.ctx.close_socket(self.monitor, 0)
+            self.monitor = NULL
         if self.sock != NULL:
             if self.epoch == fork_epoch():
                 self.ctx.close_socket(self.sock, linger_ms)
@@ -138,79 +201,237 @@ cdef class Outbox:
         # What it queued still leaves, within the linger, in the background.
         self.close(self.linger_ms)
 
-    cdef int connect(self, bytes address) except -1:
-        if address not in self.peers:
-            check(zmq_connect(self.sock, address))
-            self.peers.add(address)
-        return 0
+    cdef bint dial(self, Endpoint ep) except -1:
+        """Connect to `ep` (once); False if that must not be done: with
+        CURVE only with the key discovery gave for it, without CURVE never
+        to a server that requires it."""
+        cdef bytes rid = ep.rid
+        cdef bytes key = ep.key
+        if rid in self.peers:
+            return True
+        if self.curve_secret is not None and key is None:
+            self.reasons[ep.address] = ("discovery published no CURVE key for it; it is "
+                                        "never dialled in clear")
+            return False
+        if self.curve_secret is None and key is not None:
+            self.reasons[ep.address] = ("it requires CURVE, and this process has no key "
+                                        "(rpc_zmq_secret_key_file)")
+            return False
+        if key is not None:
+            if PyBytes_GET_SIZE(key) != 40:
+                self.reasons[ep.address] = "discovery published a malformed CURVE key for it"
+                return False
+            # For this connection only: options are copied at connect time.
+            check(zmq_setsockopt(self.sock, ZMQ_CURVE_SERVERKEY, PyBytes_AS_STRING(key), 41))
+        # (ZMQ_CONNECT_ROUTING_ID cannot name the connection: with
+        # ZMQ_IMMEDIATE libzmq ignores it, so servers announce their address
+        # as their routing id instead.)
+        check(zmq_connect(self.sock, rid))
+        cdef Peer peer = Peer.__new__(Peer)
+        peer.dialled = _monotonic()
+        self.peers[rid] = peer
+        return True
 
-    cdef forget_peers(self, object matchmaker):
-        """Disconnect from peers discovery has declared dead, dropping
-        whatever was queued for them."""
-        self.forgotten_seen = matchmaker.forgotten_count
-        dead = matchmaker.forgotten
-        for address in [a for a in self.peers if a.decode() in dead]:
-            zmq_disconnect(self.sock, address)
-            self.peers.discard(address)
+    cdef str why(self, str address):
+        """What is known of why `address` cannot be reached ("" if nothing).
+        Reads the handshake failures the monitor reported."""
+        cdef zmq_msg_t part
+        cdef int event
+        cdef unsigned int value
+        cdef bytes data
+        if self.monitor != NULL:
+            zmq_msg_init(&part)
+            try:
+                # Events are [u16 event, u32 value], [endpoint].
+                while zmq_msg_recv(&part, self.monitor, ZMQ_DONTWAIT) != -1:
+                    data = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)]
+                    if zmq_msg_recv(&part, self.monitor, ZMQ_DONTWAIT) == -1:
+                        break
+                    where = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)].decode(
+                        "utf-8", "replace")
+                    if len(data) != 6:
+                        continue
+                    event, value = struct.unpack("<HI", data)
+                    # libzmq ends a session whose handshake failed and never
+                    # dials that address again: forget it, so that the next
+                    # send dials afresh (the key may be allowed by then).
+                    rid = where.encode()
+                    if rid in self.peers:
+                        zmq_disconnect(self.sock, rid)
+                        del self.peers[rid]
+                    if event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
+                        self.reasons[where] = (f"it refused this process's CURVE key "
+                                               f"(ZAP status {value}: not in its allow-list)")
+                    else:
+                        # (Only CURVE outboxes are watched.)  An impostor
+                        # cannot decrypt our HELLO: no detail reaches us.
+                        detail = (f" (protocol error {value:#x})"
+                                  if event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL else "")
+                        self.reasons[where] = (f"the CURVE handshake failed{detail}: is it "
+                                               f"the server discovery names, with the key "
+                                               f"published for it?")
+            finally:
+                zmq_msg_close(&part)
+        return self.reasons.get(address, "")
 
-    cdef int send(self, bytes address, const char *header, size_t hlen,
-                  bytes body, double timeout, double connect_timeout) except -1:
-        """Send one request to the peer at `address` (also its routing id).
+    cdef bint dialling(self, bytes rid):
+        """Dialled for the first time, moments ago."""
+        cdef Peer peer = self.peers.get(rid)
+        return peer is not None and _monotonic() - peer.dialled < FIRST_DIAL_GRACE
 
-        If there is no established connection to it yet, connect and wait
-        for one, up to `connect_timeout` (PeerUnreachable).  If its queue
-        is full, block up to `timeout` (Timeout).  The GIL is released
-        while waiting."""
+    cdef dict forget_peers(self, RouteTable routes):
+        """Disconnect from peers discovery declared gone, dropping whatever
+        was queued for them.  Returns {address: messages sent there that it
+        never confirmed}: lost with it, as far as anyone can tell."""
+        cdef Peer peer
+        lost = {}
+        self.dead_seen = routes.dead_count
+        for address in routes.forgotten():
+            rid = address.encode()
+            peer = self.peers.pop(rid, None)
+            if peer is not None:
+                zmq_disconnect(self.sock, rid)
+                if peer.total != peer.confirmed:
+                    lost[address] = peer.total - peer.confirmed
+        return lost
+
+    cdef dict flush(self, double deadline):
+        """Confirm that what this outbox handed to each peer has arrived:
+        a PING to each peer with unconfirmed messages (a connection
+        delivers in order, so its answer, whatever it says, means that
+        everything sent before it arrived), answers awaited until
+        `deadline`.  Returns {address: messages not confirmed} for the
+        peers that did not answer in time or are no longer connected."""
+        cdef char header[MAX_HEADER]
+        cdef bytes topic = FLUSH_TOPIC.encode()
+        cdef bytes body = self.packer.pack([{}, {}])
+        cdef Peer peer
+        cdef size_t hlen
+        asked = {}                          # msg_id -> (rid, peer, its total then)
+        lost = {}
+        for rid, peer in list(self.peers.items()):
+            if peer.total == peer.confirmed:
+                continue
+            self.last_id += 1
+            hlen = write_header(header, KIND_PING, 0, self.last_id,
+                                PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic))
+            # Behind a full queue the PING waits its turn, up to the deadline.
+            if self.send_waiting(rid, header, hlen, body, deadline) != SENT:
+                # Disconnected (libzmq dropped its queue), or still full at
+                # the deadline: nothing confirms it in time.
+                lost[rid.decode()] = peer.total - peer.confirmed
+                peer.confirmed = peer.total
+                continue
+            asked[self.last_id] = (rid, peer, peer.total)
+            self.streams[self.last_id] = []
+        try:
+            for msg_id, (rid, peer, total) in asked.items():
+                if self.wait_reply(msg_id, deadline) is None:
+                    lost[rid.decode()] = total - peer.confirmed
+                peer.confirmed = total
+        finally:
+            for msg_id in asked:
+                self.streams.pop(msg_id, None)
+        return lost
+
+    cdef tidy(self, RouteTable routes):
+        """Hang up on peers no route holds any more, that were not used since
+        the last tidy and have confirmed everything: libzmq would otherwise
+        keep redialling a closed server for the life of the thread.  Runs
+        when the route table has changed."""
+        cdef Peer peer
+        self.routes_seen = routes.generation
+        known = routes.addresses()
+        for rid, peer in list(self.peers.items()):
+            used = peer.total != peer.seen
+            peer.seen = peer.total
+            if used or peer.confirmed != peer.total or rid.decode() in known:
+                continue
+            zmq_disconnect(self.sock, rid)
+            del self.peers[rid]
+
+    cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,
+                      bytes body) except -1:
+        """Hand the message to `ep` if that can be done without waiting.
+        A peer not connected yet is dialled for next time."""
+        cdef bytes rid = ep.rid
         cdef int rc, err
-        cdef int timeout_ms
-        cdef double deadline = 0, connect_deadline = 0
-        cdef long pause_ns = 20000
-        cdef timespec pause
-        cdef const char *r = PyBytes_AS_STRING(address)
-        cdef size_t rlen = PyBytes_GET_SIZE(address)
-        rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
-        while rc == -1:
+        while True:
+            rc = zmq_send(self.sock, PyBytes_AS_STRING(rid), PyBytes_GET_SIZE(rid),
+                          ZMQ_SNDMORE | ZMQ_DONTWAIT)
+            if rc != -1:
+                break
             err = zmq_errno()
             if err == EHOSTUNREACH:
-                # Not connected (yet, or any more): wait for the connection.
-                self.connect(address)
-                if connect_deadline == 0:
-                    connect_deadline = _monotonic() + connect_timeout
-                elif _monotonic() >= connect_deadline:
-                    raise PeerUnreachable(f"no connection to {address.decode()} "
-                                          f"within {connect_timeout:g}s")
-                if self.green:
-                    time.sleep(pause_ns * 1e-9)     # patched: yields to other greenlets
-                else:
-                    pause.tv_sec = 0
-                    pause.tv_nsec = pause_ns
-                    with nogil:
-                        nanosleep(&pause, NULL)
-                pause_ns = min(pause_ns * 2, 5000000)
-                rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
-                continue
+                return UNCONNECTED if self.dial(ep) else NEVER
+            if err == EAGAIN:
+                return FULL
             if err == EINTR:
                 PyErr_CheckSignals()
-            elif err != EAGAIN:
-                raise_zmq_error(err)
-            # The peer's queue is full: wait for room, up to `timeout`.
-            if deadline == 0:
-                deadline = _monotonic() + timeout
-            timeout_ms = <int>((deadline - _monotonic()) * 1000)
-            if timeout_ms <= 0:
-                raise Timeout("send queue to peer is full", None, None)
-            if self.green:
-                time.sleep(0.001)
-                rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
                 continue
-            set_int(self.sock, ZMQ_SNDTIMEO, timeout_ms)
-            with nogil:
-                rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE)
+            raise_zmq_error(err)
         # The routing frame went through: the rest of the message cannot
         # block or fail on the high-water mark.
         check(zmq_send(self.sock, header, hlen, ZMQ_SNDMORE))
         check(zmq_send(self.sock, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0))
+        cdef Peer peer = self.peers.get(rid)
+        if peer is not None:
+            peer.total += 1                 # unconfirmed until a reply or flush() hears back
+        self.last_peer = peer
+        return SENT
+
+    cdef int send_blocking(self, Endpoint ep, const char *header, size_t hlen,
+                           bytes body, double deadline) except -1:
+        """Wait for room in `ep`'s full queue, up to `deadline` (Timeout),
+        then send."""
+        cdef int status = self.send_waiting(ep.rid, header, hlen, body, deadline)
+        if status == FULL:
+            raise Timeout(f"send queue to {ep.address} is full", None, None)
+        if status != SENT:
+            raise PeerUnreachable(f"connection to {ep.address} was lost")
+        cdef Peer peer = self.peers.get(ep.rid)
+        if peer is not None:
+            peer.total += 1
+        self.last_peer = peer
         return 0
+
+    cdef int send_waiting(self, bytes rid, const char *header, size_t hlen, bytes body,
+                          double deadline) except -1:
+        """Send to the connected peer `rid`, waiting for room in its queue
+        up to `deadline`, GIL released (a green thread polls instead):
+        SENT, FULL at the deadline, or UNCONNECTED when the connection is
+        gone (libzmq dropped its queue).  ZMTP heartbeats drop a connection
+        whose peer stopped reading for good, which ends the wait too."""
+        cdef const char *r = PyBytes_AS_STRING(rid)
+        cdef size_t rlen = PyBytes_GET_SIZE(rid)
+        cdef int rc, err, timeout_ms
+        cdef long pause_ns = PAUSE_MIN_NS
+        while True:
+            timeout_ms = <int>((deadline - _monotonic()) * 1000)
+            if timeout_ms <= 0:
+                return FULL
+            if self.green:
+                rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+            else:
+                set_int(self.sock, ZMQ_SNDTIMEO, timeout_ms)
+                with nogil:
+                    rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE)
+            if rc != -1:
+                break
+            err = zmq_errno()
+            if err == EHOSTUNREACH:
+                return UNCONNECTED
+            if err == EINTR:
+                PyErr_CheckSignals()
+            elif err != EAGAIN:
+                raise_zmq_error(err)
+            elif self.green:
+                pause_ns = pause(pause_ns, True)
+        # The routing frame went through: the rest of the message cannot
+        # block or fail on the high-water mark.
+        check(zmq_send(self.sock, header, hlen, ZMQ_SNDMORE))
+        check(zmq_send(self.sock, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0))
+        return SENT
 
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline):
         """Wait for the next reply to `msg_id`: (kind, body bytes), or None
@@ -334,6 +555,10 @@ cdef class ReplyStream:
             raise StopIteration
         if kind == KIND_FAILURE:
             raise self.client.decode_failure(body)
+        if kind == KIND_REFUSED:
+            self.client.refused += 1
+            self.client.routes.invalidate(self.topic)
+            raise NoListeners(self.client.decode_value(body), self.topic, self.method)
         return self.client.decode_value(body)           # KIND_RESULT: last value
 
     cdef finish(self):
@@ -351,48 +576,29 @@ cdef class ReplyStream:
 
 
 cdef class Client:
-    """Everything a process needs to send: discovery, the per-thread outboxes
-    and the counters.  One per process, made by nova_zmq_fast.rpc."""
-    cdef Context ctx
-    cdef object matchmaker
-    cdef dict routes                # the matchmaker's route caches, read directly
-    cdef dict fanout_routes
-    cdef object tls
-    cdef object outboxes
-    cdef dict rr
-    cdef int send_timeout_ms
-    cdef int linger_ms
-    cdef readonly double connect_timeout
-    cdef dict down                  # address -> time until which it is skipped
-    cdef readonly bint green
-    cdef readonly double send_timeout
-    cdef readonly double response_timeout
-    cdef readonly Py_ssize_t max_message_size
-    cdef object rebuild_exception
-    cdef bint closed
-    cdef public unsigned long long casts, calls, fanouts, notifies, timeouts
-    cdef public unsigned long long no_listeners, notifications_dropped, fanout_unreachable
+    """Everything a process needs to send: the route table, the per-thread
+    outboxes and the counters.  One per Runtime."""
 
-    def __cinit__(self, Context ctx not None, matchmaker, *, double send_timeout,
-                  double response_timeout, Py_ssize_t max_message_size,
+    def __cinit__(self, Context ctx not None, RouteTable routes not None, *,
+                  double send_timeout, double response_timeout, Py_ssize_t max_message_size,
                   rebuild_exception, double linger=5.0, double connect_timeout=2.0,
-                  bint green=False):
+                  int backlog=1000, int socket_buffer=0, bint green=False, tuple curve=None):
         self.ctx = ctx
-        self.matchmaker = matchmaker
-        self.routes = matchmaker.routes
-        self.fanout_routes = matchmaker.fanout_routes
+        self.routes = routes
         self.tls = threading.local()
         self.outboxes = weakref.WeakSet()
         self.rr = {}
         self.send_timeout = send_timeout
-        self.send_timeout_ms = max(1, <int>(send_timeout * 1000))
         self.response_timeout = response_timeout
         self.linger_ms = <int>(linger * 1000)
+        self.backlog = backlog
+        self.socket_buffer = socket_buffer
         self.connect_timeout = connect_timeout
-        self.down = {}
         self.green = green
+        self.curve = curve
         self.max_message_size = max_message_size
         self.rebuild_exception = rebuild_exception
+        self.lost = {}
 
     cdef Outbox outbox(self):
         """This thread's outbox; it is closed when the thread ends."""
@@ -400,13 +606,29 @@ cdef class Client:
         if ob is None or ob.epoch != fork_epoch() or ob.sock == NULL:
             if self.closed:
                 raise RPCException("this RPC client was cleaned up")
-            ob = Outbox(self.ctx, self.send_timeout_ms, self.linger_ms, self.green)
-            ob.forgotten_seen = self.matchmaker.forgotten_count
+            ob = Outbox(self.ctx, self.linger_ms, self.backlog, self.green, self.curve,
+                        self.max_message_size, self.socket_buffer)
+            ob.dead_seen = self.routes.dead_count
+            ob.routes_seen = self.routes.generation
             self.tls.outbox = ob
             self.outboxes.add(ob)
-        elif ob.forgotten_seen != self.matchmaker.forgotten_count:
-            ob.forget_peers(self.matchmaker)
+        else:
+            if ob.dead_seen != self.routes.dead_count:
+                self.account(ob.forget_peers(self.routes),
+                             "sent to a server that died were never confirmed, so may be lost")
+            if ob.routes_seen != self.routes.generation:
+                ob.tidy(self.routes)
         return ob
+
+    cdef account(self, dict lost, str how):
+        """Count and report messages that may not have arrived."""
+        if not lost:
+            return
+        for address, n in lost.items():
+            self.lost[address] = self.lost.get(address, 0) + n
+            self.discarded += n
+        LOG.warning("%d message(s) %s: %s", sum(lost.values()), how,
+                    ", ".join(f"{a}: {n}" for a, n in sorted(lost.items())))
 
     cdef bytes encode(self, Outbox ob, object context, object msg):
         cdef bytes body
@@ -419,92 +641,174 @@ cdef class Client:
                                   f"rpc_zmq_max_message_size is {self.max_message_size}")
         return body
 
-    cdef tuple route(self, object topic, bint fanout=False):
-        entry = (self.fanout_routes if fanout else self.routes).get(topic)
-        if entry is not None and <double>(<tuple>entry)[0] > _monotonic():
-            return <tuple>(<tuple>entry)[1]
-        if fanout:
-            return self.matchmaker.lookup_fanout(topic)
-        return self.matchmaker.lookup(topic)
+    # -- where a message goes ----------------------------------------------
 
-    cdef tuple live(self, tuple endpoints):
-        """`endpoints` without those that just failed to connect."""
-        if not self.down:
-            return endpoints
-        now = _monotonic()
-        for address, until in list(self.down.items()):
-            if until <= now:
-                del self.down[address]
-        return tuple(ep for ep in endpoints if ep.address not in self.down)
+    cdef Py_ssize_t turn(self, object topic, Py_ssize_t n):
+        """Round-robin: where, among a topic's n consumers, to start."""
+        cdef Py_ssize_t i = self.rr.get(topic, 0)
+        self.rr[topic] = i + 1
+        return i % n
 
-    cdef object pick(self, tuple endpoints, object topic, object method):
-        """One endpoint, round-robin over the live consumers."""
-        endpoints = self.live(endpoints)
-        cdef Py_ssize_t n = len(endpoints), i
+    cdef str unreachable(self, Outbox ob, list endpoints):
+        """Why each of `endpoints` could not be reached, where known."""
+        cdef Endpoint ep
+        known = []
+        for ep in endpoints:
+            why = ob.why(ep.address)
+            if why:
+                known.append(f"{ep.address}: {why}")
+        return f" ({'; '.join(known)})" if known else ""
+
+    cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
+                           bytes body, double deadline, object topic, object method):
+        """Send to one consumer: the first, round-robin, that is connected
+        and has room; see the module docstring.  Returns it."""
+        cdef tuple live = self.routes.live(endpoints)
+        cdef Py_ssize_t n = len(live), start, k
+        cdef Endpoint ep, full = None
+        cdef int status
         if n == 0:
+            if endpoints:
+                raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
+                                      f"last {DOWN_FOR:g}s" +
+                                      self.unreachable(ob, list(endpoints)), topic, method)
             self.no_listeners += 1
             raise NoListeners(None, topic, method)
-        if n == 1:
-            return endpoints[0]
-        i = self.rr.get(topic, 0)
-        self.rr[topic] = i + 1
-        return endpoints[i % n]
+        cdef list reached = []
+        cdef list waiting = []
+        start = self.turn(topic, n) if n > 1 else 0
+        for k in range(n):
+            ep = <Endpoint>live[(start + k) % n]
+            status = ob.try_send(ep, header, hlen, body)
+            if status == SENT:
+                return ep
+            if status == UNCONNECTED:
+                if k == 0 and n > 1 and ob.dialling(ep.rid):
+                    self.wait_connected(ob, [ep], header, hlen, body,
+                                        min(deadline, _monotonic() + FIRST_DIAL_GRACE),
+                                        reached, True)
+                    if reached:
+                        return ep
+                waiting.append(ep)
+            elif status == FULL and full is None:
+                full = ep
+        if full is not None:                    # backpressure
+            ob.send_blocking(full, header, hlen, body,
+                             min(deadline, _monotonic() + self.send_timeout))
+            return full
+        if waiting:
+            self.wait_connected(ob, waiting, header, hlen, body, deadline, reached, True)
+        if not reached:
+            raise PeerUnreachable(
+                f"no connection to any of the {n} consumer(s) of {topic} in time" +
+                self.unreachable(ob, list(live)), topic, method)
+        return <Endpoint>reached[0]
 
-    cdef int request(self, int kind, int flags, int delivery, object endpoints,
-                     object context, const char *t, Py_ssize_t tlen, object msg,
-                     uint64_t msg_id, Outbox ob, object topic=None,
-                     object method=None) except -1:
-        """Encode once, then send.  Everything that can be wrong with the
-        arguments has raised before the first byte leaves.  `delivery`
-        says what to do with `endpoints` (see Delivery); an endpoint that
-        cannot be reached is skipped by this process for DOWN_FOR seconds."""
-        cdef char header[MAX_HEADER]
-        cdef bytes body = self.encode(ob, context, msg)
-        cdef size_t hlen = write_header(header, kind, flags, msg_id, t, tlen)
-        if delivery == EXACTLY:
-            for ep in endpoints:
-                ob.send(ep.rid, header, hlen, body, self.send_timeout, self.connect_timeout)
-            return 0
-        if delivery == EACH:
-            for ep in self.live(endpoints):
-                try:
-                    ob.send(ep.rid, header, hlen, body, self.send_timeout,
-                            self.connect_timeout)
-                except PeerUnreachable:
-                    self.down[ep.address] = _monotonic() + DOWN_FOR
-                    self.fanout_unreachable += 1
-                    LOG.warning("fanout to %s skipped %s: not reachable", topic, ep.address)
-            return 0
-        while True:
-            ep = self.pick(endpoints, topic, method)
-            try:
-                ob.send(ep.rid, header, hlen, body, self.send_timeout, self.connect_timeout)
-                return 0
-            except PeerUnreachable:
-                self.down[ep.address] = _monotonic() + DOWN_FOR
+    cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
+                        bytes body, double deadline):
+        """Send to every one of `endpoints` that can be reached within the
+        connect timeout; returns those that could not."""
+        cdef list pending = []
+        cdef Endpoint ep
+        cdef int status
+        cdef list never = []
+        for ep in endpoints:
+            status = ob.try_send(ep, header, hlen, body)
+            if status == FULL:
+                ob.send_blocking(ep, header, hlen, body,
+                                 min(deadline, _monotonic() + self.send_timeout))
+            elif status == UNCONNECTED:
+                pending.append(ep)
+            elif status == NEVER:
+                never.append(ep)
+        if pending:
+            pending = self.wait_connected(ob, pending, header, hlen, body, deadline, [], False)
+        return never + pending
+
+    cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
+                             bytes body, double deadline, list reached, bint one):
+        """Retry `pending` (not connected yet) until the connect timeout or
+        `deadline`, sending as each connects: to the first only (one) or to
+        each.  What was sent to goes into `reached`; returns those never
+        reached, marked down if the whole connect timeout passed."""
+        cdef long pause_ns = PAUSE_MIN_NS
+        cdef double until = min(deadline, _monotonic() + self.connect_timeout)
+        cdef bint whole = until < deadline
+        cdef Endpoint ep
+        cdef int status
+        cdef list still
+        while pending:
+            if _monotonic() >= until:
+                if whole:
+                    for ep in pending:
+                        self.routes.mark_down(ep.address, DOWN_FOR)
+                return pending
+            pause_ns = pause(pause_ns, self.green)
+            still = []
+            for ep in pending:
+                status = ob.try_send(ep, header, hlen, body)
+                if status == FULL:
+                    ob.send_blocking(ep, header, hlen, body,
+                                     min(deadline, _monotonic() + self.send_timeout))
+                    status = SENT
+                if status == UNCONNECTED:
+                    still.append(ep)
+                if status != SENT:
+                    continue
+                reached.append(ep)
+                if one:
+                    return []
+            pending = still
+        return pending
 
     # -- public operations -------------------------------------------------
 
-    def cast(self, context, topic, msg):
-        """Send to one consumer of `topic` (round-robin); no reply."""
+    def cast(self, context, topic, msg, bint at_least_once=False):
+        """Send to one consumer of `topic` (round-robin); no reply.  With
+        `at_least_once`, the runtime's courier carries it until a consumer
+        has handled it (see _courier.pyx); NoListeners at once if nobody
+        consumes the topic now."""
         cdef const char *t
         cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
         cdef Outbox ob = self.outbox()
-        self.request(KIND_CAST, 0, ONE_OF, self.route(topic), context, t, tlen, msg, 0, ob,
-                     topic, method)
+        cdef bytes body = self.encode(ob, context, msg)
+        if at_least_once:
+            if not self.routes.lookup(topic):
+                self.no_listeners += 1
+                raise NoListeners(None, topic, method)
+            self.courier.cast(topic, method, body)
+            self.casts += 1
+            return
+        cdef size_t hlen = write_header(header, KIND_CAST, 0, 0, t, tlen)
+        self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
+                      _monotonic() + self.send_timeout, topic, method)
         self.casts += 1
 
     def cast_to(self, endpoints, context, topic, msg, bint fanout=False):
-        """Send to the given endpoints, bypassing discovery."""
+        """Send to each of the given endpoints, bypassing discovery;
+        PeerUnreachable if one cannot be reached."""
         cdef const char *t
         cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
+        endpoints = tuple(endpoints)
+        for ep in endpoints:
+            if not isinstance(ep, Endpoint):
+                raise TypeError(f"expected an Endpoint, not {type(ep).__name__}")
         cdef Outbox ob = self.outbox()
-        self.request(KIND_FANOUT if fanout else KIND_CAST, 0, EXACTLY, tuple(endpoints),
-                     context, t, tlen, msg, 0, ob)
+        cdef bytes body = self.encode(ob, context, msg)
+        cdef size_t hlen = write_header(header, KIND_FANOUT if fanout else KIND_CAST, 0, 0,
+                                        t, tlen)
+        missed = self.send_each(ob, endpoints, header, hlen, body,
+                                _monotonic() + self.send_timeout)
+        if missed:
+            raise PeerUnreachable(f"no connection to {(<Endpoint>missed[0]).address} "
+                                  f"within {self.connect_timeout:g}s" +
+                                  self.unreachable(ob, missed))
         self.casts += 1
 
     def fanout_cast(self, context, topic, msg):
@@ -513,67 +817,103 @@ cdef class Client:
         be reached is skipped (logged and counted), the others still get it."""
         cdef const char *t
         cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
         cdef Outbox ob = self.outbox()
-        endpoints = self.route(topic, True)
-        self.request(KIND_FANOUT, 0, EACH, endpoints, context, t, tlen, msg, 0, ob, topic)
+        cdef bytes body = self.encode(ob, context, msg)
+        cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
+        endpoints = self.routes.live(self.routes.lookup_fanout(topic))
+        missed = self.send_each(ob, endpoints, header, hlen, body,
+                                _monotonic() + self.send_timeout)
+        for ep in missed:
+            self.fanout_unreachable += 1
+            LOG.warning("fanout to %s skipped %s: not reachable%s", topic, ep.address,
+                        self.unreachable(ob, [ep]))
         self.fanouts += 1
-        return len(endpoints)
+        return len(endpoints) - len(missed)
 
     def notify(self, context, topic, msg):
         """Deliver a notification (any dict) to one consumer of `topic`.
-        With no consumer it is dropped and counted: notifications are
-        best-effort, as with the original driver."""
+        With no consumer it is held for later (rpc_zmq_hold_notifications,
+        True) or dropped and counted (False)."""
         cdef const char *t
         cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         if not isinstance(msg, dict):
             raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
         cdef Outbox ob = self.outbox()
+        cdef bytes body = self.encode(ob, context, msg)
+        cdef size_t hlen = write_header(header, KIND_NOTIFY, 0, 0, t, tlen)
         try:
-            self.request(KIND_NOTIFY, 0, ONE_OF, self.route(topic), context, t, tlen, msg, 0,
-                         ob, topic, None)
+            self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
+                          _monotonic() + self.send_timeout, topic, None)
         except NoListeners:
-            self.no_listeners -= 1                  # counted as a dropped notification
+            self.no_listeners -= 1                  # counted as held or dropped
+            if self.courier is not None and self.courier.hold(topic, body):
+                return True
             self.notifications_dropped += 1
             return False
         self.notifies += 1
         return True
 
     cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
-                            int flags) except? 0:
-        """Validate and send a CALL; returns its msg_id."""
+                            int flags, double deadline, set refused) except? 0:
+        """Validate and send a CALL to a consumer not in `refused`; returns
+        its msg_id, and adds the consumer to `refused` for a retry."""
         cdef const char *t
         cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
+        cdef bytes body = self.encode(ob, context, msg)
         ob.last_id += 1
-        self.request(KIND_CALL, flags, ONE_OF, self.route(topic), context, t, tlen, msg,
-                     ob.last_id, ob, topic, method)
+        cdef size_t hlen = write_header(header, KIND_CALL, flags, ob.last_id, t, tlen)
+        endpoints = self.routes.lookup(topic)
+        if refused:
+            endpoints = tuple(ep for ep in endpoints if ep not in refused)
+        refused.add(self.send_one(ob, endpoints, header, hlen, body, deadline, topic, method))
         self.calls += 1
         return ob.last_id
 
     def call(self, context, topic, msg, timeout=None, monitor_timeout=None):
         """Send to one consumer and wait for its result (or exception).
 
-        With `monitor_timeout`, the call also fails when the server has
-        sent neither the result nor a heartbeat for that long (oslo.messaging's
-        call monitor); heartbeats let a long call run up to `timeout`."""
+        `timeout` bounds the whole call: finding a connection, waiting for
+        room and waiting for the reply.  With `monitor_timeout`, the call
+        also fails when the server has sent neither the result nor a
+        heartbeat for that long (oslo.messaging's call monitor); heartbeats
+        let a long call run up to `timeout`."""
         cdef double wait = self.check_timeout(timeout)
         cdef double monitor = self.check_timeout(monitor_timeout) if monitor_timeout else 0
-        cdef Outbox ob = self.outbox()
-        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, 0)
         cdef double deadline = _monotonic() + wait
         cdef double alive_until
+        cdef set refused = set()
+        cdef Outbox ob = self.outbox()
+        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
+        cdef Peer peer = ob.last_peer
+        cdef unsigned long long sent_before = peer.total if peer is not None else 0
         while True:
             alive_until = deadline if monitor == 0 else min(deadline, _monotonic() + monitor)
             reply = ob.wait_reply(msg_id, alive_until)
+            if reply is not None and peer is not None and sent_before > peer.confirmed:
+                # Any answer means everything sent before the call arrived.
+                peer.confirmed = sent_before
             if reply is None:
                 self.timeouts += 1
                 if alive_until < deadline:
                     raise Timeout(f"no heartbeat for {monitor:g}s", topic, msg["method"])
                 raise Timeout(None, topic, msg["method"])
+            if reply[0] == KIND_REFUSED:
+                # That server no longer serves the topic and did not run the
+                # call: ask discovery again and try another one.
+                self.refused += 1
+                self.routes.invalidate(topic)
+                msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
+                peer = ob.last_peer
+                sent_before = peer.total if peer is not None else 0
+                continue
             if reply[0] != KIND_HEARTBEAT:
                 break
         kind, body = reply
@@ -589,7 +929,8 @@ cdef class Client:
         bounds the wait for each value."""
         cdef double wait = self.check_timeout(timeout)
         cdef Outbox ob = self.outbox()
-        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, FLAG_MULTI)
+        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, FLAG_MULTI,
+                                              _monotonic() + wait, set())
         cdef ReplyStream stream = ReplyStream.__new__(ReplyStream)
         stream.msg_id = msg_id
         stream.client = self
@@ -601,6 +942,49 @@ cdef class Client:
         stream.done = False
         ob.streams[stream.msg_id] = []
         return stream
+
+    def ping(self, Endpoint endpoint not None, topic, timeout=None, version=None,
+             namespace=None):
+        """Ask the server at `endpoint` whether it serves `topic` (and, with
+        `version`, whether a consumer accepts that API version).  The answer
+        comes from its receive loop, not the service's code: a dict with its
+        host, address, pid, transport and envelope versions, and the round
+        trip in seconds ("rtt").  NoListeners if it does not serve the topic,
+        UnsupportedRpcVersion, PeerUnreachable or Timeout otherwise."""
+        cdef const char *t
+        cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
+        topic_utf8(topic, &t, &tlen)
+        cdef double wait = self.check_timeout(timeout)
+        msg = {}
+        if version is not None:
+            msg["version"] = str(version)
+            if namespace is not None:
+                msg["namespace"] = str(namespace)
+        cdef Outbox ob = self.outbox()
+        cdef bytes body = self.encode(ob, {}, msg)
+        ob.last_id += 1
+        cdef uint64_t msg_id = ob.last_id
+        cdef size_t hlen = write_header(header, KIND_PING, 0, msg_id, t, tlen)
+        cdef double start = _monotonic()
+        cdef double deadline = start + wait
+        if self.send_each(ob, (endpoint,), header, hlen, body, deadline):
+            raise PeerUnreachable(f"no connection to {endpoint.address} in time" +
+                                  self.unreachable(ob, [endpoint]), topic, "ping")
+        reply = ob.wait_reply(msg_id, deadline)
+        if reply is None:
+            self.timeouts += 1
+            raise Timeout(f"no answer from {endpoint.address}", topic, "ping")
+        kind, body = reply
+        if kind == KIND_REFUSED:
+            raise NoListeners(self.decode_value(body), topic, "ping")
+        if kind == KIND_FAILURE:
+            raise self.decode_failure(body)
+        about = self.decode_value(body)
+        if not isinstance(about, dict):
+            raise RPCException(f"malformed answer to a ping: {about!r}")
+        about["rtt"] = _monotonic() - start
+        return about
 
     # -- helpers -----------------------------------------------------------
 
@@ -615,7 +999,7 @@ cdef class Client:
 
     cdef object decode_value(self, bytes body):
         try:
-            return unpack(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+            return unpack(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), self.max_message_size)
         except MalformedEnvelope as exc:
             raise RPCException(f"malformed reply: {exc}") from None
 
@@ -626,18 +1010,31 @@ cdef class Client:
         return {
             "casts": self.casts, "calls": self.calls, "fanouts": self.fanouts,
             "notifies": self.notifies, "timeouts": self.timeouts,
-            "no_listeners": self.no_listeners,
+            "no_listeners": self.no_listeners, "refused": self.refused,
             "notifications_dropped": self.notifications_dropped,
             "fanout_unreachable": self.fanout_unreachable,
+            "discarded": self.discarded,
             "outboxes": len(self.outboxes),
         }
 
     def close(self, double linger=0.0):
-        """Close every thread's outbox.  Queued messages get `linger`
-        seconds to leave.  Must not race with calls still in progress."""
+        """Close every thread's outbox, once each peer has confirmed what
+        it was sent (Outbox.flush), waiting at most `linger` seconds.
+        Returns {address: messages not confirmed, so maybe lost}; they are
+        counted in stats() and named in one warning.  Must not race with
+        calls still in progress."""
         self.closed = True
         cdef Outbox ob
-        cdef int linger_ms = <int>(linger * 1000)
+        cdef double deadline = _monotonic() + linger
+        lost = {}
         for ob in list(self.outboxes):
-            ob.close(linger_ms)
+            if ob.sock == NULL or ob.epoch != fork_epoch():
+                continue
+            for address, n in ob.flush(deadline).items():
+                lost[address] = lost.get(address, 0) + n
+            ob.close(0)
         self.tls = threading.local()
+        self.account(lost, f"not confirmed by their peers within {linger:g}s were dropped at "
+                           f"cleanup")
+        # Everything this client could not vouch for, since it started.
+        return dict(self.lost)

@@ -1,8 +1,11 @@
-"""The serving side: the receive loop and topic dispatch.
+"""The serving side: the receive loop of the process's one listening socket.
 
-A Server owns one bound ROUTER socket.  Requests arrive as
-[caller identity, header, body]; replies leave on the same socket with the
-same identity, straight back to the waiting thread's outbox.
+A Server owns one bound ROUTER socket, shared by every Connection of its
+Runtime: a process is one address in discovery, and announces that address
+as its routing id.  Requests arrive as
+[caller identity, header, body]; the topic names a Subscription (every
+local consumer of it, see _dispatch.pyx); replies leave on the same socket
+with the same identity, straight back to the waiting thread's outbox.
 
 Workers follow a lazy leader/follower scheme (csrc/leader.h): the worker
 holding the token receives a message and runs the handler itself, in its own
@@ -23,50 +26,51 @@ that id and forwards the reply.
 Bad input never stops the loop: a message with the wrong frame count, a bad
 header, an unknown version, an oversized body, undecodable msgpack or a
 topic this node does not serve is dropped and counted in `stats()`.  If its
-header was readable and it was a CALL, the caller also gets a failure reply
-at once instead of waiting for its timeout.
+header was readable and it was a CALL, the caller also gets an answer at
+once instead of waiting for its timeout: FAILURE, or REFUSED for a topic
+not served here (the call did not run, so the caller may try another
+server).  Whatever a handler raises, BaseException included, becomes a
+FAILURE (or, for a cast, a logged error) and the loop serves on.
 """
+import collections
+import itertools
 import logging
 import os
 import time
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.object cimport PyObject_Call
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set_int
 from nova_zmq_fast._envelope cimport *
+from nova_zmq_fast._dispatch cimport PROXY_DEFERRED, Consumer, RpcContext, Subscription
+from nova_zmq_fast._routes cimport host_base_len
 
+from nova_zmq_fast import __version__
+from nova_zmq_fast._curve import ZAP_DOMAIN
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.dispatcher import unwrap
+from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
-    InvalidMessage, MalformedEnvelope, MessageTooLarge, SerializationError)
+    MalformedEnvelope, MessageTooLarge, SerializationError, UnsupportedRpcVersion)
 
 LOG = logging.getLogger("nova_zmq_fast.server")
-
-cdef extern from "leader.h" nogil:
-    ctypedef struct lf_token:
-        uint64_t owner
-        int waiting
-        int closed
-    int lf_init(lf_token *t, int64_t patience_ns)
-    void lf_destroy(lf_token *t)
-    uint64_t lf_follow(lf_token *t, int *stole)
-    void lf_busy(lf_token *t, uint64_t gen)
-    int lf_idle(lf_token *t, uint64_t gen)
-    void lf_close_owner(lf_token *t, uint64_t gen)
-    int lf_try_close(lf_token *t)
-    void lf_lock(lf_token *t)
-    void lf_unlock(lf_token *t)
+PEERS_LOG = RateLimitedLog(LOG)
 
 cdef extern from "Python.h":
     bint PyGen_Check(object o)
 
 cdef object _monotonic = time.monotonic
-cdef object _unwrap = unwrap
+cdef object _control_names = itertools.count()
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 cdef enum:
     SECRET_LEN = 16
@@ -79,61 +83,15 @@ cdef enum Received:                 # what _recv() found
     GOT_CONTROL = 3                 # a forwarded reply, already sent on
     GOT_STOP = 4
 
-
-@cython.final
-@cython.freelist(32)
-cdef class RpcContext:
-    """The request context a server method receives: attribute access to
-    the caller's context values, and to_dict() for passing it on."""
-    cdef dict _values
-
-    def __cinit__(self):
-        self._values = {}
-
-    def __init__(self, values=None, **kwargs):
-        self._values = dict(values or (), **kwargs)
-
-    @staticmethod
-    cdef RpcContext wrap(dict values):
-        cdef RpcContext ctx = RpcContext.__new__(RpcContext)
-        ctx._values = values
-        return ctx
-
-    def __getattr__(self, name):
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name, value):
-        self._values[name] = value
-
-    def __delattr__(self, name):
-        try:
-            del self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to_dict(self):
-        return dict(self._values)
-
-    def __reduce__(self):
-        return (RpcContext, (self._values,))
-
-    def __eq__(self, other):
-        if isinstance(other, RpcContext):
-            return self._values == (<RpcContext>other)._values
-        return NotImplemented
-
-    def __repr__(self):
-        return f"RpcContext({self._values!r})"
-
-
-cdef enum ProxyKind:
-    PROXY_DISPATCHER                # has dispatch(): version/namespace rules
-    PROXY_CALLABLE                  # called as proxy(ctxt, msg) with raw messages
-    PROXY_METHODS                   # its public method msg['method'] is called
-    PROXY_DEFERRED                  # called as proxy(ctxt, msg, replier); replies later
+_COUNTER_NAMES = (
+    "received", "handled", "replies", "handler_errors",
+    "dropped_frame_count", "dropped_bad_header", "dropped_version",
+    "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
+    "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
+)
+# At-least-once casts remembered, to recognise one sent again: at 10,000
+# such casts a second, the last 20 seconds.
+SEEN_MAX = 200000
 
 
 @cython.final
@@ -141,10 +99,9 @@ cdef class Replier:
     """Answers one call later, from any thread (the oslo.messaging driver
     hands requests to its executor and replies from there).  The reply goes
     through the server's control socket to whichever worker leads."""
-    cdef Server server
-    cdef bytes identity
-    cdef uint64_t msg_id
-    cdef readonly bint done
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Replier is not supposed to be instantiated from Python")
 
     def result(self, value):
         """The final value."""
@@ -156,12 +113,18 @@ cdef class Replier:
 
     def heartbeat(self):
         """The call is still running (restarts the caller's call monitor)."""
+        self._check()
         if not self.done:
             self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
                                     PyBytes_GET_SIZE(self.identity), KIND_HEARTBEAT,
                                     self.msg_id, b"")
 
+    cdef _check(self):
+        if self.server is None or self.identity is None:
+            raise RuntimeError("this Replier is not bound to a call")
+
     cdef _send(self, int kind, bytes body):
+        self._check()
         if self.done:
             return
         self.done = True
@@ -177,139 +140,110 @@ cdef bytes _packb(value):
 
 
 @cython.final
-cdef class Consumer:
-    """What a Server does with messages for one topic: call into `proxy`
-    (see nova_zmq_fast.dispatcher for the three kinds of proxy)."""
-    cdef readonly str topic
-    cdef readonly bint fanout
-    cdef readonly object proxy
-    cdef object dispatch
-    cdef int mode
-
-    def __cinit__(self, str topic, bint fanout, proxy, bint deferred=False):
-        self.topic = topic
-        self.fanout = fanout
-        self.proxy = proxy
-        self.dispatch = getattr(proxy, "dispatch", None)
-        if deferred:
-            self.mode = PROXY_DEFERRED
-        elif callable(self.dispatch):
-            self.mode = PROXY_DISPATCHER
-        elif callable(proxy):
-            self.mode = PROXY_CALLABLE
-        else:
-            self.mode = PROXY_METHODS
-
-    def handle(self, dict context not None, dict message not None):
-        """Run one cast the way the receive loop does; for tests and
-        micro-benchmarks."""
-        return self.invoke(RpcContext.wrap(context), message, KIND_CAST)
-
-    cdef object invoke(self, RpcContext ctxt, dict msg, int kind):
-        if kind == KIND_NOTIFY:
-            msg = _unwrap(msg)
-        if self.mode == PROXY_CALLABLE:
-            return self.proxy(ctxt, msg)
-        if self.mode == PROXY_DEFERRED:
-            return self.proxy(ctxt, msg, None)
-        method = msg.get("method")
-        if type(method) is not str or not method:
-            raise InvalidMessage("message has no 'method'")
-        args = msg.get("args")
-        if args is None:
-            args = {}
-        elif type(args) is not dict:
-            raise InvalidMessage("message 'args' is not a dict")
-        if self.mode == PROXY_DISPATCHER:
-            return self.dispatch(ctxt, msg.get("version"), method, msg.get("namespace"),
-                                 **args)
-        target = None
-        if (<str>method)[0] != "_":
-            target = getattr(self.proxy, method, None)
-        if target is None or not callable(target):
-            raise AttributeError(f"No such RPC function '{method}'")
-        return PyObject_Call(target, (ctxt,), args)
-
-
-cdef enum:                          # indexes into Server.counters
-    RECEIVED, HANDLED, REPLIES, HANDLER_ERRORS,
-    DROPPED_FRAMES, DROPPED_HEADER, DROPPED_VERSION, DROPPED_OVERSIZE,
-    DROPPED_BODY, DROPPED_TOPIC, REPLIES_UNDELIVERABLE,
-    NCOUNTERS
-
-_COUNTER_NAMES = (
-    "received", "handled", "replies", "handler_errors",
-    "dropped_frame_count", "dropped_bad_header", "dropped_version",
-    "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
-    "replies_undeliverable",
-)
-
-
-@cython.final
 cdef class Worker:
-    """Per-thread state: packers are not thread-safe."""
-    cdef object packer
+    """Per-thread state."""
 
     def __cinit__(self):
         self.packer = new_packer()
 
 
+def serve(Context ctx not None, str bind not None, str host not None, str address not None,
+          *, Py_ssize_t max_message_size, int max_threads=64, int backlog=1000,
+          int socket_buffer=0,
+          double patience=0.005, double quiet=0.05, serialize_failure,
+          on_failure=None, bytes curve_secret=None,
+          AllowList allow=None):
+    """Bind a Server to `bind`; peers reach it at `address`, which is
+    also the routing id it announces (outboxes address it by that).  With
+    `curve_secret` (Z85) it speaks only CURVE and requires the context's
+    ZAP handler to accept each client (`allow` is its allow-list).  It
+    serves once start() is called."""
+    cdef Server server = Server.__new__(Server)
+    server._setup(ctx, bind, host, address, max_message_size, max_threads, backlog,
+                  socket_buffer, patience, quiet, serialize_failure, on_failure, curve_secret,
+                  allow)
+    return server
+
+
+cdef inline tuple _seen_key(zmq_msg_t *identity, uint64_t msg_id):
+    """An at-least-once cast's key in the dedup window: its sender's
+    routing id (stable across reconnects) and its id."""
+    return (PyBytes_FromStringAndSize(<const char *>zmq_msg_data(identity),
+                                      zmq_msg_size(identity)), msg_id)
+
+
 cdef class Server:
-    cdef Context ctx
-    cdef void *sock                 # ROUTER, bound: requests in, replies out
-    cdef void *control              # inproc DEALER into sock; under the token mutex
-    cdef bytes secret               # the control socket's routing id
-    cdef lf_token lf
-    cdef bint lf_ready
-    cdef dict direct                # topic (UTF-8 bytes) -> Consumer
-    cdef dict fanouts
-    cdef tuple last                 # (kind is fanout, topic bytes, Consumer)
-    cdef bytes host_suffix          # b"." + host: 'topic.host' is ours
-    cdef readonly str bound         # the endpoint libzmq reports
-    cdef Py_ssize_t max_message_size
-    cdef readonly int max_threads
-    cdef readonly int workers        # worker threads running
-    cdef bint started
-    cdef object threads_lock
-    cdef bint stopping
-    cdef double quiet
-    cdef unsigned long long counters[NCOUNTERS]
-    cdef int epoch
-    cdef object handle_failure      # exception -> msgpack-able failure
 
     def __cinit__(self):
         self.sock = self.control = NULL
         self.lf_ready = False
-
-    def __init__(self, Context ctx not None, str bind not None, str host not None,
-                 bytes identity=None, *,
-                 Py_ssize_t max_message_size, int max_threads=64, double patience=0.005,
-                 double quiet=0.05, serialize_failure=None):
-        cdef int64_t limit
-        cdef zmq_msg_t probe
-        self.ctx = ctx
-        self.epoch = fork_epoch()
         self.direct = {}
         self.fanouts = {}
-        self.host_suffix = ("." + host).encode("utf-8")
+        self.spawn_tokens = set()
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Server is not supposed to be instantiated from Python; "
+                        "use nova_zmq_fast._server.serve()")
+
+    def _setup(self, Context ctx, str bind, str host, str address, Py_ssize_t max_message_size,
+               int max_threads, int backlog, int socket_buffer, double patience, double quiet,
+               serialize_failure, on_failure, bytes curve_secret, AllowList allow):
+        cdef int64_t limit
+        cdef zmq_msg_t probe
+        if self.ctx is not None:
+            raise RuntimeError("server is already set up")
+        self.ctx = ctx
+        self.epoch = fork_epoch()
+        self.host = host.encode("utf-8")
+        self.address = address
         self.max_message_size = max_message_size
         self.max_threads = max(1, max_threads)
         self.threads_lock = unpatched("_thread").allocate_lock()
         self.quiet = quiet
-        self.handle_failure = serialize_failure
+        self.serialize_failure = serialize_failure
+        self.on_failure = on_failure
+        self.allow = allow
+        self.log = PEERS_LOG
+        self.seen = collections.OrderedDict()
+        self.about = {"host": host, "address": address, "pid": os.getpid(),
+                      "transport": __version__, "envelope": VERSION}
         if lf_init(&self.lf, <int64_t>(patience * 1e9)) != 0:
             raise MemoryError("cannot initialise the worker token")
         self.lf_ready = True
-        self.secret = os.urandom(16)
-        internal = f"inproc://nzf-control-{id(self):x}".encode()
+        self.secret = os.urandom(SECRET_LEN)
+        # Unique per server for the life of the process: libzmq releases an
+        # inproc name asynchronously, so a name derived from id(self) could
+        # still be taken by a server just closed at the same address.
+        internal = (f"inproc://nzf-control-{os.getpid()}-{next(_control_names)}-"
+                    f"{self.secret[:4].hex()}").encode()
         try:
             self.sock = ctx.socket(ZMQ_ROUTER)
             set_int(self.sock, ZMQ_ROUTER_MANDATORY, 1)
             set_int(self.sock, ZMQ_LINGER, 0)
-            set_int(self.sock, ZMQ_RCVHWM, 100000)
+            # A second connection presenting a routing id already connected
+            # takes it over.  Without this, libzmq parks such a connection
+            # unread while its data piles up in memory for good.  Callers'
+            # ids are random (outboxes), so nobody takes over someone else's.
+            set_int(self.sock, ZMQ_ROUTER_HANDOVER, 1)
+            # Per connection: what a peer may queue here before its sends
+            # wait (and all the memory it can make us hold); replies may
+            # pile up more, for callers reading a long multicall stream.
+            set_int(self.sock, ZMQ_RCVHWM, max(1, backlog))
+            if socket_buffer > 0:
+                set_int(self.sock, ZMQ_RCVBUF, socket_buffer)
             set_int(self.sock, ZMQ_SNDHWM, 100000)
-            if ":" in bind.partition("://")[2].rpartition(":")[0]:
-                set_int(self.sock, ZMQ_IPV6, 1)
+            # Dual stack: '*' then listens on IPv6 too (libzmq falls back to
+            # IPv4 where the host has no IPv6).
+            set_int(self.sock, ZMQ_IPV6, 1)
+            if curve_secret is not None:
+                set_int(self.sock, ZMQ_CURVE_SERVER, 1)
+                # Z85 with its terminating NUL: 41 bytes.
+                check(zmq_setsockopt(self.sock, ZMQ_CURVE_SECRETKEY,
+                                     PyBytes_AS_STRING(curve_secret), 41))
+                # A ZAP domain makes libzmq require a ZAP handler: without
+                # one every handshake fails, never "any key will do".
+                check(zmq_setsockopt(self.sock, ZMQ_ZAP_DOMAIN, PyBytes_AS_STRING(ZAP_DOMAIN),
+                                     PyBytes_GET_SIZE(ZAP_DOMAIN)))
             if max_message_size > 0:
                 # Safety net only: the loop itself drops and counts messages
                 # over the limit; libzmq refuses frames beyond twice it (and
@@ -327,18 +261,18 @@ cdef class Server:
             zmq_msg_init(&probe)
             zmq_msg_recv(&probe, self.sock, ZMQ_DONTWAIT)   # attach it now
             zmq_msg_close(&probe)
-            if identity:
-                # Callers address this server by its advertised address:
-                # that is the routing id it announces to every peer.
-                check(zmq_setsockopt(self.sock, ZMQ_ROUTING_ID,
-                                     PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity)))
+            # Callers address this server by its advertised address: that
+            # is the routing id it announces to every peer.
+            identity = address.encode()
+            check(zmq_setsockopt(self.sock, ZMQ_ROUTING_ID, PyBytes_AS_STRING(identity),
+                                 PyBytes_GET_SIZE(identity)))
             check(zmq_bind(self.sock, bind.encode()))
             self.bound = self._last_endpoint()
         except BaseException:
             self._close_sockets(0)
             raise
 
-    cdef str _last_endpoint(self):
+    def _last_endpoint(self):
         cdef char buf[256]
         cdef size_t size = sizeof(buf)
         check(zmq_getsockopt(self.sock, ZMQ_LAST_ENDPOINT, buf, &size))
@@ -346,58 +280,110 @@ cdef class Server:
 
     # -- consumers ---------------------------------------------------------
 
-    def add_consumer(self, str topic, bint fanout, proxy, bint deferred=False):
-        """Serve `topic` with `proxy`.  deferred=True: the proxy is called
-        as proxy(ctxt, msg, replier) and answers calls through the Replier
-        whenever it likes (replier is None for casts)."""
-        table = self.fanouts if fanout else self.direct
-        table[topic.encode("utf-8")] = Consumer(topic, fanout, proxy, deferred)
+    def add_consumer(self, str topic not None, bint fanout, proxy, bint deferred, owner):
+        """Serve `topic` with `proxy` too (see _dispatch.pyx); returns the
+        Consumer, which drain() takes back."""
+        cdef Consumer consumer = Consumer.new(topic, fanout, proxy, deferred, owner)
+        cdef dict table = self.fanouts if fanout else self.direct
+        key = topic.encode("utf-8")
+        cdef Subscription sub = table.get(key)
+        table[key] = Subscription.new((sub.consumers if sub is not None else ()) + (consumer,))
+        self.last = None
+        return consumer
+
+    def drain(self, consumers, double timeout):
+        """Stop serving `consumers` (withdrawn from discovery by the caller):
+        go on dispatching to them until none has been used for `quiet`
+        seconds, remove them, and wait for their running handlers.  Bounded
+        by `timeout`; True if everything finished in time."""
+        cdef Consumer c
+        cdef double started = _now()
+        cdef double deadline = _monotonic() + max(0.0, timeout)
+        cdef double last
+        for c in consumers:
+            c.closing = True
+            c.last_used = started
+        while self.workers > 0 and _monotonic() < deadline:
+            if not any(c.active for c in consumers):
+                # An idle loop that has received nothing since we began
+                # holds nothing for these consumers: done at once.
+                if self.idle and self.last_wake < started:
+                    break
+                last = max([c.last_used for c in consumers] or [0.0])
+                if _now() - last >= self.quiet:
+                    break
+            time.sleep(0.002)
+        self._remove(consumers)
+        while any(c.active for c in consumers) and _monotonic() < deadline:
+            time.sleep(0.002)
+        return not any(c.active for c in consumers)
+
+    def _remove(self, consumers):
+        cdef Subscription sub
+        cdef dict table
+        gone = set(consumers)
+        for table in (self.direct, self.fanouts):
+            for key, sub in list(table.items()):
+                kept = tuple(c for c in sub.consumers if c not in gone)
+                if len(kept) == len(sub.consumers):
+                    continue
+                if kept:
+                    table[key] = Subscription.new(kept)
+                else:
+                    del table[key]
         self.last = None
 
-    def remove_consumer(self, str topic, bint fanout):
-        table = self.fanouts if fanout else self.direct
-        table.pop(topic.encode("utf-8"), None)
-        self.last = None
+    @property
+    def consumers(self):
+        """Every (topic, fanout) served."""
+        return sorted([(k.decode(), False) for k in self.direct] +
+                      [(k.decode(), True) for k in self.fanouts])
 
-    cdef Consumer find(self, Header *h):
-        """The consumer for a request: the exact topic, or for 'topic.host'
-        where host is ours, the consumer of 'topic'.  The last answer is
-        kept, so a stream of messages to one topic costs a memcmp."""
+    cdef Subscription find(self, Header *h):
+        """The subscription for a request: the exact topic, or for
+        'topic.host' where host is ours (the rule lives in _routes), the
+        subscription of 'topic'.  The last answer is kept, so a stream of
+        messages to one topic costs a memcmp."""
         cdef bint fanout = h.kind == KIND_FANOUT
         cdef tuple last = self.last
         cdef bytes topic
+        cdef Py_ssize_t base
         if last is not None:
             topic = <bytes>last[1]
             if (<bint>last[0] == fanout and PyBytes_GET_SIZE(topic) == <Py_ssize_t>h.topic_len
                     and memcmp(PyBytes_AS_STRING(topic), h.topic, h.topic_len) == 0):
-                return <Consumer>last[2]
+                return <Subscription>last[2]
         topic = PyBytes_FromStringAndSize(h.topic, h.topic_len)
-        consumer = (self.fanouts if fanout else self.direct).get(topic)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.host_suffix)
-        if consumer is None and not fanout and <Py_ssize_t>h.topic_len > n and memcmp(
-                h.topic + h.topic_len - n, PyBytes_AS_STRING(self.host_suffix), n) == 0:
-            consumer = self.direct.get(topic[:h.topic_len - n])
-        if consumer is not None:
-            self.last = (fanout, topic, consumer)
-        return consumer
+        sub = (self.fanouts if fanout else self.direct).get(topic)
+        if sub is None and not fanout:
+            base = host_base_len(h.topic, h.topic_len, PyBytes_AS_STRING(self.host),
+                                 PyBytes_GET_SIZE(self.host))
+            if base > 0:
+                sub = self.direct.get(topic[:base])
+        if sub is not None:
+            self.last = (fanout, topic, sub)
+        return sub
 
     # -- workers -----------------------------------------------------------
 
     def start(self):
         """Start serving: one leader plus a standby; more on demand."""
         with self.threads_lock:
-            if self.started or self.stopping:
+            if self.started or self.stopping or self.sock == NULL:
                 return
             self.started = True
             for _ in range(min(2, self.max_threads)):
                 self._spawn()
 
     cdef _spawn(self):
+        token = object()
+        self.spawn_tokens.add(token)
         self.workers += 1
         try:
-            unpatched("_thread").start_new_thread(self._work, ())
+            unpatched("_thread").start_new_thread(self._work, (token,))
         except BaseException:
             self.workers -= 1
+            self.spawn_tokens.discard(token)
             raise
 
     cdef _grow(self):
@@ -409,9 +395,13 @@ cdef class Server:
             if self.workers < self.max_threads and not self.stopping:
                 self._spawn()
 
-    def _work(self):
+    def _work(self, token):
+        """A worker thread's body; only threads the server spawned run it."""
         cdef uint64_t gen
         cdef int stole
+        if token not in self.spawn_tokens:
+            raise RuntimeError("Server._work is the body of the server's own worker threads")
+        self.spawn_tokens.discard(token)
         cdef Worker w = Worker()
         try:
             while True:
@@ -427,6 +417,11 @@ cdef class Server:
                     LOG.exception("receive loop failed; closing server %s", self.bound)
                     self.stopping = True
                     lf_close_owner(&self.lf, gen)
+                    if self.on_failure is not None:
+                        try:
+                            self.on_failure()
+                        except Exception:
+                            LOG.exception("withdrawing server %s failed", self.bound)
                     return
         finally:
             self.workers -= 1
@@ -459,19 +454,25 @@ cdef class Server:
         the GIL and blocks, up to `timeout_ms` (-1: forever).  The rest of a
         multipart message is already there."""
         cdef int n = 1, rc, err, status
+        cdef bint woke = False
         rc = zmq_msg_recv(&parts[0], self.sock, ZMQ_DONTWAIT)
         if rc == -1:
             err = zmq_errno()
             if err != EAGAIN and err != EINTR:
                 raise_zmq_error(err)
+            if timeout_ms == 0:
+                return GOT_NOTHING
             set_int(self.sock, ZMQ_RCVTIMEO, timeout_ms)
+            self.idle = True
             with nogil:
                 rc = zmq_msg_recv(&parts[0], self.sock, 0)
+            self.idle = False
             if rc == -1:
                 err = zmq_errno()
                 if err == EAGAIN or err == EINTR:
                     return GOT_NOTHING
                 raise_zmq_error(err)
+            woke = True
         while zmq_msg_more(&parts[n - 1]) and n < MAX_PARTS:
             check(zmq_msg_recv(&parts[n], self.sock, 0))
             n += 1
@@ -481,19 +482,36 @@ cdef class Server:
         if (zmq_msg_size(&parts[0]) == SECRET_LEN and memcmp(
                 zmq_msg_data(&parts[0]), PyBytes_AS_STRING(self.secret), SECRET_LEN) == 0):
             return self._control(parts, n)
+        if woke:
+            self.last_wake = _now()         # once per wake-up by a peer, not per message
         self.counters[RECEIVED] += 1
         if n != 3:
-            self.counters[DROPPED_FRAMES] += 1
-            return GOT_DROPPED
+            return self._drop(DROPPED_FRAMES, "a message that is not 3 frames")
         status = parse_header(<const char *>zmq_msg_data(&parts[1]),
                               zmq_msg_size(&parts[1]), h)
         if status == HDR_VERSION:
-            self.counters[DROPPED_VERSION] += 1
-            return GOT_DROPPED
+            return self._drop(DROPPED_VERSION, "a message of an unknown envelope version")
         if status != HDR_OK or not is_request(h.kind):
-            self.counters[DROPPED_HEADER] += 1
-            return GOT_DROPPED
+            return self._drop(DROPPED_HEADER, "a message with a bad header")
+        if self.allow is not None and self.allow.revoked and self._revoked(&parts[1]):
+            return self._drop(DROPPED_REVOKED, "a message over a connection whose key was "
+                              "revoked")
         return GOT_REQUEST
+
+    cdef int _drop(self, int counter, str what) except -1:
+        """Count a message dropped for what a peer sent, and say so in the
+        log at a bounded rate."""
+        self.counters[counter] += 1
+        self.log.warning(("dropped", counter), "dropped %s (see stats())", what)
+        return GOT_DROPPED
+
+    cdef bint _revoked(self, zmq_msg_t *part) except -1:
+        """Did this message come over a connection whose key has since been
+        taken out of the allow-list?  (ZAP names each connection by its key.)"""
+        cdef const char *user = zmq_msg_gets(part, b"User-Id")
+        if user == NULL:
+            return False
+        return <bytes>user in self.allow.revoked_keys
 
     cdef _discard_rest(self):
         cdef zmq_msg_t extra
@@ -522,13 +540,16 @@ cdef class Server:
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts):
         """Stop requested: serve what is already queued or still arriving
         until the socket has been quiet for `quiet` seconds, then close the
-        token so that no worker touches the sockets again."""
+        token so that no worker touches the sockets again.  A socket that
+        has been quiet that long already stops at once."""
         cdef Header h
         cdef int got
         cdef int quiet_ms = max(1, <int>(self.quiet * 1000))
+        cdef int wait_ms = max(0, <int>((self.quiet - (_now() - self.last_wake)) * 1000))
         try:
             while True:
-                got = self._recv(parts, &h, quiet_ms)
+                got = self._recv(parts, &h, wait_ms)
+                wait_ms = quiet_ms
                 if got == GOT_NOTHING:
                     break
                 if got == GOT_REQUEST:
@@ -544,61 +565,136 @@ cdef class Server:
     cdef _handle(self, Worker w, uint64_t gen, zmq_msg_t *parts, Header *h):
         cdef int kind = h.kind
         cdef uint64_t msg_id = h.msg_id
+        cdef Subscription sub
         cdef Consumer consumer
         cdef size_t size = zmq_msg_size(&parts[2])
+        # A cast at least once: answered (REFUSED, FAILURE, ACK) like a call.
+        cdef bint answered = kind == KIND_CALL or kind == KIND_PING or (
+            kind == KIND_CAST and h.flags & FLAG_ACK)
         if self.max_message_size > 0 and size > <size_t>self.max_message_size:
-            self.counters[DROPPED_OVERSIZE] += 1
-            if kind == KIND_CALL:
+            self._drop(DROPPED_OVERSIZE, "a message over rpc_zmq_max_message_size")
+            if answered:
                 self._fail(w, gen, &parts[0], msg_id, MessageTooLarge(
                     f"request of {size} bytes exceeds the server's limit of "
                     f"{self.max_message_size}"))
             return
-        consumer = self.find(h)
-        if consumer is None:
-            self.counters[DROPPED_TOPIC] += 1
-            if kind == KIND_CALL:
+        sub = self.find(h)
+        if sub is None:
+            if kind == KIND_PING:       # to a PING, REFUSED is an answer, not a drop
+                self.counters[PINGS] += 1
+            else:
+                self._drop(DROPPED_TOPIC, "a message for a topic not served here")
+            if answered:
                 topic = PyBytes_FromStringAndSize(h.topic, h.topic_len)
-                self._fail(w, gen, &parts[0], msg_id, LookupError(
-                    f"topic {topic.decode('utf-8', 'replace')!r} is not served here"))
+                self._send_reply(gen, <const char *>zmq_msg_data(&parts[0]),
+                                 zmq_msg_size(&parts[0]), KIND_REFUSED, msg_id, w.packer.pack(
+                                     f"topic {topic.decode('utf-8', 'replace')!r} is not "
+                                     f"served at {self.address}"))
             return
         try:
-            body = unpack(<const char *>zmq_msg_data(&parts[2]), size)
-            if (type(body) is not list or len(<list>body) != 2
-                    or type((<list>body)[0]) is not dict
-                    or type((<list>body)[1]) is not dict):
-                raise MalformedEnvelope("body is not [context, message]")
+            body = _decode_request(<const char *>zmq_msg_data(&parts[2]), size,
+                                   self.max_message_size)
         except MalformedEnvelope as exc:
-            self.counters[DROPPED_BODY] += 1
-            if kind == KIND_CALL:
+            self._drop(DROPPED_BODY, "a message whose body is not msgpack [context, message]")
+            if answered:
                 self._fail(w, gen, &parts[0], msg_id, exc)
             return
-        ctxt = RpcContext.wrap(<dict>(<list>body)[0])
-        msg = <dict>(<list>body)[1]
+        if kind == KIND_CAST and h.flags & FLAG_ACK:
+            # Keyed by the sender too: one peer's ids cannot shadow another's.
+            key = _seen_key(&parts[0], msg_id)
+            done = self.seen.get(key)
+            if done is not None:
+                # Sent again (its ACK was lost, or late): never run twice.
+                self.counters[DUPLICATES] += 1
+                if done:
+                    self._send_reply(gen, <const char *>zmq_msg_data(&parts[0]),
+                                     zmq_msg_size(&parts[0]), KIND_ACK, msg_id, b"")
+                return                  # still running: its ACK comes when it ends
+            self.seen[key] = False
+            if len(self.seen) > SEEN_MAX:
+                self.seen.popitem(last=False)
+        if kind == KIND_PING:
+            self.counters[PINGS] += 1
+            self._pong(w, gen, &parts[0], h, sub, <dict>(<list>body)[1])
+            return
+        if kind != KIND_FANOUT:
+            self._run(w, gen, &parts[0], h, sub.pick(),
+                      RpcContext.wrap(<dict>(<list>body)[0]), <dict>(<list>body)[1])
+            return
+        for consumer in sub.consumers:
+            if body is None:                        # each fanout consumer gets its own copy
+                body = _decode_request(<const char *>zmq_msg_data(&parts[2]), size,
+                                   self.max_message_size)
+            self._run(w, gen, &parts[0], h, consumer,
+                      RpcContext.wrap(<dict>(<list>body)[0]), <dict>(<list>body)[1])
+            body = None
+
+    cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
+              Consumer consumer, RpcContext ctxt, dict msg):
+        cdef int kind = h.kind
         cdef Replier replier
+        consumer.begin()
+        # Counted as it is dispatched, so a caller that got its reply never
+        # sees the count without its own request.
+        self.counters[HANDLED] += 1
         try:
             if consumer.mode == PROXY_DEFERRED and kind == KIND_CALL:
                 replier = Replier.__new__(Replier)
                 replier.server = self
-                replier.identity = (<const char *>zmq_msg_data(&parts[0]))[
-                    :zmq_msg_size(&parts[0])]
-                replier.msg_id = msg_id
+                replier.identity = (<const char *>zmq_msg_data(identity))[
+                    :zmq_msg_size(identity)]
+                replier.msg_id = h.msg_id
                 consumer.proxy(ctxt, msg, replier)
-                self.counters[HANDLED] += 1
-                return
-            result = consumer.invoke(ctxt, msg, kind)
-            if kind == KIND_CALL:
-                self._answer(w, gen, &parts[0], msg_id, h.flags & FLAG_MULTI, result)
-            elif PyGen_Check(result):
-                for _ in result:
-                    pass
-        except Exception as exc:
-            if kind == KIND_CALL:
-                self._fail(w, gen, &parts[0], msg_id, exc)
             else:
+                result = consumer.invoke(ctxt, msg, kind)
+                if kind == KIND_CALL:
+                    self._answer(w, gen, identity, h.msg_id, h.flags & FLAG_MULTI, result)
+                elif PyGen_Check(result):
+                    for _ in result:
+                        pass
+        except BaseException as exc:
+            # BaseException too: a handler raising SystemExit or
+            # KeyboardInterrupt must not stop the loop that serves everyone.
+            if kind == KIND_CALL:
+                self._fail(w, gen, identity, h.msg_id, exc)
+            else:
+                # (An at-least-once cast whose handler raised counts as
+                # handled: its ACK follows.)  Peers can cause these by the
+                # thousand: rate-limited, with the traceback of the first of
+                # each interval.
                 self.counters[HANDLER_ERRORS] += 1
-                LOG.exception("error handling %s on topic %s", msg.get("method", "<notification>"),
-                              consumer.topic)
-        self.counters[HANDLED] += 1
+                self.log.error(("handler", consumer.topic), "error handling %s on topic %s",
+                               msg.get("method", "<notification>"), consumer.topic,
+                               exc_info=(type(exc), exc, exc.__traceback__))
+        finally:
+            consumer.end()
+        if kind == KIND_CAST and h.flags & FLAG_ACK:
+            self.seen[_seen_key(identity, h.msg_id)] = True
+            self.counters[ACKS] += 1
+            self._send_reply(gen, <const char *>zmq_msg_data(identity), zmq_msg_size(identity),
+                             KIND_ACK, h.msg_id, b"")
+
+    cdef _pong(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
+               Subscription sub, dict msg):
+        """Answer a PING here, without the service's code: who we are, or
+        that no consumer of the topic accepts the version it names."""
+        cdef Consumer consumer
+        version = msg.get("version")
+        if version is not None:
+            namespace = msg.get("namespace")
+            ok = False
+            try:
+                for consumer in sub.consumers:
+                    if consumer.accepts(version, namespace):
+                        ok = True
+                        break
+            except Exception as exc:
+                self._fail(w, gen, identity, h.msg_id, exc)
+                return
+            if not ok:
+                self._fail(w, gen, identity, h.msg_id, UnsupportedRpcVersion(version=version))
+                return
+        self._reply(w, gen, identity, KIND_RESULT, h.msg_id, self.about)
 
     cdef _answer(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id,
                  bint multi, object result):
@@ -627,7 +723,7 @@ cdef class Server:
 
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc):
         try:
-            body = w.packer.pack(self.handle_failure(exc))
+            body = w.packer.pack(self.serialize_failure(exc))
         except Exception:
             body = w.packer.pack(["builtins", "RuntimeError",
                                   "the remote exception could not be encoded", [], ""])
@@ -645,9 +741,11 @@ cdef class Server:
         cdef int ok = 0
         cdef const char *data = PyBytes_AS_STRING(body)
         cdef size_t size = PyBytes_GET_SIZE(body)
+        if not self.lf_ready:
+            return
         with nogil:
             lf_lock(&self.lf)
-            if not self.lf.closed:
+            if not self.lf.closed and self.sock != NULL:
                 if gen != 0 and self.lf.owner == gen:
                     if zmq_send(self.sock, identity, identity_len,
                                 ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
@@ -716,8 +814,9 @@ cdef class Server:
         return self.workers == 0
 
     cdef _close_sockets(self, int linger_ms):
-        self.ctx.close_socket(self.control, 0)
-        self.ctx.close_socket(self.sock, linger_ms)
+        if self.ctx is not None:
+            self.ctx.close_socket(self.control, 0)
+            self.ctx.close_socket(self.sock, linger_ms)
         self.sock = self.control = NULL
 
     @property
@@ -730,3 +829,14 @@ cdef class Server:
                 self._close_sockets(0)
         if self.lf_ready and self.workers == 0:
             lf_destroy(&self.lf)
+
+
+cdef object _decode_request(const char *data, size_t size, Py_ssize_t limit):
+    """The body of a request: msgpack [context, message], two maps, within
+    what decoding a body of at most `limit` bytes may cost (_envelope)."""
+    body = unpack(data, size, limit)
+    if (type(body) is not list or len(<list>body) != 2
+            or type((<list>body)[0]) is not dict
+            or type((<list>body)[1]) is not dict):
+        raise MalformedEnvelope("body is not [context, message]")
+    return body

@@ -79,6 +79,27 @@ def loaded_libzmq_files():
     return sorted(found)
 
 
+# libzmq 4.3.3 fixed a denial of service of CURVE servers by unauthenticated
+# peers (CVE-2020-15166) and overflows on malformed ZMTP input.  Checked on
+# the library actually loaded, which may differ from the headers compiled
+# against (csrc/zmq_compat.h refuses old headers), and here because every
+# extension imports this module first.
+MIN_LIBZMQ = (4, 3, 3)
+
+
+def require_libzmq(version, where):
+    """Raise ImportError unless `version` (major, minor, patch) is at least
+    MIN_LIBZMQ; `where` names the loaded library in the message."""
+    if tuple(version) < MIN_LIBZMQ:
+        raise ImportError(
+            "nova_zmq_fast needs libzmq >= %d.%d.%d (CURVE and ZMTP security fixes), "
+            "but libzmq %d.%d.%d is loaded from %s: upgrade it, or install the "
+            "nova-zmq-fast wheel, which bundles its own" % (*MIN_LIBZMQ, *version, where))
+
+
+require_libzmq(libzmq_version(), " and ".join(loaded_libzmq_files()) or "an unknown path")
+
+
 cdef class Context:
     """One libzmq context per process.  It counts the sockets it hands out so
     that `term()` can refuse to hang on a socket somebody forgot, and tests

@@ -1,24 +1,13 @@
-"""Turning a received message into a method call.
+"""The version rules: which callback object serves a message.
 
 `RpcDispatcher` follows openstack.common.rpc's rules: a message names a
 method, an API version ('1.0' when missing) and optionally a namespace; the
 first callback object of that namespace whose RPC_API_VERSION has the same
 major version and a minor version at least as high, and that has the method,
-is called as method(ctxt, **args).
-
-What create_consumer() accepts as a proxy, and how the receive loop
-(`_server.Consumer.invoke`, in Cython because it runs for every message)
-calls it:
-  * an object with dispatch(), such as an RpcDispatcher: called as
-    dispatch(ctxt, version, method, namespace, **args);
-  * a plain callable: called as proxy(ctxt, msg) with every raw message,
-    which is how notification consumers are written;
-  * any other object: its public method msg['method'] is called as
-    method(ctxt, **args); names starting with '_' are never callable.
+is called as method(ctxt, **args).  The receive loop reaches it through a
+Consumer (`_dispatch.pyx`, which lists every kind of proxy).
 """
-import json
-
-from nova_zmq_fast.exceptions import InvalidMessage, UnsupportedRpcVersion
+from nova_zmq_fast.exceptions import UnsupportedRpcVersion
 
 
 def version_is_compatible(implemented, requested):
@@ -46,6 +35,14 @@ class RpcDispatcher:
     def __init__(self, callbacks):
         self.callbacks = list(callbacks)
 
+    def accepts(self, version, namespace=None):
+        """True if some callback would serve `version` in `namespace`
+        (what a PING with a version asks)."""
+        version = version or "1.0"
+        return any(getattr(proxy, "RPC_API_NAMESPACE", None) == namespace and
+                   version_is_compatible(getattr(proxy, "RPC_API_VERSION", "1.0"), version)
+                   for proxy in self.callbacks)
+
     def dispatch(self, ctxt, version, method, namespace, **kwargs):
         version = version or "1.0"
         had_compatible = False
@@ -61,21 +58,3 @@ class RpcDispatcher:
         if had_compatible:
             raise AttributeError(f"No such RPC function '{method}'")
         raise UnsupportedRpcVersion(version=version)
-
-
-def unwrap(msg):
-    """Undo notify(..., envelope=True): {'oslo.version', 'oslo.message'}."""
-    if "oslo.message" in msg and "oslo.version" in msg:
-        inner = msg["oslo.message"]
-        try:
-            inner = json.loads(inner) if isinstance(inner, str) else inner
-        except ValueError:
-            raise InvalidMessage("enveloped message is not valid JSON") from None
-        if not isinstance(inner, dict):
-            raise InvalidMessage("enveloped message is not a dict")
-        return inner
-    return msg
-
-
-def wrap(msg):
-    return {"oslo.version": "2.0", "oslo.message": json.dumps(msg)}

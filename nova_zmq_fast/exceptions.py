@@ -42,6 +42,21 @@ class NoListeners(Timeout):
 
     msg_fmt = "No live consumer for topic %(topic)s (RPC method: %(method)s)"
 
+    def __init__(self, info=None, topic=None, method=None):
+        super().__init__(info, topic, method)
+        if info and "%(info)s" not in self.msg_fmt:
+            self.message = f"{self.message}: {info}"     # the reason, when known
+            self.args = (self.message,)
+
+
+class DiscoveryUnavailable(NoListeners):
+    """The discovery backend cannot be reached and knows nothing cached
+    about the topic, so nothing was sent.  Topics already in use keep their
+    cached routes through an outage; only a topic never looked up before
+    fails this way."""
+
+    msg_fmt = "Discovery is unreachable and topic %(topic)s is not cached: %(info)s"
+
 
 class PeerUnreachable(Timeout):
     """No connection to the named server could be made within

@@ -1,170 +1,255 @@
 """Configuration: the original ZeroMQ driver's option names and defaults.
 
-Each option's help text lives here once; the oslo.messaging driver builds
-its [oslo_messaging_zmqfast] options from the same list.
+The core's options are declared here once; each discovery backend declares
+its own (`OPTIONS` in its module) and its defaults for binding and
+advertising.  The oslo.messaging driver builds its [oslo_messaging_zmqfast]
+group from the same declarations.
 
 `Options.from_conf(conf, **overrides)` reads them from an oslo.config
-ConfigOpts, a dict, or any object with attributes; unknown keyword overrides
-are an error, so a typo does not silently fall back to a default.
+ConfigOpts, a dict, or any object with attributes.  Unknown keyword
+overrides are an error, so a typo does not silently fall back to a default,
+and so is a discovery backend that does not exist.
 """
-import dataclasses
-import os
 import socket
-from typing import List, Optional
 
-DEFAULT_RING_PORT = 9501
-MATCHMAKERS = ("local", "ring", "redis")
+from nova_zmq_fast import matchmaker
 
 
-def tcp_endpoint(host, port):
-    if ":" in str(host) and not str(host).startswith("["):
-        host = f"[{host}]"
-    return f"tcp://{host}:{port}"
+class Option:
+    """One option: name, kind, default and help text.
+
+    kinds: 'str', 'host' (a host name), 'int' (>= 1), 'count' (>= 0), 'float'
+    (> 0, or >= 0 with zero_ok), 'bool', 'port' (0..65535, or None), 'list'
+    (of str), 'secret'."""
+
+    __slots__ = ("name", "kind", "default", "help", "zero_ok")
+
+    def __init__(self, name, kind, default, help, zero_ok=False):
+        self.name = name
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.zero_ok = zero_ok
+
+    def value(self, value):
+        """`value` checked and normalised; ValueError says what is wrong."""
+        name, kind = self.name, self.kind
+        if value is None:
+            if kind in ("int", "count", "float", "bool", "list", "host"):
+                raise ValueError(f"{name} must be set")
+            return None
+        if kind in ("str", "secret"):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, not {value!r}")
+            return value
+        if kind == "host":
+            if not isinstance(value, str) or not value or value.strip() != value or \
+                    any(c in value for c in "/\\\0"):
+                raise ValueError(f"{name} {value!r} is not a valid host name")
+            return value
+        if kind == "list":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, not {value!r}")
+            return list(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no",
+                                                            "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, not {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, not {value!r}")
+        if kind == "port":
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be 0..65535, not {value!r}")
+            return value
+        if kind in ("int", "count"):
+            if not isinstance(value, int) or value < (1 if kind == "int" else 0):
+                raise ValueError(f"{name} must be a {'positive' if kind == 'int' else 'non-negative'}"
+                                 f" integer, not {value!r}")
+            return value
+        if value < 0 or (value == 0 and not self.zero_ok):
+            raise ValueError(f"{name} must be positive, not {value!r}")
+        return float(value)
 
 
-def _opt(default=None, help="", factory=None):
-    meta = {"help": help}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+CORE = [
+    Option("rpc_zmq_host", "host", None,
+           "Logical host name of this process: 'topic.host' reaches it. "
+           "Default: the machine's hostname."),
+    Option("rpc_zmq_matchmaker", "str", "local",
+           "Discovery backend: 'local' (embedded, one machine), 'ring' (a JSON "
+           "ring file) or 'redis'."),
+    Option("rpc_zmq_bind_address", "str", None,
+           "Address servers listen on. Default: the discovery backend's "
+           "(127.0.0.1 for 'local', '*' otherwise)."),
+    Option("rpc_zmq_advertise_address", "str", None,
+           "Address (IP or resolvable name) peers use to reach this process. "
+           "Default: the bind address if it is not a wildcard, else the "
+           "discovery backend's rule (see the README)."),
+    Option("rpc_zmq_port", "port", None,
+           "TCP port servers listen on. Default: the discovery backend's "
+           "(a free port for 'local' and 'redis', 9501 for 'ring')."),
+    Option("rpc_response_timeout", "float", 60,
+           "Seconds call() and multicall() wait for a reply."),
+    Option("rpc_cast_timeout", "float", 30,
+           "Seconds a send may wait for room in a full peer queue before Timeout."),
+    Option("rpc_zmq_connect_timeout", "float", 2,
+           "Seconds a send waits for a connection when no consumer of the topic "
+           "is connected yet."),
+    Option("rpc_zmq_heartbeat_interval", "float", 1,
+           "Seconds between the liveness probes (PINGs) a process sends to the "
+           "servers it uses."),
+    Option("rpc_zmq_heartbeat_timeout", "float", 3,
+           "Seconds a probe may stay unanswered before its server (frozen, cut off, "
+           "or overloaded) is passed over, until it answers again."),
+    Option("rpc_zmq_at_least_once", "bool", False,
+           "Casts are at-least-once unless a call says otherwise: kept until a "
+           "consumer has handled them, sent again elsewhere when needed, never run "
+           "twice by one server."),
+    Option("rpc_zmq_ack_timeout", "float", 30,
+           "Seconds an at-least-once cast waits for its acknowledgement before it "
+           "goes to another consumer (a lost connection or a silent server sends it "
+           "sooner)."),
+    Option("rpc_zmq_hold_notifications", "count", 0,
+           "Notifications kept, per process, while their topic has no listener, and "
+           "delivered when one appears (0: none, they are dropped and counted). Not "
+           "kept across a restart of the notifier."),
+    Option("rpc_zmq_hold_notifications_bytes", "count", 16 * 1024 * 1024,
+           "Most bytes of held notifications."),
+    Option("rpc_zmq_hold_notifications_seconds", "float", 300,
+           "Seconds a held notification waits for a listener before it expires "
+           "(counted)."),
+    Option("rpc_zmq_secret_key_file", "str", None,
+           "This process's CURVE secret key: a file only its owner can read, as "
+           "`nova-zmq-fast keygen` writes it. When set, every connection is "
+           "encrypted, and both ends authenticated, with CURVE."),
+    Option("rpc_zmq_allowed_keys", "str", None,
+           "With CURVE: the clients a server accepts: a directory of public key "
+           "files, or a file with one key per line. Re-read when it changes. Unset "
+           "or empty: nobody."),
+    Option("rpc_zmq_topic_backlog", "int", 1000,
+           "Most messages queued on one connection, each way: a faster sender then "
+           "waits (up to rpc_cast_timeout) instead of queueing minutes of work. It "
+           "also bounds what one peer can make a server hold: this many messages "
+           "of up to rpc_zmq_max_message_size."),
+    Option("rpc_zmq_socket_buffer", "count", 262144,
+           "Bytes of kernel socket buffer per connection (a sender's SO_SNDBUF, a "
+           "server's SO_RCVBUF). Together with rpc_zmq_topic_backlog it bounds how much "
+           "work can queue up before a sender waits. 0: the OS's own, which on loopback "
+           "grows to megabytes."),
+    Option("rpc_thread_pool_size", "int", 64, "Most worker threads a server runs at once."),
+    Option("allowed_rpc_exception_modules", "list",
+           ["nova.exception", "cinder.exception", "builtins"],
+           "Modules whose remote exceptions are re-raised as their own type."),
+    Option("rpc_zmq_max_message_size", "int", 16 * 1024 * 1024,
+           "Largest message body in bytes sent or accepted."),
+    Option("rpc_zmq_linger", "float", 5,
+           "Seconds close()/cleanup() give queued work and outgoing messages to finish.",
+           zero_ok=True),
+]
 
 
-@dataclasses.dataclass
+def all_options():
+    """Every option: the core's, then each available backend's."""
+    found = {opt.name: opt for opt in CORE}
+    for name in matchmaker.available():
+        for opt in matchmaker.load(name).OPTIONS:
+            found.setdefault(opt.name, opt)
+    return list(found.values())
+
+
 class Options:
-    rpc_zmq_host: str = _opt(
-        factory=socket.gethostname,
-        help="Logical host name of this process: 'topic.host' reaches it.")
-    rpc_zmq_matchmaker: str = _opt(
-        "local", "Discovery: 'local' (embedded, one machine) or 'ring' (a JSON ring file).")
-    matchmaker_ringfile: str = _opt(
-        "/etc/oslo/matchmaker_ring.json",
-        'Ring file for the ring matchmaker: {"topic": ["host", "host:port"]}.')
-    rpc_zmq_bind_address: Optional[str] = _opt(
-        None, "Address servers listen on; unset: 127.0.0.1 for 'local', '*' otherwise.")
-    rpc_zmq_port: Optional[int] = _opt(
-        None, "TCP port servers listen on; unset: a free port for 'local', 9501 for 'ring'.")
-    rpc_zmq_ipc_dir: str = _opt(
-        "/var/run/openstack",
-        "Directory of the embedded registry (a per-user directory if not writable).")
-    rpc_response_timeout: float = _opt(60, "Seconds call() and multicall() wait for a reply.")
-    rpc_cast_timeout: float = _opt(
-        30, "Seconds a send may wait for room in a full peer queue before Timeout.")
-    rpc_zmq_connect_timeout: float = _opt(
-        2, "Seconds a send waits for a connection to a peer before trying another.")
-    rpc_thread_pool_size: int = _opt(64, "Most worker threads a server runs at once.")
-    allowed_rpc_exception_modules: List[str] = _opt(
-        factory=lambda: ["nova.exception", "cinder.exception", "builtins"],
-        help="Modules whose remote exceptions are re-raised as their own type.")
-    rpc_zmq_max_message_size: int = _opt(
-        16 * 1024 * 1024, "Largest message body in bytes sent or accepted.")
-    rpc_zmq_linger: float = _opt(
-        5, "Seconds close()/cleanup() give queued work and outgoing messages to finish.")
+    """Validated option values, as attributes.  Immutable by convention."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
 
     @classmethod
     def describe(cls):
-        """(name, type, default, help) of every option."""
-        probe = cls()
-        return [(f.name, f.type, getattr(probe, f.name), f.metadata["help"])
-                for f in dataclasses.fields(cls)]
+        """(name, kind, default, help) of every option."""
+        return [(o.name, o.kind, o.default, o.help) for o in all_options()]
 
     @classmethod
     def names(cls):
-        return [f.name for f in dataclasses.fields(cls)]
+        return [o.name for o in all_options()]
 
     @classmethod
     def from_conf(cls, conf=None, **overrides):
-        unknown = set(overrides) - set(cls.names())
+        options = all_options()
+        unknown = set(overrides) - {o.name for o in options}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         values = {}
-        for name in cls.names():
-            if name in overrides:
-                values[name] = overrides[name]
+        for opt in options:
+            if opt.name in overrides:
+                value = overrides[opt.name]
             elif isinstance(conf, dict):
-                if name in conf:
-                    values[name] = conf[name]
+                value = conf.get(opt.name, opt.default)
             elif conf is not None:
                 try:
-                    values[name] = getattr(conf, name)
+                    value = getattr(conf, opt.name)
                 except AttributeError:      # includes oslo's NoSuchOptError
-                    pass
-        opts = cls(**values)
-        opts.validate()
+                    value = opt.default
+            else:
+                value = opt.default
+            if value is None and opt.name == "rpc_zmq_host":
+                value = socket.gethostname()
+            values[opt.name] = opt.value(value)
+        # Fails here, at init, for a backend that does not exist, and for
+        # CURVE that cannot work: a libzmq without it, a key others can read.
+        backend = matchmaker.load(values["rpc_zmq_matchmaker"])
+        opts = cls(values)
+        backend.validate(opts)
+        if opts.rpc_zmq_secret_key_file:
+            opts.curve_keys()
         return opts
 
-    def validate(self):
-        def positive(name, allow_zero=False):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, not {value!r}")
-            if value < 0 or (value == 0 and not allow_zero):
-                raise ValueError(f"{name} must be positive, not {value!r}")
+    # -- derived values: the backend's policy --------------------------------
 
-        if not isinstance(self.rpc_zmq_host, str) or not self.rpc_zmq_host:
-            raise ValueError("rpc_zmq_host must be a non-empty string")
-        if any(c in self.rpc_zmq_host for c in "/\\\0") or self.rpc_zmq_host.strip() != self.rpc_zmq_host:
-            raise ValueError(f"rpc_zmq_host {self.rpc_zmq_host!r} is not a valid host name")
-        if self.rpc_zmq_matchmaker not in MATCHMAKERS:
-            raise ValueError(f"rpc_zmq_matchmaker must be one of {', '.join(MATCHMAKERS)}, "
-                             f"not {self.rpc_zmq_matchmaker!r}")
-        if self.rpc_zmq_port is not None:
-            if isinstance(self.rpc_zmq_port, bool) or not isinstance(self.rpc_zmq_port, int) \
-                    or not 0 <= self.rpc_zmq_port <= 65535:
-                raise ValueError(f"rpc_zmq_port must be 0..65535, not {self.rpc_zmq_port!r}")
-        for name in ("rpc_response_timeout", "rpc_cast_timeout", "rpc_zmq_connect_timeout"):
-            positive(name)
-        positive("rpc_zmq_linger", allow_zero=True)
-        for name in ("rpc_thread_pool_size", "rpc_zmq_max_message_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if isinstance(self.allowed_rpc_exception_modules, str):
-            self.allowed_rpc_exception_modules = [self.allowed_rpc_exception_modules]
-        self.allowed_rpc_exception_modules = list(self.allowed_rpc_exception_modules)
-
-    # -- derived values ------------------------------------------------------
+    @property
+    def backend(self):
+        """The discovery backend class named by rpc_zmq_matchmaker."""
+        return matchmaker.load(self.rpc_zmq_matchmaker)
 
     @property
     def bind_address(self):
-        if self.rpc_zmq_bind_address:
-            return self.rpc_zmq_bind_address
-        return "127.0.0.1" if self.rpc_zmq_matchmaker == "local" else "*"
+        return self.rpc_zmq_bind_address or self.backend.BIND_ADDRESS
 
     @property
     def port(self):
+        """The fixed port servers listen on; 0 means any free port."""
         if self.rpc_zmq_port is not None:
             return self.rpc_zmq_port
-        return DEFAULT_RING_PORT if self.rpc_zmq_matchmaker == "ring" else 0
+        return self.backend.PORT
 
     def bind_endpoint(self, port=None):
         """The endpoint a server binds, e.g. tcp://127.0.0.1:5000 ."""
         return tcp_endpoint(self.bind_address, port if port is not None else self.port or "*")
 
     def advertised_host(self):
-        """The host part of the address peers connect to.  With the
-        embedded registry peers are on this machine: the bind address, or
-        loopback for a wildcard.  Otherwise rpc_zmq_host, as the original
-        driver did (ring files list those names)."""
-        if self.rpc_zmq_matchmaker == "local":
-            address = self.bind_address
-            if address in ("*", "0.0.0.0"):
-                return "127.0.0.1"
-            if address in ("::", "[::]"):
-                return "::1"
-            return address.strip("[]")
-        return self.rpc_zmq_host
+        """The host part of the address peers connect to: never a wildcard."""
+        return self.backend.advertise_host(self)
 
-    def ipc_dir(self):
-        """rpc_zmq_ipc_dir, or a per-user directory when it is not writable
-        (the original default needs root)."""
-        path = self.rpc_zmq_ipc_dir
-        try:
-            os.makedirs(path, exist_ok=True)
-            if os.access(path, os.W_OK | os.X_OK):
-                return path
-        except OSError:
-            pass
-        fallback = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
-                                f"nova_zmq_fast-{os.getuid()}")
-        os.makedirs(fallback, mode=0o700, exist_ok=True)
-        return fallback
+    def curve_keys(self):
+        """(public, secret) Z85 keys from rpc_zmq_secret_key_file, or None
+        without CURVE; ValueError if CURVE cannot be used."""
+        if not self.rpc_zmq_secret_key_file:
+            return None
+        from nova_zmq_fast import _curve
+        why = _curve.unavailable_reason()
+        if why:
+            raise ValueError(f"CURVE (rpc_zmq_secret_key_file) cannot be used: {why}")
+        secret = _curve.load_secret_key(self.rpc_zmq_secret_key_file)
+        return _curve.public_key(secret), secret
+
+
+def tcp_endpoint(host, port):
+    host = str(host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+

@@ -31,7 +31,6 @@ import itertools
 import logging
 import select
 import time
-import typing
 
 import oslo_messaging
 from oslo_config import cfg
@@ -39,8 +38,9 @@ from oslo_messaging._drivers import base
 from oslo_messaging._drivers import common as rpc_common
 from oslo_utils import eventletutils
 
+from nova_zmq_fast import matchmaker
+from nova_zmq_fast._dispatch import wrap
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.dispatcher import wrap
 from nova_zmq_fast.exceptions import NoListeners, RemoteError, Timeout
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
 from nova_zmq_fast.options import Options
@@ -55,20 +55,25 @@ _NOT_FOR_OSLO = {"rpc_response_timeout", "allowed_rpc_exception_modules"}
 
 
 def _oslo_opt(name, kind, default, help):
-    if kind is str or kind == typing.Optional[str]:
-        if name == "rpc_zmq_matchmaker":
-            return cfg.StrOpt(name, default=default, choices=["local", "ring"], help=help)
-        if name == "rpc_zmq_host":
-            return cfg.HostAddressOpt(name, default=default, sample_default="<hostname>",
-                                      help=help)
-        return cfg.StrOpt(name, default=default, help=help)
-    if kind == typing.Optional[int]:
+    """The oslo.config form of one of our options (see options.Option)."""
+    if name == "rpc_zmq_matchmaker":
+        return cfg.StrOpt(name, default=default, choices=matchmaker.available(), help=help)
+    if kind == "host":
+        return cfg.HostAddressOpt(name, default=default, sample_default="<hostname>",
+                                  help=help)
+    if kind in ("str", "secret"):
+        return cfg.StrOpt(name, default=default, secret=kind == "secret", help=help)
+    if kind == "port":
         return cfg.PortOpt(name, default=default, help=help)
-    if kind is int:
-        return cfg.IntOpt(name, default=default, min=1, help=help)
-    if kind is float:
+    if kind == "bool":
+        return cfg.BoolOpt(name, default=default, help=help)
+    if kind in ("int", "count"):
+        return cfg.IntOpt(name, default=default, min=1 if kind == "int" else 0, help=help)
+    if kind == "float":
         return cfg.FloatOpt(name, default=default, min=0, help=help)
-    raise TypeError(f"no oslo.config type for option {name}")
+    if kind == "list":
+        return cfg.ListOpt(name, default=default, help=help)
+    raise TypeError(f"no oslo.config type for option {name} ({kind})")
 
 
 OPTS = [_oslo_opt(name, kind, default, help)
@@ -288,19 +293,25 @@ class ZmqFastDriver(base.BaseDriver):
         conf.register_opts(OPTS, group=GROUP)
         conf = rpc_common.ConfigOptsProxy(conf, url, GROUP.name)
         super().__init__(conf, url, default_exchange, allowed_remote_exmods)
-        backend = url.transport.partition("+")[2]
-        if backend:
-            raise oslo_messaging.InvalidTransportURL(
-                str(url), f"discovery backend '{backend}' is not available in this "
-                          f"version of nova_zmq_fast; use zmqfast:// (embedded)")
         group = conf[GROUP.name]
         values = {opt.dest: group[opt.dest] for opt in OPTS}
-        if values["rpc_zmq_matchmaker"] == "ring" and url.hosts:
-            raise oslo_messaging.InvalidTransportURL(
-                str(url), "zmqfast:// takes no hosts; list them in the ring file")
+        # zmqfast+<backend>://...: the backend reads its own options from
+        # the URL's hosts and virtual host (e.g. zmqfast+redis://host:6379/0).
+        backend = url.transport.partition("+")[2]
+        try:
+            if backend:
+                values["rpc_zmq_matchmaker"] = backend
+            hosts = [(h.hostname, h.port, h.username, h.password) for h in url.hosts]
+            values.update(matchmaker.load(values["rpc_zmq_matchmaker"]).url_options(
+                hosts, url.virtual_host))
+        except ValueError as exc:
+            raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         # Registered by oslo.messaging's RPC client, which may not exist yet.
         values["rpc_response_timeout"] = getattr(conf, "rpc_response_timeout", 60)
-        self._options = Options.from_conf(values)
+        try:
+            self._options = Options.from_conf(values)
+        except ValueError as exc:
+            raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         self._exchange = default_exchange or "openstack"
         self._listeners = set()
         self._runtime = Runtime(self._options, rebuild_exception=self._rebuild_exception,
@@ -386,7 +397,7 @@ class ZmqFastDriver(base.BaseDriver):
         if version == 2.0:
             message = wrap(message)
         prefix = self._notification_topic(target)
-        pools = self._runtime.matchmaker.topics(prefix)
+        pools = self._runtime.routes.topics(prefix)
         if not pools:
             client.notifications_dropped += 1
             LOG.debug("notification to %s dropped: no listener", target.topic)

@@ -11,34 +11,36 @@ A Nova-era service switches transport by changing one import:
 
     rpc.call(ctxt, "compute", {"method": "ping", "args": {"x": 1}}, timeout=5)
 
-Layers underneath: `runtime` (the context, discovery, client and
+Layers underneath: `runtime` (the context, discovery, client, server and
 connections this module keeps one of), `_client` (sending, per-thread
-sockets), `_server` (receive loop and dispatch), `matchmaker` (discovery),
+sockets), `_server` (the receive loop), `_dispatch` (consumers),
+`_routes` (the route table) filled by `matchmaker` (discovery backends),
 `dispatcher` (version rules), `_envelope` (wire format), `_zmq` (libzmq).
 """
 import atexit
 import os
 import threading
 
-from nova_zmq_fast._server import RpcContext
-from nova_zmq_fast.dispatcher import RpcDispatcher, wrap
+from nova_zmq_fast._dispatch import RpcContext, wrap
+from nova_zmq_fast._routes import Endpoint
+from nova_zmq_fast.dispatcher import RpcDispatcher
 from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
     InvalidMessage, MessageTooLarge, NoListeners, PeerUnreachable, RemoteError,
     RPCException, SerializationError, Timeout, UnsupportedRpcVersion,
     deserialize_remote_exception, serialize_remote_exception)
-from nova_zmq_fast.matchmaker import Endpoint
-from nova_zmq_fast.options import DEFAULT_RING_PORT, Options, tcp_endpoint
+from nova_zmq_fast.options import Options, tcp_endpoint
 from nova_zmq_fast.runtime import Connection, Runtime
 
 __all__ = [
     "init", "create_connection", "call", "multicall", "cast", "fanout_cast",
-    "cast_to_server", "fanout_cast_to_server", "notify", "queue_get_for",
+    "cast_to_server", "fanout_cast_to_server", "notify", "ping", "queue_get_for",
     "cleanup", "stats", "RpcDispatcher", "RpcContext", "Connection",
     "RPCException", "Timeout", "NoListeners", "PeerUnreachable", "RemoteError",
     "UnsupportedRpcVersion", "InvalidMessage", "SerializationError",
     "MessageTooLarge",
 ]
 
+DEFAULT_PORT = 9501                     # the original driver's rpc_zmq_port
 _lock = threading.RLock()
 _options = None
 _runtime_ = None
@@ -87,14 +89,21 @@ def init(conf=None, **options):
 
 
 def cleanup():
-    """Close every connection (finishing queued work), flush queued
-    messages, withdraw this process from discovery and release every
-    socket, thread and descriptor.  Bounded by rpc_zmq_linger."""
+    """Make sure what this process sent has arrived, close every
+    connection (finishing queued work), withdraw this process from
+    discovery and release every socket, thread and descriptor.
+
+    Returns {address: messages sent there that its peer never confirmed
+    within rpc_zmq_linger, so may be lost}: empty when nothing was lost.
+    They are also counted (stats()["client"]["discarded"], before the
+    cleanup) and named in one warning.  Takes at most twice
+    rpc_zmq_linger."""
     global _runtime_
     with _lock:
         rt, _runtime_ = _runtime_, None
-    if rt is not None:
-        rt.close()
+    if rt is None:
+        return {}
+    return rt.close()
 
 
 atexit.register(cleanup)
@@ -104,7 +113,7 @@ def stats():
     """Counters of this process: what was sent and, per connection, what
     was received, handled and dropped."""
     rt = _runtime()
-    return {"client": rt.client.stats(),
+    return {"client": dict(rt.client.stats(), **rt.courier.stats()),
             "connections": [c.stats() for c in list(rt.connections)]}
 
 
@@ -123,9 +132,13 @@ def multicall(context, topic, msg, timeout=None):
     return (_runtime_ or _runtime()).client.multicall(context, topic, msg, timeout)
 
 
-def cast(context, topic, msg):
-    """Invoke a method on one consumer of `topic`; no result."""
-    (_runtime_ or _runtime()).client.cast(context, topic, msg)
+def cast(context, topic, msg, at_least_once=None):
+    """Invoke a method on one consumer of `topic`; no result.  With
+    at_least_once (default: rpc_zmq_at_least_once) the cast is kept until a
+    consumer has handled it (see the README's Delivery)."""
+    rt = _runtime_ or _runtime()
+    rt.client.cast(context, topic, msg,
+                   rt.options.rpc_zmq_at_least_once if at_least_once is None else at_least_once)
 
 
 def fanout_cast(context, topic, msg):
@@ -138,27 +151,33 @@ def _server_endpoint(server_params):
         server_params = {"address": server_params}
     if not isinstance(server_params, dict):
         raise TypeError("server_params must be a dict with 'host' and 'port', or 'address'")
+    key = server_params.get("key")              # its CURVE public key (Z85), with CURVE
+    if key is not None:
+        if not isinstance(key, str) or len(key) != 40:
+            raise ValueError("server_params key must be a Z85 CURVE public key")
+        key = key.encode()
     address = server_params.get("address")
     if address:
         if not isinstance(address, str) or "://" not in address:
             raise ValueError(f"server_params address {address!r} is not a ZeroMQ endpoint")
-        return Endpoint(server_params.get("host") or address, address)
+        return Endpoint(server_params.get("host") or address, address, key)
     host = server_params.get("host") or server_params.get("hostname")
     if not isinstance(host, str) or not host:
         raise ValueError("server_params needs 'host' (or 'hostname') or 'address'")
-    port = server_params.get("port") or DEFAULT_RING_PORT
+    port = server_params.get("port") or _runtime().options.rpc_zmq_port or DEFAULT_PORT
     try:
         port = int(port)
     except (TypeError, ValueError):
         raise ValueError(f"server_params port {port!r} is not a number") from None
     if not 0 < port < 65536:
         raise ValueError(f"server_params port {port} is out of range")
-    return Endpoint(host, tcp_endpoint(host, port))
+    return Endpoint(host, tcp_endpoint(host, port), key)
 
 
 def cast_to_server(context, server_params, topic, msg):
     """cast() to the node named by server_params ({'host', 'port'} or
-    {'address': 'tcp://...'}), bypassing discovery."""
+    {'address': 'tcp://...'}, and with CURVE its 'key'), bypassing
+    discovery."""
     _runtime().client.cast_to((_server_endpoint(server_params),), context, topic, msg)
 
 
@@ -177,6 +196,27 @@ def notify(context, topic, msg, envelope=False):
             raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
         msg = wrap(msg)
     return _runtime().client.notify(context, topic, msg)
+
+
+def ping(topic, timeout=None, version=None, namespace=None):
+    """A round trip to each live consumer of `topic` ('topic.host': that
+    host's), answered by its receive loop, not the service's code.  One
+    dict per consumer: its host, address, pid, transport and envelope
+    versions and "rtt" (seconds); or, where its ping failed, host, address
+    and "error" (NoListeners: the topic is not served there; with
+    `version`, UnsupportedRpcVersion: no consumer accepts it; Timeout,
+    PeerUnreachable).  NoListeners if discovery knows no consumer."""
+    rt = _runtime()
+    endpoints = rt.routes.route(topic)
+    if not endpoints:
+        raise NoListeners(None, topic, "ping")
+    answers = []
+    for endpoint in endpoints:
+        try:
+            answers.append(rt.client.ping(endpoint, topic, timeout, version, namespace))
+        except RPCException as exc:
+            answers.append({"host": endpoint.host, "address": endpoint.address, "error": exc})
+    return answers
 
 
 def queue_get_for(context, topic, host):

@@ -1,5 +1,6 @@
-"""The runtime under both APIs: a libzmq context, discovery, the sending
-client, and Connections (a listening server with its consumers).
+"""The runtime under both APIs: a libzmq context, discovery (a backend and
+the route table it fills), the sending client, the process's one listening
+server, and Connections (sets of consumers on that server).
 
 `nova_zmq_fast.rpc` keeps one Runtime per process; every oslo.messaging
 transport using the zmqfast driver has its own.  Both are the same core.
@@ -10,77 +11,25 @@ import socket
 import threading
 import time
 
-from nova_zmq_fast import matchmaker as _matchmaker
 from nova_zmq_fast._client import Client
+from nova_zmq_fast._courier import Courier
+from nova_zmq_fast._curve import AllowList, Authenticator
 from nova_zmq_fast._envelope import check_topic
-from nova_zmq_fast._server import Server
+from nova_zmq_fast._green import unpatched
+from nova_zmq_fast._routes import Endpoint, RouteTable
+from nova_zmq_fast._server import PEERS_LOG, serve
 from nova_zmq_fast._zmq import Context
 from nova_zmq_fast.exceptions import (
     RPCException, deserialize_remote_exception, serialize_remote_exception)
 from nova_zmq_fast.options import tcp_endpoint
 
 LOG = logging.getLogger("nova_zmq_fast.runtime")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_warned_plaintext = []
 
-
-class Runtime:
-    """One set of open resources: a libzmq context, discovery, the sending
-    client and the serving connections.  The RPC API keeps one per process;
-    each oslo.messaging transport has its own.
-
-    `rebuild_exception(failure)` turns a FAILURE reply into the exception
-    to raise (default: the native format, see exceptions.py); `green`
-    makes every wait cooperative for eventlet."""
-
-    def __init__(self, options, rebuild_exception=None, green=False):
-        self.options = options
-        self.context = Context()
-        try:
-            self.matchmaker = _matchmaker.create(options)
-            if rebuild_exception is None:
-                # The transport's own errors (UnsupportedRpcVersion, ...)
-                # always come back as themselves.
-                allowed = tuple(options.allowed_rpc_exception_modules) + (
-                    "nova_zmq_fast.exceptions",)
-                rebuild_exception = lambda failure: deserialize_remote_exception(  # noqa: E731
-                    failure, allowed)
-            self.client = Client(
-                self.context, self.matchmaker,
-                send_timeout=options.rpc_cast_timeout,
-                response_timeout=options.rpc_response_timeout,
-                max_message_size=options.rpc_zmq_max_message_size,
-                linger=options.rpc_zmq_linger,
-                connect_timeout=options.rpc_zmq_connect_timeout,
-                rebuild_exception=rebuild_exception, green=green)
-        except BaseException:
-            self.context.term()
-            raise
-        self.connections = set()
-        self.lock = threading.RLock()
-
-    def connection(self, shared=False):
-        """A new Connection (or, with shared=True, this runtime's shared one)."""
-        with self.lock:
-            if shared:
-                for conn in self.connections:
-                    if conn._shared:
-                        return conn
-            conn = Connection(self, shared=shared)
-            self.connections.add(conn)
-            return conn
-
-    def close(self):
-        deadline = time.monotonic() + self.options.rpc_zmq_linger
-        for conn in list(self.connections):
-            conn._close(deadline)
-        self.client.close(max(0.0, deadline - time.monotonic()))
-        self.matchmaker.close()
-        try:
-            self.context.term()
-        except RuntimeError as exc:         # a server that could not stop
-            LOG.error("libzmq context left open: %s", exc)
-
-
-BIND_ATTEMPTS = 5
+# A fixed port may still be held for a moment by a server this process just
+# closed (libzmq releases listeners in its I/O thread): retry that long.
+BIND_RETRY = 2.0
 
 
 def _free_port(bind_address):
@@ -94,43 +43,228 @@ def _free_port(bind_address):
         return s.getsockname()[1]
 
 
+class Runtime:
+    """One set of open resources: a libzmq context, discovery, the sending
+    client and the listening server with its connections.
+
+    `rebuild_exception(failure)` turns a FAILURE reply into the exception
+    to raise (default: the native format, see exceptions.py); `green`
+    makes every wait cooperative for eventlet."""
+
+    def __init__(self, options, rebuild_exception=None, green=False):
+        self.options = options
+        self.curve = options.curve_keys()          # (public, secret) or None
+        self.context = Context()
+        self.backend = None
+        self.routes = None
+        self.zap = None                             # the ZAP handler, while serving
+        try:
+            self.backend = options.backend(options)
+            self.routes = RouteTable(self.backend)
+            if rebuild_exception is None:
+                # The transport's own errors (UnsupportedRpcVersion, ...)
+                # always come back as themselves.
+                allowed = tuple(options.allowed_rpc_exception_modules) + (
+                    "nova_zmq_fast.exceptions",)
+                rebuild_exception = lambda failure: deserialize_remote_exception(  # noqa: E731
+                    failure, allowed)
+            self.client = Client(
+                self.context, self.routes,
+                send_timeout=options.rpc_cast_timeout,
+                response_timeout=options.rpc_response_timeout,
+                max_message_size=options.rpc_zmq_max_message_size,
+                linger=options.rpc_zmq_linger,
+                connect_timeout=options.rpc_zmq_connect_timeout,
+                backlog=options.rpc_zmq_topic_backlog,
+                socket_buffer=options.rpc_zmq_socket_buffer,
+                rebuild_exception=rebuild_exception, green=green, curve=self.curve)
+            # The background sender: liveness probes, route refresh,
+            # at-least-once casts, held notifications.  It starts with the
+            # first route cached, or the first message it must carry.
+            self.courier = Courier(self.client, self.routes, options)
+            self.client.courier = self.courier
+            self.routes.on_route = self.courier.start
+        except BaseException:
+            self._close_discovery()
+            self.context.term()
+            raise
+        self.server = None
+        self.node = None                    # this process's Endpoint, once serving
+        self.connections = set()
+        self._announced = {}                # (topic, fanout) -> consuming Connections
+        self.lock = unpatched("threading").RLock()
+
+    # -- the process's one listening socket ------------------------------------
+
+    def serve(self):
+        """The server every Connection of this runtime shares; bound on
+        first use."""
+        with self.lock:
+            if self.server is None:
+                self.server = self._bind()
+                self.node = Endpoint(self.options.rpc_zmq_host, self.server.address,
+                                     self.curve[0] if self.curve else None)
+            return self.server
+
+    def _bind(self):
+        opts = self.options
+        host = opts.advertised_host()
+        allow = None
+        if self.curve:
+            # The context's ZAP handler: without it a CURVE server refuses
+            # everyone (it has a ZAP domain), which is what we want if it
+            # cannot start.
+            allow = AllowList(opts.rpc_zmq_allowed_keys)
+            self.zap = Authenticator(self.context, allow, PEERS_LOG)
+            self.zap.start()
+        elif opts.bind_address.strip("[]") not in LOOPBACK and not _warned_plaintext:
+            _warned_plaintext.append(True)
+            LOG.warning("listening on %s without CURVE: anyone who can reach it can call "
+                        "any method and read every message; set rpc_zmq_secret_key_file",
+                        opts.bind_address)
+        try:
+            return self._bind_server(opts, host, allow)
+        except BaseException:
+            self._stop_zap()
+            raise
+
+    def _bind_server(self, opts, host, allow):
+        deadline = time.monotonic() + BIND_RETRY
+        while True:
+            # The advertised address is also the server's routing id, which
+            # libzmq fixes at bind time: so the port is chosen first.
+            port = opts.port or _free_port(opts.bind_address)
+            try:
+                return serve(
+                    self.context, opts.bind_endpoint(port), opts.rpc_zmq_host,
+                    tcp_endpoint(host, port), max_message_size=opts.rpc_zmq_max_message_size,
+                    max_threads=opts.rpc_thread_pool_size,
+                    backlog=opts.rpc_zmq_topic_backlog,
+                    socket_buffer=opts.rpc_zmq_socket_buffer,
+                    serialize_failure=serialize_remote_exception,
+                    on_failure=self._server_failed,
+                    curve_secret=self.curve[1] if self.curve else None, allow=allow)
+            except OSError as exc:
+                # EADDRINUSE: another process took the free port first, or a
+                # fixed port is still held by a server just closed.
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise OSError(exc.errno, f"cannot listen on {opts.bind_endpoint(port)}"
+                                      f": the port is in use by another process") from None
+                    raise
+                time.sleep(0.02)
+
+    def add_consumer(self, conn, topic, fanout, proxy, deferred, start):
+        """A consumer on the shared server (bound now if need be); `start`
+        starts serving.  Under the lock, so release() cannot stop the
+        server in between."""
+        with self.lock:
+            server = self.serve()
+            consumer = server.add_consumer(topic, fanout, proxy, deferred, conn)
+            if start:
+                server.start()
+            return consumer
+
+    def announce(self, conn, topic, fanout):
+        """`conn` consumes (topic, fanout): register it on the first."""
+        with self.lock:
+            holders = self._announced.setdefault((topic, fanout), set())
+            holders.add(conn)
+            if len(holders) == 1:
+                self.backend.register(self.node, topic, fanout)
+
+    def withdraw(self, conn, topic, fanout):
+        """`conn` stops consuming (topic, fanout): unregister after the last."""
+        with self.lock:
+            holders = self._announced.get((topic, fanout))
+            if holders is None or conn not in holders:
+                return
+            holders.discard(conn)
+            if not holders:
+                del self._announced[(topic, fanout)]
+                self.backend.unregister(self.node, topic, fanout)
+
+    def release(self, deadline):
+        """Stop the server once no Connection consumes anything: the
+        process goes back to no listening socket and no worker threads."""
+        with self.lock:
+            server = self.server
+            if server is None or server.consumers:
+                return
+            self.server = None
+        server.stop(max(0.0, deadline - time.monotonic()))
+        self._stop_zap()
+
+    def _stop_zap(self):
+        zap, self.zap = self.zap, None
+        if zap is not None:
+            zap.stop()
+
+    def _server_failed(self):
+        # The receive loop died: withdraw from discovery at once, so that
+        # nobody keeps sending to a process that no longer answers.
+        with self.lock:
+            announced, self._announced = list(self._announced), {}
+        for topic, fanout in announced:
+            try:
+                self.backend.unregister(self.node, topic, fanout)
+            except Exception:
+                LOG.exception("could not withdraw %s", topic)
+
+    # -- connections -------------------------------------------------------------
+
+    def connection(self, shared=False):
+        """A new Connection (or, with shared=True, this runtime's shared one)."""
+        with self.lock:
+            if shared:
+                for conn in self.connections:
+                    if conn._shared:
+                        return conn
+            conn = Connection(self, shared=shared)
+            self.connections.add(conn)
+            return conn
+
+    def close(self):
+        """Release everything; returns what was sent and never confirmed:
+        {address: messages} from the outboxes (see Client.close), and
+        {topic: casts} that the courier carried at least once and no server
+        acknowledged.  Takes at most three times rpc_zmq_linger: first what
+        this process sent is confirmed (while its own server still answers,
+        for what it sent itself), then at-least-once casts, then what it
+        received is finished."""
+        linger = self.options.rpc_zmq_linger
+        lost = self.client.close(linger)
+        for topic, n in self.courier.close(linger).items():
+            lost[topic] = lost.get(topic, 0) + n
+        deadline = time.monotonic() + linger
+        for conn in list(self.connections):
+            conn._close(deadline)
+        self.release(deadline)
+        self._close_discovery()
+        try:
+            self.context.term()
+        except RuntimeError as exc:         # a server that could not stop
+            LOG.error("libzmq context left open: %s", exc)
+        return lost
+
+    def _close_discovery(self):
+        if self.routes is not None:
+            self.routes.close()
+        if self.backend is not None:
+            self.backend.close()
+
+
 class Connection:
-    """A set of consumers served by one listening socket and its workers."""
+    """A set of consumers on the runtime's listening socket."""
 
     def __init__(self, runtime, shared=False):
         self._rt = runtime
         self._shared = shared
-        self._server = None
-        self._address = None
-        self._consumers = {}                # (topic, fanout) -> proxy
+        self._consumers = []                # _dispatch.Consumer
         self._consuming = False
         self._closing = False
         self._closed = threading.Event()    # set once fully closed
         self._lock = threading.Lock()
-
-    def _ensure_server(self):
-        if self._server is None:
-            opts = self._rt.options
-            for attempt in range(BIND_ATTEMPTS):
-                # The advertised address is also the server's routing id, so
-                # the port must be known before binding: pick a free one.
-                port = opts.port or _free_port(opts.bind_address)
-                address = tcp_endpoint(opts.advertised_host(), port)
-                try:
-                    self._server = Server(
-                        self._rt.context, opts.bind_endpoint(port), opts.rpc_zmq_host,
-                        address.encode(),
-                        max_message_size=opts.rpc_zmq_max_message_size,
-                        max_threads=opts.rpc_thread_pool_size,
-                        serialize_failure=serialize_remote_exception)
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE or opts.port or \
-                            attempt == BIND_ATTEMPTS - 1:
-                        raise
-                    continue                # somebody took the free port first
-                self._address = address
-                break
-        return self._server
 
     def _check_open(self):
         if self._closing:
@@ -138,8 +272,9 @@ class Connection:
 
     @property
     def address(self):
-        """The endpoint peers use to reach this connection."""
-        return self._address
+        """The endpoint peers use to reach this process."""
+        server = self._rt.server
+        return server.address if server is not None and self._consumers else None
 
     def create_consumer(self, topic, proxy, fanout=False, deferred=False):
         """Consume `topic` with `proxy` (an RpcDispatcher, an object whose
@@ -153,15 +288,10 @@ class Connection:
         fanout = bool(fanout)
         with self._lock:
             self._check_open()
-            server = self._ensure_server()
-            server.add_consumer(topic, fanout, proxy, deferred)
-            self._consumers[(topic, fanout)] = proxy
+            self._consumers.append(self._rt.add_consumer(self, topic, fanout, proxy, deferred,
+                                                         start=self._consuming))
             if self._consuming:
-                self._register(topic, fanout)
-
-    def _register(self, topic, fanout):
-        self._rt.matchmaker.register(topic, self._rt.options.rpc_zmq_host,
-                                     self._address, fanout)
+                self._rt.announce(self, topic, fanout)
 
     def consume_in_thread(self):
         """Start serving in worker threads and announce the consumers."""
@@ -169,9 +299,10 @@ class Connection:
             self._check_open()
             if self._consuming:
                 return
-            self._ensure_server().start()
-            for topic, fanout in self._consumers:
-                self._register(topic, fanout)
+            if self._consumers:
+                self._rt.serve().start()
+            for consumer in self._consumers:
+                self._rt.announce(self, consumer.topic, consumer.fanout)
             self._consuming = True
 
     def wait(self):
@@ -181,42 +312,50 @@ class Connection:
 
     def close(self):
         """Stop consuming: withdraw from discovery, finish the queued work
-        (bounded by rpc_zmq_linger), release the socket and threads."""
+        (bounded by rpc_zmq_linger), release what is no longer used."""
         self._close(time.monotonic() + self._rt.options.rpc_zmq_linger)
 
     def _close(self, deadline):
         with self._lock:
             first = not self._closing
             self._closing = True
-            if first and self._consuming:
-                for topic, fanout in self._consumers:
-                    self._rt.matchmaker.unregister(topic, self._rt.options.rpc_zmq_host,
-                                                   self._address, fanout)
+            consumers, self._consumers = self._consumers, []
         if not first:                       # another thread is closing it
             self._closed.wait(max(0.0, deadline - time.monotonic()))
             return
         try:
-            if self._server is not None:
-                self._server.stop(max(0.0, deadline - time.monotonic()))
+            self._stop(consumers, deadline)
         finally:
             self._rt.connections.discard(self)
+            self._rt.release(deadline)
             self._closed.set()
+
+    def _stop(self, consumers, deadline):
+        if not consumers:
+            return
+        for consumer in consumers:
+            self._rt.withdraw(self, consumer.topic, consumer.fanout)
+        server = self._rt.server
+        if server is not None:
+            server.drain(consumers, max(0.0, deadline - time.monotonic()))
 
     def remove_consumer(self, topic, fanout=False):
         """Stop consuming `topic`: withdraw it from discovery first."""
         fanout = bool(fanout)
         with self._lock:
-            if self._consumers.pop((topic, fanout), None) is None:
-                return
-            if self._consuming:
-                self._rt.matchmaker.unregister(topic, self._rt.options.rpc_zmq_host,
-                                               self._address, fanout)
-            self._server.remove_consumer(topic, fanout)
+            gone = [c for c in self._consumers if c.topic == topic and c.fanout == fanout]
+            self._consumers = [c for c in self._consumers if c not in gone]
+        self._stop(gone, time.monotonic() + self._rt.options.rpc_zmq_linger)
 
     def stats(self):
-        counters = self._server.stats() if self._server is not None else {}
-        return dict(counters, address=self._address,
-                    topics=sorted(f"{t}{' (fanout)' if f else ''}" for t, f in self._consumers))
+        server = self._rt.server
+        counters = server.stats() if server is not None else {}
+        zap = self._rt.zap
+        if zap is not None:
+            counters.update(curve_accepted=zap.accepted, curve_refused=zap.refused)
+        return dict(counters, address=self.address,
+                    topics=sorted(f"{c.topic}{' (fanout)' if c.fanout else ''}"
+                                  for c in self._consumers))
 
     def __enter__(self):
         return self

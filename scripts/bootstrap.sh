@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this checkout on a Debian/Ubuntu machine: the system packages that
-# are missing (libzmq3-dev, pkg-config, a C compiler, venv), a virtualenv in
+# are missing (libzmq3-dev, pkg-config, C compilers, venv; mount for
+# scripts/wheel.sh's namespace; redis-server and iproute2 for the tests' own
+# Redis and network namespaces), a virtualenv in
 # .venv and an in-place build of the Cython core with the test extras.
 # Safe to run again: it rebuilds only when a source or build file changed.
 set -euo pipefail
@@ -14,7 +16,7 @@ as_root() {
 }
 
 missing=()
-for pkg in libzmq3-dev pkg-config gcc; do
+for pkg in libzmq3-dev pkg-config gcc clang mount redis-server iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
@@ -25,16 +27,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update -q
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "${missing[@]}"
 fi
+# The fuzzers (tests/fuzz) build the core with clang's ASan and libFuzzer,
+# which Debian 12 ships apart from clang, in libclang-rt-<version>-dev.
+if ! [[ "$(clang -print-file-name="libclang_rt.fuzzer_no_main-$(uname -m).a")" = /* ]]; then
+    rt="libclang-rt-$(clang -dumpversion | cut -d. -f1)-dev"
+    echo "bootstrap: installing $rt" >&2
+    as_root apt-get update -q
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "$rt"
+fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 stamp=.venv/.nzf-build
-want=$( (echo "$EXTRAS"; cat setup.py pyproject.toml csrc/*.h nova_zmq_fast/*.pyx nova_zmq_fast/*.pxd) \
+want=$( (echo "$EXTRAS"; cat setup.py pyproject.toml nova_zmq_fast/__init__.py csrc/*.h nova_zmq_fast/*.pyx nova_zmq_fast/*.pxd) \
         | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
         ! .venv/bin/python -c "import nova_zmq_fast._server" 2>/dev/null; then
     echo "bootstrap: building nova_zmq_fast (about a minute)" >&2
-    .venv/bin/python -m pip install -q --upgrade pip
+    # The build requirements too, for setup.py build_ext --inplace (README).
+    .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" "Cython>=3.0.10,<4"
     .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 fi

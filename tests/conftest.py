@@ -3,7 +3,9 @@ sockets, threads and descriptors must all be released by rpc.cleanup()."""
 import json
 import os
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +18,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def open_fds():
-    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    """This process's open descriptors.  (Listing them opens one, closed
+    again by the time it is looked at: only those still open count.)"""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        fds.append(int(name))
+    return sorted(fds)
 
 
 def os_threads():
-    return len(os.listdir("/proc/self/task"))
+    """Ids of this process's OS threads."""
+    return set(os.listdir("/proc/self/task"))
+
+
+def no_new_threads(before):
+    """True once every OS thread started since `before` has ended.  (A
+    thread that existed before and ended since is not a leak: join() returns
+    a moment before the kernel forgets a thread.)"""
+    return not (os_threads() - before)
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port nobody listens on at `host` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout, interval=0.02):
@@ -38,10 +64,11 @@ class ChildProcess:
     """A helper process that prints "READY ..." once it serves and stops on
     SIGTERM (or when its stdin, held by this process, closes)."""
 
-    def __init__(self, name, argv, wait=True):
+    def __init__(self, name, argv, wait=True, env=None):
         self.name = name
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else dict(os.environ, **env))
         self.ready_line = None
         if wait:
             self.wait_ready()
@@ -89,12 +116,12 @@ class ChildProcess:
 class ServiceProcess(ChildProcess):
     """A tests.helpers.service process (the native API)."""
 
-    def __init__(self, host, ipc_dir, topic="svc", options=None):
+    def __init__(self, host, ipc_dir, topic="svc", options=None, env=None):
         self.host = host
         opts = {"rpc_zmq_ipc_dir": str(ipc_dir)}
         opts.update(options or {})
         super().__init__(host, [sys.executable, "-m", "tests.helpers.service", "--host", host,
-                                "--topic", topic, "--options", json.dumps(opts)])
+                                "--topic", topic, "--options", json.dumps(opts)], env=env)
         self.address = self.ready_line[0]
 
 
@@ -130,10 +157,67 @@ def client(ipc_dir):
     finally:
         rpc.cleanup()
         rpc.init()                  # back to defaults for the next test
-    assert wait_until(lambda: os_threads() == threads, 5), \
-        f"threads leaked: {os_threads()} != {threads}"
+    assert wait_until(lambda: no_new_threads(threads), 5), \
+        f"threads leaked: {sorted(os_threads() - threads)}"
     assert open_fds() == fds, f"descriptors leaked: {open_fds()} != {fds}"
 
 
 def count_on(rpc_mod, service_topic, key):
     return rpc_mod.call({}, service_topic, {"method": "count", "args": {"key": key}})
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free loopback port, without
+    persistence, that can be stopped and started again on the same port
+    (a Redis outage)."""
+
+    def __init__(self, directory):
+        self.dir = str(directory)
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def options(self):
+        """rpc.init() options for discovery through this server."""
+        return {"rpc_zmq_matchmaker": "redis", "matchmaker_redis_host": "127.0.0.1",
+                "matchmaker_redis_port": self.port}
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with self.client() as r:
+            if not wait_until(lambda: _pings(r), 10, 0.05):
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+def _pings(r):
+    import redis
+    try:
+        return r.ping()
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

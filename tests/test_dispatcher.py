@@ -1,7 +1,8 @@
 """Version rules of RpcDispatcher (the wire path is covered in test_rpc)."""
 import pytest
 
-from nova_zmq_fast.dispatcher import RpcDispatcher, unwrap, version_is_compatible, wrap
+from nova_zmq_fast._dispatch import unwrap, wrap
+from nova_zmq_fast.dispatcher import RpcDispatcher, version_is_compatible
 from nova_zmq_fast.exceptions import InvalidMessage, UnsupportedRpcVersion
 
 

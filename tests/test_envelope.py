@@ -17,6 +17,8 @@ topics = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc"),
 
 
 def outcome(fn, *args):
+    """What a call gave: ("ok", value), ("malformed", message) or an error
+    type; the same inputs must give the same outcome in both codecs."""
     try:
         return ("ok", fn(*args))
     except MalformedEnvelope as exc:
@@ -29,6 +31,12 @@ def test_same_constants():
     assert c_env.KINDS == py_env.KINDS
     assert c_env.ENVELOPE_VERSION == py_env.ENVELOPE_VERSION == 1
     assert c_env.FLAG_MULTI_CALL == py_env.FLAG_MULTI_CALL
+    assert c_env.BODY_LIMITS == py_env.BODY_LIMITS
+
+
+def test_the_default_limit_is_the_options_default():
+    from nova_zmq_fast.options import Options
+    assert c_env.BODY_LIMITS["max_message_default"] == Options.from_conf().rpc_zmq_max_message_size
 
 
 @pytest.mark.parametrize("env", IMPLS)
@@ -70,6 +78,103 @@ def test_mutated_headers_decode_the_same_way(kind, topic, cut, flip, byte):
 @given(st.binary(max_size=200))
 def test_any_bytes_unpack_the_same_way(data):
     assert outcome(c_env.unpack_body, data) == outcome(py_env.unpack_body, data)
+
+
+# Bodies built from msgpack's own building blocks, so that most of them
+# are well-formed up to a point and the limits, not the first byte, decide.
+_pieces = st.sampled_from([
+    b"\xc0", b"\x01", b"\xe0", b"\xcd\x01\x01", b"\xca\0\0\0\0", b"\xa2ab", b"\xc4\x01x",
+    b"\xd4\x01\x00", b"\x80", b"\x90", b"\x81", b"\x91", b"\x92", b"\x8f", b"\x9f",
+    b"\xdc\x00\x03", b"\xde\x00\x02", b"\xdd\x00\x00\x01\x00", b"\xd9\x05hello",
+    b"\xc1", b"\xa3\xe2\x82\xac", b"\xdb\xff\xff\xff\xff", b"\xc7\x01\x05x",
+    b"\xd6\xff\0\0\0\0"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_pieces, max_size=300).map(b"".join), st.integers(1, 4096))
+def test_structured_bodies_meet_the_limits_the_same_way(data, limit):
+    assert outcome(c_env.unpack_body, data, limit) == outcome(py_env.unpack_body, data, limit)
+    assert outcome(c_env.check_body_limits, data, limit) == \
+        outcome(py_env.check_body_limits, data, limit)
+
+
+@pytest.mark.parametrize("env", IMPLS)
+def test_nesting_is_bounded(env):
+    depth = env.BODY_LIMITS["max_depth"]
+    assert env.unpack_body(b"\x91" * (depth - 1) + b"\x90") == \
+        eval("[" * depth + "]" * depth)
+    for too_deep in (b"\x91" * depth + b"\x90", b"\x91" * 3000 + b"\xc0"):
+        with pytest.raises(MalformedEnvelope, match=f"deeper than {depth}"):
+            env.unpack_body(too_deep)
+
+
+@pytest.mark.parametrize("env", IMPLS)
+@pytest.mark.parametrize("body", [
+    b"\xdd\x7f\xff\xff\xff" + b"\xc0" * 10,        # an array longer than the body
+    b"\xdf\x00\x00\x00\x06" + b"\xc0" * 11,        # a map of 6 needs 12 items
+    b"\xdb\x00\x00\x01\x00" + b"x" * 255,           # a string one byte short
+    b"\x92\xc0", b"\xcd\x01", b"\xc5\x01",
+])
+def test_a_length_past_the_end_is_refused_before_decoding(env, body):
+    with pytest.raises(MalformedEnvelope, match="runs past the end"):
+        env.check_body_limits(body)
+    with pytest.raises(MalformedEnvelope):
+        env.unpack_body(body)
+
+
+@pytest.mark.parametrize("env", IMPLS)
+@pytest.mark.parametrize("body", [b"\xd4\x01\x00", b"\xd6\xff\0\0\0\0", b"\xc7\x01\x05x",
+                                  b"\x91\xd8\x01" + bytes(16), b"\xc1"])
+def test_extension_types_are_refused(env, body):
+    # The packer never writes them; refusing them keeps ExtType and
+    # Timestamp objects (slow to build) out of reach of a peer.
+    with pytest.raises(MalformedEnvelope, match="extension type"):
+        env.unpack_body(body)
+
+
+@pytest.mark.parametrize("env", IMPLS)
+def test_a_body_over_the_limit_is_refused(env):
+    with pytest.raises(MalformedEnvelope, match="exceeds the limit of 10"):
+        env.unpack_body(msgpack.packb("x" * 20), 10)
+    assert env.unpack_body(msgpack.packb("x" * 20), 22) == "x" * 20
+
+
+@pytest.mark.parametrize("env", IMPLS)
+def test_a_body_that_would_balloon_is_refused(env):
+    limits = env.BODY_LIMITS
+    limit = 2 * limits["budget_floor"]
+    budget = limit * limits["decoded_per_byte"]
+    n = limit - 5
+    for item in (b"\x80", b"\x90", b"\x81\xc0\xc0"):
+        count = n // len(item)
+        with pytest.raises(MalformedEnvelope, match=f"more than {budget} bytes"):
+            env.check_body_limits(b"\xdd" + count.to_bytes(4, "big") + item * count, limit)
+    # The densest structure there is, a flat array of nil, still passes.
+    assert env.check_body_limits(b"\xdd" + n.to_bytes(4, "big") + b"\xc0" * n, limit) == budget
+
+
+@pytest.mark.parametrize("name", ["instances", "host stats by node", "console log",
+                                  "image bytes", "instance ids"])
+def test_realistic_payloads_up_to_the_default_size_pass(name):
+    from tests.helpers.nova_payloads import payloads
+    limit = c_env.BODY_LIMITS["max_message_default"]
+    body = payloads(limit)[name]
+    assert limit - 512 * 1024 < len(body) <= limit
+    c_env.check_body_limits(body)
+    py_env.check_body_limits(body)
+
+
+@pytest.mark.parametrize("name", ["array of empty maps", "array of {nil: nil}",
+                                  "map of uint32 -> nil", "array of 2-byte str"])
+def test_the_worst_bodies_stay_within_the_budget(name):
+    """Peak RSS of a process decoding the costliest body the limits let
+    through stays within the decoding budget plus the body's own copy."""
+    from tests.fuzz.amplification import measure
+    limit = 2 << 20
+    r = measure(name, limit)
+    assert r["outcome"] == "decoded", r
+    budget = limit * c_env.BODY_LIMITS["decoded_per_byte"]
+    assert r["growth"] <= budget + r["size"] + (4 << 20), r
 
 
 json_like = st.recursive(

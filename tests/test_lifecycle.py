@@ -1,6 +1,5 @@
 """Shutdown is bounded, finishes accepted work, and releases every socket,
 thread and descriptor (the `client` fixture checks threads and fds)."""
-import socket
 import subprocess
 import sys
 import threading
@@ -9,7 +8,7 @@ import time
 import pytest
 
 from nova_zmq_fast import _zmq, rpc
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, free_port, wait_until
 
 CTX = {"user_id": "u"}
 
@@ -108,12 +107,6 @@ def test_close_is_bounded_by_the_linger_with_a_stuck_handler(client):
         release.set()           # lets the handler's thread end before the leak check
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_cast_to_an_unreachable_peer_fails_loudly(client):
     client.init(rpc_zmq_ipc_dir=client._options.rpc_zmq_ipc_dir, rpc_zmq_host="client",
                 rpc_zmq_connect_timeout=0.5)
@@ -168,3 +161,16 @@ def test_a_process_serves_and_calls_itself(client):
     assert [client.call(CTX, "self-served", {"method": "double", "args": {"x": i}})
             for i in range(5)] == [0, 2, 4, 6, 8]
     assert client.stats()["connections"][0]["handled"] == 5
+
+
+def test_the_call_timeout_bounds_the_wait_for_a_connection(tmp_path, client):
+    """Nobody listens where the ring points: a call with timeout=1 ends at
+    its timeout, not at the longer rpc_zmq_connect_timeout."""
+    ring = tmp_path / "ring.json"
+    ring.write_text('{"gone": ["127.0.0.1:%d"]}' % free_port())
+    client.init(rpc_zmq_host="client", rpc_zmq_matchmaker="ring",
+                matchmaker_ringfile=str(ring), rpc_zmq_connect_timeout=5)
+    start = time.monotonic()
+    with pytest.raises(client.Timeout):
+        client.call(CTX, "gone", {"method": "x"}, timeout=1)
+    assert 0.9 < time.monotonic() - start < 1.1 * 1 + 0.5

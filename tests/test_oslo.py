@@ -15,7 +15,8 @@ warnings.filterwarnings("ignore", module="oslo_messaging")
 messaging = pytest.importorskip("oslo_messaging")
 from oslo_config import cfg  # noqa: E402
 
-from tests.conftest import ROOT, ChildProcess, open_fds, os_threads, wait_until  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ROOT, ChildProcess, no_new_threads, open_fds, os_threads, wait_until)
 from tests.helpers.errors import CustomError  # noqa: E402
 
 RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -73,7 +74,7 @@ def no_leaks():
     released its threads and descriptors."""
     fds, threads = open_fds(), os_threads()
     yield
-    assert wait_until(lambda: os_threads() == threads, 5), "threads leaked"
+    assert wait_until(lambda: no_new_threads(threads), 5), "threads leaked"
     assert open_fds() == fds, "descriptors leaked"
 
 
@@ -452,7 +453,29 @@ def test_url_query_overrides_options(registry):
         transport.cleanup()
 
 
-@pytest.mark.parametrize("url", ["zmqfast+redis://127.0.0.1:6379/",
+def test_the_backend_is_named_in_the_scheme(tmp_path):
+    ring = tmp_path / "ring.json"
+    ring.write_text('{"t": ["h1"]}')
+    transport = messaging.get_rpc_transport(
+        cfg.CONF, url=f"zmqfast+ring://?matchmaker_ringfile={ring}")
+    try:
+        options = transport._driver._options
+        assert options.rpc_zmq_matchmaker == "ring" and options.matchmaker_ringfile == str(ring)
+    finally:
+        transport.cleanup()
+    transport = messaging.get_rpc_transport(
+        cfg.CONF, url="zmqfast+redis://:s3cret@10.0.0.5:6380/3")
+    try:
+        options = transport._driver._options
+        assert (options.rpc_zmq_matchmaker, options.matchmaker_redis_host,
+                options.matchmaker_redis_port, options.matchmaker_redis_password,
+                options.matchmaker_redis_db) == ("redis", "10.0.0.5", 6380, "s3cret", 3)
+    finally:
+        transport.cleanup()
+
+
+@pytest.mark.parametrize("url", ["zmqfast+zookeeper://127.0.0.1:2181/",
+                                 "zmqfast+redis://127.0.0.1:6379/not-a-db",
                                  "zmqfast://?rpc_zmq_port=not-a-port",
                                  "zmqfast://?no_such_option=1"])
 def test_bad_urls_are_clear_errors(url):
@@ -502,7 +525,7 @@ def test_cleanup_leaves_no_threads_sockets_or_registry_entries(tmp_path):
     transport.cleanup()
     ntransport.cleanup()
     assert os.listdir(nodes) == []
-    assert wait_until(lambda: os_threads() == threads, 5), "threads leaked"
+    assert wait_until(lambda: no_new_threads(threads), 5), "threads leaked"
     assert open_fds() == fds, "descriptors leaked"
 
 

@@ -378,3 +378,29 @@ def test_wait_returns_when_closed_from_another_thread(ipc_dir, client):
 def test_shared_connection(ipc_dir, client):
     assert client.create_connection(new=False) is client.create_connection(new=False)
     assert client.create_connection() is not client.create_connection(new=False)
+
+
+def test_ping_reaches_each_consumer_and_names_it(services, client):
+    answers = client.ping("svc", timeout=5)
+    assert sorted(a["host"] for a in answers) == ["h1", "h2"]
+    for a in answers:
+        assert a["address"] == services[a["host"]].address
+        assert a["envelope"] == 1 and a["rtt"] > 0 and isinstance(a["pid"], int)
+    assert [a["host"] for a in client.ping("svc.h2")] == ["h2"]
+    with pytest.raises(client.NoListeners):
+        client.ping("nobody-listens")
+
+
+def test_ping_checks_the_api_version(services, client):
+    assert all("error" not in a for a in client.ping("svc.h1", version="1.3"))
+    [refused] = client.ping("svc.h1", version="1.4")
+    assert isinstance(refused["error"], client.UnsupportedRpcVersion)
+    [other] = client.ping("svc.h1", version="2.0", namespace="v2")
+    assert "error" not in other
+
+
+def test_ping_of_a_server_that_does_not_serve_the_topic(services, client):
+    from nova_zmq_fast._routes import Endpoint
+    rt = client._runtime()
+    with pytest.raises(client.NoListeners, match="not served"):
+        rt.client.ping(Endpoint("h1", services["h1"].address), "elsewhere", timeout=5)

@@ -1,183 +1,172 @@
 """Discovery ("matchmaker"): which live servers consume a topic, and where.
 
-A backend implements `register`, `unregister`, `_fetch` (the live endpoints
-of one topic, direct or fanout) and `_list_topics` (names by prefix).  This base class adds what every backend
-needs on the message path: a short cache so that a cast costs a dict lookup
-rather than a registry read, the 'topic.host' rule, and the list of
-endpoints declared dead so outboxes can drop their queues to them.
+A backend is one module in this package (or a class published under the
+entry point group `nova_zmq_fast.matchmakers`) whose `BACKEND` is a
+subclass of `Backend`.  It fills the route table (`_routes.RouteTable`),
+which owns what every backend shares: the cache and its refresh, the
+'topic.host' rule, and peers marked down or gone.  The backend carries its
+own policy: its options, where servers bind, which address they advertise,
+and how an oslo.messaging URL (`zmqfast+<name>://...`) maps onto its
+options.  Adding a backend touches no other file.
 
-Backends: `local` (embedded, one machine, no daemon) and `ring` (a static
-JSON file).  A new backend is one new module with one MatchMaker subclass.
+Built in: `local` (embedded, one machine, no daemon), `ring` (a static JSON
+file) and `redis` (many hosts; redis-py).
 """
 import abc
-import collections
-import threading
-import time
+import importlib
+import ipaddress
+import pkgutil
+import socket
 
-# How long a lookup result is reused.  A consumer whose process died stops
-# being chosen within this time plus one liveness check.
-CACHE_TTL = 1.0
-FORGOTTEN_MAX = 4096
-
-
-class Endpoint:
-    """A server a message can be sent to: its logical host and its ZeroMQ
-    address.  The address is also the server's routing id (servers announce
-    it as such), so `rid` is what outboxes connect to and send to."""
-
-    __slots__ = ("host", "address", "rid")
-
-    def __init__(self, host, address):
-        self.host = host
-        self.address = address
-        self.rid = address.encode()
-
-    def __eq__(self, other):
-        return isinstance(other, Endpoint) and other.address == self.address
-
-    def __hash__(self):
-        return hash(self.address)
-
-    def __repr__(self):
-        return f"Endpoint({self.host!r}, {self.address!r})"
+ENTRY_POINTS = "nova_zmq_fast.matchmakers"
+WILDCARDS = ("*", "0.0.0.0", "::", "[::]", "")
 
 
-def split_host_topic(topic):
-    """'compute.host1' -> ('compute', 'host1'); None if there is no dot."""
-    base, dot, host = topic.partition(".")
-    if not dot or not base or not host:
-        return None
-    return base, host
+class Backend(abc.ABC):
+    """The discovery interface.  Implementations must be thread-safe: the
+    route table's refresher and sending threads call `fetch` concurrently."""
 
-
-class MatchMaker(abc.ABC):
-    """The discovery interface, with caching.  Thread-safe."""
+    #: Options this backend adds (nova_zmq_fast.options.Option).
+    OPTIONS = ()
+    #: rpc_zmq_bind_address when it is unset.
+    BIND_ADDRESS = "*"
+    #: rpc_zmq_port when it is unset; 0 means any free port.
+    PORT = 0
+    #: Seconds between refreshes of a route in use (the route table's).
+    refresh_interval = 1.0
 
     def __init__(self, options):
         self.options = options
-        # topic -> (expiry, endpoints), for direct and for fanout lookups.
-        # The client reads `routes` itself on the message path.
-        self.routes = {}
-        self.fanout_routes = {}
-        self._prefixes = {}                 # prefix -> (expiry, topic names)
-        self._lock = threading.Lock()
-        self._forgotten = collections.OrderedDict()
-        self.forgotten_count = 0
+        self.routes = None
 
-    # -- what a backend implements -----------------------------------------
+    def attach(self, routes):
+        """Called by the RouteTable this backend fills."""
+        self.routes = routes
+
+    # -- policy -------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, options):
+        """Raise ValueError for options this backend cannot work with."""
+
+    @classmethod
+    def advertise_host(cls, options):
+        """The host part of this process's address, as peers must dial it.
+        An explicit rpc_zmq_advertise_address wins, then a bind address that
+        is not a wildcard; a wildcard is the backend's to resolve."""
+        if options.rpc_zmq_advertise_address:
+            return options.rpc_zmq_advertise_address.strip("[]")
+        bind = options.bind_address.strip("[]")
+        if bind not in WILDCARDS:
+            return bind
+        return cls.wildcard_advertise_host(options)
+
+    @classmethod
+    def wildcard_advertise_host(cls, options):
+        """Servers bind a wildcard: by default, an address rpc_zmq_host
+        resolves to that other machines can reach (not loopback)."""
+        return reachable_address(options.rpc_zmq_host)
+
+    @classmethod
+    def url_options(cls, hosts, virtual_host):
+        """Options from an oslo.messaging URL `zmqfast+<name>://...`:
+        `hosts` is a list of (hostname, port, username, password)."""
+        if hosts or virtual_host:
+            raise ValueError(f"the {cls.__module__.rpartition('.')[2]} discovery "
+                             f"takes no hosts in the URL")
+        return {}
+
+    # -- what a backend implements -------------------------------------------
 
     @abc.abstractmethod
-    def register(self, topic, host, address, fanout=False):
-        """Announce that `address` consumes `topic`."""
+    def register(self, node, topic, fanout=False):
+        """Announce that `node` (this process's Endpoint) consumes `topic`."""
 
     @abc.abstractmethod
-    def unregister(self, topic, host, address, fanout=False):
-        """Withdraw a registration."""
+    def unregister(self, node, topic, fanout=False):
+        """Withdraw one registration."""
 
     @abc.abstractmethod
-    def _fetch(self, topic, fanout):
-        """Registered live endpoints for exactly `topic` (a list)."""
+    def fetch(self, topic, fanout):
+        """Live endpoints registered for exactly `topic` (a list).  Raise
+        DiscoveryUnavailable when the backend cannot be reached."""
 
     @abc.abstractmethod
-    def _list_topics(self, prefix):
-        """Names of the topics registered that start with `prefix`."""
+    def list_topics(self, prefix):
+        """Names of the registered topics that start with `prefix`."""
+
+    def unlisted(self, candidates):
+        """Endpoints for a 'topic.host' name whose host registered nothing
+        (candidates as from _routes.host_candidates).  Only static
+        discovery can answer; registries return nothing."""
+        return []
+
+    def nodes(self):
+        """What the backend knows, for operators: a list of dicts with
+        host, address, topics (names, ' (fanout)' marked) and alive."""
+        return []
 
     def close(self):
-        """Withdraw everything this process registered."""
-        self.invalidate()
-
-    # -- what the message path uses ----------------------------------------
-
-    def lookup(self, topic):
-        """Endpoints that may receive a cast or call to `topic`: the
-        consumers of `topic`, or for 'topic.host' (when nothing registered
-        that exact name) the consumers of 'topic' on that host."""
-        entry = self.routes.get(topic)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
-        endpoints = self._fetch(topic, False)
-        if not endpoints:
-            split = split_host_topic(topic)
-            if split is not None:
-                base, host = split
-                endpoints = [ep for ep in self._fetch(base, False) if ep.host == host]
-        return self._remember(self.routes, topic, endpoints)
-
-    def lookup_fanout(self, topic):
-        """Every endpoint registered with fanout=True on `topic`, once each."""
-        entry = self.fanout_routes.get(topic)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
-        return self._remember(self.fanout_routes, topic, self._fetch(topic, True))
-
-    @staticmethod
-    def _remember(cache, topic, endpoints):
-        # De-duplicate, keep order; never cache "nobody": a server that just
-        # registered must be found on the next try.
-        endpoints = tuple(dict.fromkeys(endpoints))
-        if endpoints:
-            cache[topic] = (time.monotonic() + CACHE_TTL, endpoints)
-        else:
-            cache.pop(topic, None)
-        return endpoints
-
-    def topics(self, prefix):
-        """Registered topic names starting with `prefix` (cached like
-        lookups).  The oslo.messaging driver finds notification pools with
-        it: one topic per pool."""
-        entry = self._prefixes.get(prefix)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
-        names = tuple(sorted(self._list_topics(prefix)))
-        if names:
-            self._prefixes[prefix] = (time.monotonic() + CACHE_TTL, names)
-        else:
-            self._prefixes.pop(prefix, None)
-        return names
-
-    def forget_topic(self, topic, fanout):
-        (self.fanout_routes if fanout else self.routes).pop(topic, None)
-
-    def invalidate(self):
-        self.routes.clear()
-        self.fanout_routes.clear()
-        self._prefixes.clear()
-
-    # -- dead endpoints ------------------------------------------------------
-
-    @property
-    def forgotten(self):
-        return self._forgotten
-
-    def forget(self, address):
-        """A backend found `address` dead: stop choosing it, and let
-        outboxes drop what they queued for it."""
-        with self._lock:
-            self._forgotten[address] = True
-            self._forgotten.move_to_end(address)
-            while len(self._forgotten) > FORGOTTEN_MAX:
-                self._forgotten.popitem(last=False)
-            self.forgotten_count += 1
-        for cache in (self.routes, self.fanout_routes):
-            for topic, (expiry, endpoints) in list(cache.items()):
-                if any(ep.address == address for ep in endpoints):
-                    cache.pop(topic, None)
-
-    def revive(self, address):
-        """`address` is registered and alive again (a restart on the same
-        port)."""
-        if address in self._forgotten:
-            with self._lock:
-                self._forgotten.pop(address, None)
+        """Withdraw everything this process registered and release."""
 
 
-def create(options):
-    """The backend named by options.rpc_zmq_matchmaker."""
-    name = options.rpc_zmq_matchmaker
-    if name == "local":
-        from nova_zmq_fast.matchmaker.local import LocalMatchMaker
-        return LocalMatchMaker(options)
-    if name == "ring":
-        from nova_zmq_fast.matchmaker.ring import RingMatchMaker
-        return RingMatchMaker(options)
-    raise ValueError(f"matchmaker {name!r} is not available in this version")
+def _builtin_names():
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def _entry_points():
+    from importlib import metadata
+    try:
+        return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINTS)}
+    except TypeError:                       # Python 3.8/3.9 API
+        return {ep.name: ep for ep in metadata.entry_points().get(ENTRY_POINTS, ())}
+
+
+_loaded = {}
+
+
+def available():
+    """Names of the discovery backends this installation has."""
+    return sorted(set(_builtin_names()) | set(_entry_points()))
+
+
+def load(name):
+    """The Backend class called `name`; ValueError if there is none."""
+    cls = _loaded.get(name)
+    if cls is not None:
+        return cls
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"rpc_zmq_matchmaker {name!r} is not a backend name")
+    if name in _builtin_names():
+        cls = importlib.import_module(f"{__name__}.{name}").BACKEND
+    else:
+        ep = _entry_points().get(name)
+        if ep is None:
+            raise ValueError(f"rpc_zmq_matchmaker {name!r} does not exist; available: "
+                             f"{', '.join(available())}")
+        cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ValueError(f"discovery backend {name!r} is not a Backend subclass")
+    _loaded[name] = cls
+    return cls
+
+
+def reachable_address(host):
+    """An address `host` resolves to that is not loopback: what a server
+    bound to a wildcard advertises to other machines.  Debian maps the
+    hostname to 127.0.1.1 by default, which no other machine can dial, so
+    loopback-only answers are refused with advice instead of advertised."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ValueError(f"rpc_zmq_host {host!r} does not resolve ({exc}); set "
+                         f"rpc_zmq_advertise_address or bind to a specific address") from None
+    addresses = [info[4][0] for info in infos]
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for info, address in zip(infos, addresses):
+            ip = ipaddress.ip_address(address.partition("%")[0])
+            if info[0] == family and not (ip.is_loopback or ip.is_unspecified or ip.is_link_local):
+                return address
+    raise ValueError(f"rpc_zmq_host {host!r} resolves only to {', '.join(sorted(set(addresses)))}, "
+                     f"which other machines cannot reach; set rpc_zmq_advertise_address "
+                     f"or bind to a specific address")

@@ -2,17 +2,19 @@
 
 Layout under `<rpc_zmq_ipc_dir>/nova_zmq_fast-registry/`:
 
-    nodes/<node>                    {"host": ..., "address": ...} (JSON)
+    nodes/<node>                    {"host": ..., "address": ..., "pid": ...} (JSON)
     topics/<topic>/direct/<node>    empty file: <node> consumes <topic>
     topics/<topic>/fanout/<node>    empty file: ... with fanout=True
 
-A node is one listening server.  Its process holds an exclusive flock on
-its node file for as long as it lives.  The kernel releases that lock when
-the process dies, however it dies, so a lookup that manages to take a
-shared lock on a node file knows the node is dead: it removes the node's
-entries and tells the outboxes to forget its address.  Lookups are cached
-for CACHE_TTL (1 s), so a dead consumer stops being chosen within about a
-second.
+A node is one listening process.  It holds an exclusive flock on its node
+file for as long as it lives.  The kernel releases that lock when the
+process dies, however it dies, so a lookup that manages to take a shared
+lock on a node file knows the node is dead: it removes the node's entries
+and tells the route table to forget its address.  Routes are refreshed
+every second, so a dead consumer stops being chosen within about a second.
+
+Servers listen on 127.0.0.1 and a free port by default: peers are on this
+machine.
 """
 import fcntl
 import json
@@ -21,7 +23,9 @@ import secrets
 import threading
 import weakref
 
-from nova_zmq_fast.matchmaker import Endpoint, MatchMaker
+from nova_zmq_fast._routes import Endpoint
+from nova_zmq_fast.matchmaker import Backend
+from nova_zmq_fast.options import Option
 
 REGISTRY = "nova_zmq_fast-registry"
 _instances = weakref.WeakSet()
@@ -31,11 +35,26 @@ def _after_fork_in_child():
     # The child inherits the lock descriptors; closing its copies keeps the
     # parent's locks (they belong to the shared open file) and lets the
     # parent's nodes die with the parent.
-    for mm in list(_instances):
-        mm._disown()
+    for backend in list(_instances):
+        backend._disown()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def ipc_dir(path):
+    """`path`, or a per-user directory when it is not writable (the
+    original default needs root)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK | os.X_OK):
+            return path
+    except OSError:
+        pass
+    fallback = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
+                            f"nova_zmq_fast-{os.getuid()}")
+    os.makedirs(fallback, mode=0o700, exist_ok=True)
+    return fallback
 
 
 class _OwnNode:
@@ -48,11 +67,19 @@ class _OwnNode:
         self.entries = set()            # (topic, fanout)
 
 
-class LocalMatchMaker(MatchMaker):
+class LocalBackend(Backend):
+
+    OPTIONS = (
+        Option("rpc_zmq_ipc_dir", "str", "/var/run/openstack",
+               "Directory of the embedded registry ('local' discovery); a per-user "
+               "directory is used if it is not writable."),
+    )
+    BIND_ADDRESS = "127.0.0.1"
+    PORT = 0
 
     def __init__(self, options):
         super().__init__(options)
-        self.root = os.path.join(options.ipc_dir(), REGISTRY)
+        self.root = os.path.join(ipc_dir(options.rpc_zmq_ipc_dir), REGISTRY)
         self.nodes_dir = os.path.join(self.root, "nodes")
         self.topics_dir = os.path.join(self.root, "topics")
         os.makedirs(self.nodes_dir, exist_ok=True)
@@ -60,8 +87,13 @@ class LocalMatchMaker(MatchMaker):
         self._own = {}                  # address -> _OwnNode
         self._own_ids = {}              # node id -> _OwnNode
         self._known = {}                # node id -> Endpoint (files never change)
-        self._reg_lock = threading.Lock()
+        self._lock = threading.Lock()
         _instances.add(self)
+
+    @classmethod
+    def wildcard_advertise_host(cls, options):
+        # Every peer is on this machine.
+        return "::1" if options.bind_address.strip("[]") in ("::",) else "127.0.0.1"
 
     # -- registration --------------------------------------------------------
 
@@ -69,40 +101,43 @@ class LocalMatchMaker(MatchMaker):
         path = os.path.join(self.topics_dir, topic, "fanout" if fanout else "direct")
         return path if node_id is None else os.path.join(path, node_id)
 
-    def register(self, topic, host, address, fanout=False):
-        with self._reg_lock:
-            node = self._own.get(address)
-            if node is None:
-                node = self._create_node(host, address)
+    def register(self, node, topic, fanout=False):
+        with self._lock:
+            own = self._own.get(node.address)
+            if own is None:
+                own = self._create_node(node)
             directory = self._entry(topic, fanout)
             os.makedirs(directory, exist_ok=True)
-            os.close(os.open(os.path.join(directory, node.node_id),
+            os.close(os.open(os.path.join(directory, own.node_id),
                              os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-            node.entries.add((topic, fanout))
-        self.revive(address)
-        self.forget_topic(topic, fanout)
-        self._prefixes.clear()
+            own.entries.add((topic, fanout))
+        if self.routes is not None:
+            self.routes.revive(node.address)
+            self.routes.invalidate(topic)
 
-    def unregister(self, topic, host, address, fanout=False):
-        with self._reg_lock:
-            node = self._own.get(address)
-            if node is None or (topic, fanout) not in node.entries:
+    def unregister(self, node, topic, fanout=False):
+        with self._lock:
+            own = self._own.get(node.address)
+            if own is None or (topic, fanout) not in own.entries:
                 return
-            _unlink(self._entry(topic, fanout, node.node_id))
-            node.entries.discard((topic, fanout))
-            if not node.entries:
-                self._remove_node(node)
-        self.forget_topic(topic, fanout)
+            _unlink(self._entry(topic, fanout, own.node_id))
+            own.entries.discard((topic, fanout))
+            if not own.entries:
+                self._remove_node(own)
+        if self.routes is not None:
+            self.routes.invalidate(topic)
 
-    def _create_node(self, host, address):
+    def _create_node(self, endpoint):
         node_id = f"{os.getpid()}-{secrets.token_hex(6)}"
         final = os.path.join(self.nodes_dir, node_id)
         temp = os.path.join(self.nodes_dir, f".new-{node_id}")
         fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, json.dumps({"host": host, "address": address,
-                                     "pid": os.getpid()}).encode())
+            info = {"host": endpoint.host, "address": endpoint.address, "pid": os.getpid()}
+            if endpoint.key is not None:
+                info["key"] = endpoint.key.decode()
+            os.write(fd, json.dumps(info).encode())
             # Appear only once locked and complete: a reader never sees an
             # unlocked (i.e. "dead") node that is in fact being born.
             os.rename(temp, final)
@@ -110,38 +145,36 @@ class LocalMatchMaker(MatchMaker):
             os.close(fd)
             _unlink(temp)
             raise
-        node = _OwnNode(node_id, fd, Endpoint(host, address))
-        self._own[address] = node
-        self._own_ids[node_id] = node
-        return node
+        own = _OwnNode(node_id, fd, endpoint)
+        self._own[endpoint.address] = own
+        self._own_ids[node_id] = own
+        return own
 
-    def _remove_node(self, node):
-        for topic, fanout in node.entries:
-            _unlink(self._entry(topic, fanout, node.node_id))
-        _unlink(os.path.join(self.nodes_dir, node.node_id))
-        os.close(node.fd)
-        del self._own[node.endpoint.address]
-        del self._own_ids[node.node_id]
+    def _remove_node(self, own):
+        for topic, fanout in own.entries:
+            _unlink(self._entry(topic, fanout, own.node_id))
+        _unlink(os.path.join(self.nodes_dir, own.node_id))
+        os.close(own.fd)
+        del self._own[own.endpoint.address]
+        del self._own_ids[own.node_id]
 
     def close(self):
-        with self._reg_lock:
-            for node in list(self._own.values()):
-                self._remove_node(node)
-        super().close()
+        with self._lock:
+            for own in list(self._own.values()):
+                self._remove_node(own)
 
     def _disown(self):
-        for node in self._own.values():
+        for own in self._own.values():
             try:
-                os.close(node.fd)
+                os.close(own.fd)
             except OSError:
                 pass
         self._own.clear()
         self._own_ids.clear()
-        self.invalidate()
 
     # -- lookup ----------------------------------------------------------------
 
-    def _fetch(self, topic, fanout):
+    def fetch(self, topic, fanout):
         directory = self._entry(topic, fanout)
         try:
             names = os.listdir(directory)
@@ -155,11 +188,30 @@ class LocalMatchMaker(MatchMaker):
         endpoints.sort(key=lambda ep: ep.address)
         return endpoints
 
-    def _list_topics(self, prefix):
+    def list_topics(self, prefix):
         try:
             return [name for name in os.listdir(self.topics_dir) if name.startswith(prefix)]
         except FileNotFoundError:
             return []
+
+    def nodes(self):
+        found = {}
+        for topic in self.list_topics(""):
+            for fanout in (False, True):
+                directory = self._entry(topic, fanout)
+                try:
+                    names = os.listdir(directory)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                for node_id in names:
+                    endpoint = self._alive(node_id, directory)
+                    if endpoint is None:
+                        continue
+                    node = found.setdefault(endpoint.address, {
+                        "host": endpoint.host, "address": endpoint.address,
+                        "alive": True, "topics": []})
+                    node["topics"].append(topic + (" (fanout)" if fanout else ""))
+        return sorted(found.values(), key=lambda n: n["address"])
 
     def _alive(self, node_id, directory):
         """The node's endpoint if its process is alive; otherwise clean up
@@ -180,15 +232,15 @@ class LocalMatchMaker(MatchMaker):
                 endpoint = self._known.get(node_id)
                 if endpoint is None:
                     endpoint = self._known[node_id] = _read_endpoint(fd)
-                if endpoint is not None and endpoint.address in self.forgotten:
-                    self.revive(endpoint.address)
+                if endpoint is not None and self.routes is not None:
+                    self.routes.revive(endpoint.address)
                 return endpoint
             # Nobody holds the lock: the owner is gone.
             endpoint = self._known.pop(node_id, None) or _read_endpoint(fd)
             _unlink(path)
             _unlink(os.path.join(directory, node_id))
-            if endpoint is not None:
-                self.forget(endpoint.address)
+            if endpoint is not None and self.routes is not None:
+                self.routes.forget(endpoint.address)
             return None
         finally:
             os.close(fd)
@@ -197,8 +249,10 @@ class LocalMatchMaker(MatchMaker):
 def _read_endpoint(fd):
     try:
         data = json.loads(os.pread(fd, 65536, 0))
-        return Endpoint(str(data["host"]), str(data["address"]))
-    except (ValueError, KeyError, TypeError, OSError):
+        key = data.get("key")
+        return Endpoint(str(data["host"]), str(data["address"]),
+                        key.encode() if isinstance(key, str) else None)
+    except (ValueError, KeyError, TypeError, OSError, AttributeError):
         return None
 
 
@@ -209,3 +263,6 @@ def _unlink(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+BACKEND = LocalBackend

@@ -2,43 +2,59 @@
 
     {"compute": ["host1", "host2:9600"], "scheduler": ["[::1]:9601"]}
 
-Each entry names a host (its logical name and network address at once, as
+With CURVE, an entry carries the server's public key too:
+{"host": "host2:9600", "key": "<Z85>"}.  Each entry names a host (its logical name and network address at once, as
 in the original driver) with an optional port; the default port is
-rpc_zmq_port (9501).  'topic.host' goes to that host's entry for 'topic',
-or straight to host:port when the ring does not list it.  Every entry of a
-topic receives its fanouts.  The file is re-read when it changes.  The ring
-has no liveness: servers it lists are always chosen.
+rpc_zmq_port (9501).  Several services on one host each listen on their own
+port and are listed as host:port.  'topic.host' goes to that host's entries
+for 'topic', or straight to host:9501 when the ring does not list it.  Every
+entry of a topic receives its fanouts.  The file is re-read when it changes.
+
+The ring says who may serve a topic, not who is up.  Liveness comes from
+the connections themselves: a message goes to an entry with an established
+connection, so a dead host is skipped while another is up, and ZMTP
+heartbeats drop the connection to a host that stops answering.
 """
 import json
 import os
 import threading
 
-from nova_zmq_fast.matchmaker import Endpoint, MatchMaker, split_host_topic
+from nova_zmq_fast._routes import Endpoint
+from nova_zmq_fast.matchmaker import Backend
+from nova_zmq_fast.options import Option, tcp_endpoint
 
 
 def parse_entry(entry, default_port):
-    """'host' / 'host:port' / '[v6]:port' -> Endpoint."""
+    """'host' / 'host:port' / '[v6]:port' / a bare IPv6 address, or
+    {"host": one of those, "key": its CURVE public key} -> Endpoint."""
+    key = None
+    if isinstance(entry, dict):
+        key = entry.get("key")
+        if not isinstance(key, str) or len(key) != 40 or set(entry) - {"host", "key"}:
+            raise ValueError(f"ring entry {entry!r} must be {{'host': ..., 'key': <Z85>}}")
+        key = key.encode()
+        entry = entry.get("host")
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"ring entry {entry!r} is not a host name")
     entry = entry.strip()
     if entry.startswith("["):
         host, _, rest = entry[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
-        address_host = f"[{host}]"
     elif entry.count(":") == 1:
         host, _, port = entry.partition(":")
-        address_host = host
     elif ":" in entry:                      # a bare IPv6 address
-        host, port, address_host = entry, "", f"[{entry}]"
+        host, port = entry, ""
     else:
-        host, port, address_host = entry, "", entry
+        host, port = entry, ""
+    if not host or any(c in host for c in "/\\ \t"):
+        raise ValueError(f"ring entry {entry!r} is not a host name")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"ring entry {entry!r} has a bad port")
         port = int(port)
     else:
         port = default_port
-    return Endpoint(host, f"tcp://{address_host}:{port}")
+    return Endpoint(host, tcp_endpoint(host, port), key)
 
 
 def load_ring(path, default_port):
@@ -54,7 +70,14 @@ def load_ring(path, default_port):
     return ring
 
 
-class RingMatchMaker(MatchMaker):
+class RingBackend(Backend):
+
+    OPTIONS = (
+        Option("matchmaker_ringfile", "str", "/etc/oslo/matchmaker_ring.json",
+               'Ring file for the ring discovery: {"topic": ["host", "host:port"]}.'),
+    )
+    BIND_ADDRESS = "*"
+    PORT = 9501
 
     def __init__(self, options):
         super().__init__(options)
@@ -65,6 +88,10 @@ class RingMatchMaker(MatchMaker):
         self._ring = {}
         self._reload()
 
+    @classmethod
+    def wildcard_advertise_host(cls, options):
+        return options.rpc_zmq_host         # ring files list these names
+
     def _reload(self):
         with self._load_lock:
             try:
@@ -74,28 +101,44 @@ class RingMatchMaker(MatchMaker):
             if mtime != self._mtime:
                 self._ring = load_ring(self.path, self.default_port)
                 self._mtime = mtime
-                self.invalidate()
+                if self.routes is not None:
+                    self.routes.invalidate()
 
-    def register(self, topic, host, address, fanout=False):
+    def register(self, node, topic, fanout=False):
         pass        # the ring is static: servers are listed by the operator
 
-    def unregister(self, topic, host, address, fanout=False):
+    def unregister(self, node, topic, fanout=False):
         pass
 
-    def _list_topics(self, prefix):
-        return [topic for topic in self._ring if topic.startswith(prefix)]
-
-    def _fetch(self, topic, fanout):
+    def fetch(self, topic, fanout):
         try:
             self._reload()
         except (OSError, ValueError):
             pass                            # keep serving the last good ring
-        entries = self._ring.get(topic)
-        if entries is not None or fanout:
-            return list(entries or ())
-        split = split_host_topic(topic)
-        if split is None:
+        return list(self._ring.get(topic, ()))
+
+    def unlisted(self, candidates):
+        # A host the ring does not list for the topic: dial it directly on
+        # the default port, as the original driver did.
+        chosen = next(((b, h) for b, h in candidates if b in self._ring), candidates[0])
+        try:
+            return [parse_entry(chosen[1], self.default_port)]
+        except ValueError:
             return []
-        base, host = split
-        listed = [ep for ep in self._ring.get(base, ()) if ep.host == host]
-        return listed or [parse_entry(host, self.default_port)]
+
+    def list_topics(self, prefix):
+        return [topic for topic in self._ring if topic.startswith(prefix)]
+
+    def nodes(self):
+        found = {}
+        for topic, endpoints in sorted(self._ring.items()):
+            for ep in endpoints:
+                node = found.setdefault(ep.address, {
+                    "host": ep.host, "address": ep.address, "topics": [],
+                    "alive": None if self.routes is None else
+                    not self.routes.is_down(ep.address)})
+                node["topics"].append(topic)
+        return sorted(found.values(), key=lambda n: n["address"])
+
+
+BACKEND = RingBackend

@@ -23,6 +23,8 @@ class TestService:
 
     def __init__(self, host):
         self.host = host
+        path = os.environ.get("NZF_JOURNAL")
+        self.journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if path else -1
         self.records = {}
         self.lock = threading.Lock()
         self.conn = None
@@ -59,6 +61,11 @@ class TestService:
             raise CustomError(text)
         raise RuntimeError(text)
 
+    def raise_base(self, ctxt, kind):
+        """Raise a BaseException that is not an Exception."""
+        raise {"SystemExit": SystemExit(3), "KeyboardInterrupt": KeyboardInterrupt(),
+               "GeneratorExit": GeneratorExit()}[kind]
+
     def stream_then_fail(self, ctxt):
         yield 1
         raise ValueError("stream broke")
@@ -77,6 +84,18 @@ class TestService:
         with self.lock:
             self.records.setdefault(key, []).append(value)
 
+    def hold(self, ctxt, key, seconds):
+        """Record `key` on arrival, then take `seconds`: a call a test can
+        see in flight before it cuts the server off."""
+        self.record(ctxt, key, True)
+        time.sleep(seconds)
+        return self.host
+
+    def journal(self, ctxt, value):
+        """Append `value` to this process's journal ($NZF_JOURNAL), one
+        unbuffered write per line: it survives the process's SIGKILL."""
+        os.write(self.journal_fd, f"{value}\n".encode())
+
     def slow_record(self, ctxt, key, value, seconds):
         time.sleep(seconds)
         self.record(ctxt, key, value)
@@ -88,6 +107,10 @@ class TestService:
     def count(self, ctxt, key):
         with self.lock:
             return len(self.records.get(key, []))
+
+    def tally(self, ctxt, key):
+        """[pid, count]: tells apart processes that share a host name."""
+        return [os.getpid(), self.count(ctxt, key)]
 
 
 class FanoutService(TestService):
@@ -106,6 +129,16 @@ class V2Api:
 
     def describe(self, ctxt):
         return "v2"
+
+
+def start_in(host, topic="svc", options=None, name=None):
+    """Start this service inside a cluster host (a tests.helpers.netns.Host)
+    and wait for it to serve.  `name` (default: the host's name) is what
+    whoami answers; `options` go to rpc.init().  The process's .ready[0]
+    is the address it serves on."""
+    name = name or host.name
+    return host.python("tests.helpers.service", "--host", name, "--topic", topic,
+                       "--options", json.dumps(options or {}), name=f"{host.name}:service")
 
 
 def main():

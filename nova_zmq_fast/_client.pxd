@@ -1,0 +1,103 @@
+# The calling side: per-thread outboxes and the process's Client.
+# Behaviour in _client.pyx.
+from libc.stdint cimport uint64_t
+
+from nova_zmq_fast._libzmq cimport zmq_msg_t
+from nova_zmq_fast._zmq cimport Context
+from nova_zmq_fast._routes cimport Endpoint, RouteTable
+
+
+cdef enum SendStatus:               # what one attempt to hand a message to a peer did
+    SENT                            # it is in the peer's queue
+    UNCONNECTED                     # no established connection (yet): try another
+    FULL                            # the peer's queue is full
+    NEVER                           # must not be dialled (CURVE keys): skip, don't wait
+
+
+cdef long pause(long pause_ns, bint green)
+
+
+cdef class Peer:
+    cdef double dialled             # when the outbox first dialled it
+    cdef unsigned long long total   # messages handed over to it
+    cdef unsigned long long confirmed   # of which it confirmed arrival (a reply, a PING)
+    cdef unsigned long long seen    # `total` when the outbox last tidied
+
+
+cdef class Outbox:
+    cdef Context ctx
+    cdef void *sock
+    cdef int epoch
+    cdef dict peers                 # routing id (= address) -> Peer
+    cdef uint64_t last_id
+    cdef object packer
+    cdef unsigned long dead_seen    # the route table's dead_count, last seen
+    cdef unsigned long routes_seen  # the route table's generation, last seen
+    cdef Peer last_peer             # who the last message went to
+    cdef dict streams               # msg_id -> list: replies for open multicalls
+    cdef int linger_ms              # for messages still queued when the thread ends
+    cdef int backlog                # ZMQ_SNDHWM: messages queued per peer
+    cdef bint green                 # wait cooperatively (eventlet), never in libzmq
+    cdef bytes curve_secret         # this process's CURVE key pair (Z85), or None
+    cdef bytes curve_public
+    cdef void *monitor              # with CURVE: PAIR receiving handshake failures
+    cdef dict reasons               # address -> why it cannot be reached
+    cdef object __weakref__
+
+    cdef void close(self, int linger_ms) noexcept
+    cdef _watch_handshakes(self)
+    cdef bint dial(self, Endpoint ep) except -1
+    cdef bint dialling(self, bytes rid)
+    cdef str why(self, str address)
+    cdef dict flush(self, double deadline)
+    cdef tidy(self, RouteTable routes)
+    cdef dict forget_peers(self, RouteTable routes)
+    cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,
+                      bytes body) except -1
+    cdef int send_blocking(self, Endpoint ep, const char *header, size_t hlen,
+                           bytes body, double deadline) except -1
+    cdef int send_waiting(self, bytes rid, const char *header, size_t hlen, bytes body,
+                          double deadline) except -1
+    cdef tuple wait_reply(self, uint64_t msg_id, double deadline)
+    cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1
+
+
+cdef class Client:
+    cdef Context ctx
+    cdef readonly RouteTable routes
+    cdef object tls
+    cdef object outboxes
+    cdef dict rr                    # topic -> round-robin position
+    cdef int linger_ms
+    cdef int backlog
+    cdef int socket_buffer          # ZMQ_SNDBUF, bytes (0: the OS's)
+    cdef readonly double connect_timeout
+    cdef tuple curve                # (public, secret) Z85, or None
+    cdef public object courier      # the runtime's Courier (at-least-once, held notifications)
+    cdef readonly bint green
+    cdef readonly double send_timeout
+    cdef readonly double response_timeout
+    cdef readonly Py_ssize_t max_message_size
+    cdef object rebuild_exception
+    cdef bint closed
+    cdef public unsigned long long casts, calls, fanouts, notifies, timeouts, refused
+    cdef public unsigned long long no_listeners, notifications_dropped, fanout_unreachable
+    cdef public unsigned long long discarded
+    cdef dict lost                  # address -> messages it never confirmed, that died with it
+
+    cdef Outbox outbox(self)
+    cdef bytes encode(self, Outbox ob, object context, object msg)
+    cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
+                           bytes body, double deadline, object topic, object method)
+    cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
+                        bytes body, double deadline)
+    cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
+                             bytes body, double deadline, list reached, bint one)
+    cdef Py_ssize_t turn(self, object topic, Py_ssize_t n)
+    cdef str unreachable(self, Outbox ob, list endpoints)
+    cdef account(self, dict lost, str how)
+    cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
+                            int flags, double deadline, set refused) except? 0
+    cdef double check_timeout(self, timeout) except -1
+    cdef object decode_value(self, bytes body)
+    cdef object decode_failure(self, bytes body)

@@ -1,0 +1,478 @@
+"""The courier: a runtime's background sender.
+
+A calling thread sends on its own outbox and reads only the replies it waits
+for.  What must go on after a call returns is the courier's: one thread per
+Runtime, with an outbox of its own, woken by messages, replies and timers.
+
+  * Liveness.  Every rpc_zmq_heartbeat_interval it PINGs the servers this
+    process sends to (those of the routes in use).  A server's receive loop
+    answers a PING itself, on the courier's own connection, so an answer
+    does not wait behind the service's code or behind the callers' queues.
+    A server that leaves a PING unanswered for rpc_zmq_heartbeat_timeout
+    (frozen, cut off, or with every worker stuck) is marked down in the
+    route table, and every thread passes it over until it answers again.
+    (ZeroMQ's own ZMTP heartbeats cannot do this: with a full receive queue
+    they abort libzmq 4.3, and they drop healthy connections that are
+    merely slowed by backpressure.)
+  * At-least-once casts.  It sends them with FLAG_ACK and keeps each until
+    its server acknowledges it, after the handler returned.  One that was
+    refused, whose connection was lost, whose server went silent, or that
+    waited rpc_zmq_ack_timeout, goes to another consumer of the topic; the
+    server's window of recent ids keeps a resend to the same server from
+    running twice.  What is still unacknowledged at cleanup is counted and
+    reported.
+  * Held notifications.  With rpc_zmq_hold_notifications, a notification
+    for a topic nobody listens to is kept, bounded in count, bytes and age,
+    and delivered when a listener appears, in this process's lifetime only.
+  * It refreshes the route table every backend.refresh_interval.
+"""
+import collections
+import logging
+import os
+import time
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from nova_zmq_fast._libzmq cimport *
+from nova_zmq_fast._zmq cimport check, fork_epoch, raise_zmq_error
+from nova_zmq_fast._envelope cimport *
+from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox, pause
+from nova_zmq_fast._routes cimport Endpoint, RouteTable
+
+from nova_zmq_fast._green import unpatched
+from nova_zmq_fast.exceptions import DiscoveryUnavailable, NoListeners, Timeout
+from nova_zmq_fast.logs import RateLimitedLog
+
+LOG = logging.getLogger("nova_zmq_fast.courier")
+THROTTLED = RateLimitedLog(LOG)
+PROBE_TOPIC = b"nova_zmq_fast.probe"
+cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Parcel:
+    """A message the courier carries: an at-least-once cast, or a held
+    notification."""
+
+
+cdef Parcel parcel(int kind, int flags, uint64_t msg_id, str topic, method, bytes body):
+    cdef char header[MAX_HEADER]
+    cdef bytes t = topic.encode("utf-8")
+    cdef Parcel p = Parcel.__new__(Parcel)
+    p.topic = topic
+    p.method = method
+    p.msg_id = msg_id
+    p.header = PyBytes_FromStringAndSize(header, write_header(
+        header, kind, flags, msg_id, PyBytes_AS_STRING(t), PyBytes_GET_SIZE(t)))
+    p.body = body
+    p.refused = set()
+    return p
+
+
+cdef class Courier:
+
+    def __cinit__(self, Client client not None, RouteTable routes not None, options):
+        self.client = client
+        self.routes = routes
+        self.options = options
+        self.jobs = collections.deque()
+        self.wake_read = self.wake_write = -1
+        self.probe_every = options.rpc_zmq_heartbeat_interval
+        self.probe_timeout = options.rpc_zmq_heartbeat_timeout
+        self.ack_timeout = options.rpc_zmq_ack_timeout
+        self.max_pending = 10 * options.rpc_zmq_topic_backlog
+        self.hold_count = options.rpc_zmq_hold_notifications
+        self.hold_bytes = options.rpc_zmq_hold_notifications_bytes
+        self.hold_seconds = options.rpc_zmq_hold_notifications_seconds
+        self.probes = {}
+        self.probe_ids = {}
+        self.pending = {}
+        self.unsent = []
+        self.held = {}
+        # Random high half: a server recognises a resent cast by its id,
+        # whichever process or restart of it sent it.
+        self.next_id = int.from_bytes(os.urandom(4), "little") << 32
+        self.epoch = fork_epoch()
+
+    # -- for any thread --------------------------------------------------------------
+
+    def start(self):
+        """Start the thread, or wake it: it parks while it has nothing to
+        do, and a route just cached means servers to probe."""
+        if self.thread is not None and self.epoch == fork_epoch():
+            self._wake()
+            return
+        self.epoch = fork_epoch()
+        self.os = unpatched("os")           # eventlet's os.read would wait, not fail
+        self.wake_read, self.wake_write = self.os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+        self.ob = Outbox(self.client.ctx, 0, self.client.backlog, False, self.client.curve,
+                         self.client.max_message_size, self.client.socket_buffer)
+        self.stopping = self.draining = False
+        now = _now()
+        self.next_probe = now + self.probe_every
+        self.next_refresh = now + self.routes.interval
+        self.thread = unpatched("threading").Thread(target=self._run, daemon=True,
+                                                    name="nova_zmq_fast-courier")
+        self.thread.start()
+
+    cdef _wake(self):
+        if self.sleeping:
+            try:
+                self.os.write(self.wake_write, b"!")
+            except (BlockingIOError, OSError):
+                pass                        # already woken
+
+    def cast(self, str topic not None, method, bytes body not None):
+        """Carry an encoded cast until a consumer of `topic` acknowledges
+        it.  Waits (up to rpc_cast_timeout) while 10 x rpc_zmq_topic_backlog
+        casts are already on their way: backpressure, as for any send."""
+        cdef double deadline = _now() + self.client.send_timeout
+        cdef long pause_ns = 20000
+        while len(self.pending) + len(self.unsent) + len(self.jobs) >= self.max_pending:
+            if _now() >= deadline:
+                raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
+                              f"for acknowledgement", topic, method)
+            pause_ns = pause(pause_ns, self.client.green)
+        self.next_id += 1
+        self.jobs.append(parcel(KIND_CAST, FLAG_ACK, self.next_id, topic, method, body))
+        self.start()
+        self._wake()
+
+    def hold(self, str topic not None, bytes body not None):
+        """Keep a notification for `topic`, which nobody listens to yet;
+        False if the bounds say no (then it is dropped and counted)."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+        if self.hold_count <= 0:
+            return False
+        if self.held_count >= self.hold_count or self.held_bytes + size > self.hold_bytes:
+            self.held_dropped += 1
+            return False
+        self.held_count += 1
+        self.held_bytes += size
+        self.held_total += 1
+        cdef Parcel p = parcel(KIND_NOTIFY, 0, 0, topic, None, body)
+        p.expires = _now() + self.hold_seconds
+        self.jobs.append(p)
+        self.start()
+        self._wake()
+        return True
+
+    def stats(self):
+        return {"at_least_once_pending": len(self.pending) + len(self.unsent) + len(self.jobs),
+                "at_least_once_acked": self.acked, "at_least_once_resent": self.resent,
+                "at_least_once_rejected": self.rejected, "at_least_once_lost": self.lost,
+                "notifications_held": self.held_count,
+                "notifications_held_total": self.held_total,
+                "notifications_held_delivered": self.held_delivered,
+                "notifications_held_expired": self.held_expired,
+                "notifications_held_dropped": self.held_dropped,
+                "peers_probed": len(self.probes),
+                "peers_down": sorted(a for a in self.probes if self.routes.is_down(a))}
+
+    def close(self, double linger):
+        """Stop once every at-least-once cast was acknowledged, waiting at
+        most `linger` seconds.  What is still unacknowledged then, and every
+        notification still held, is dropped, counted and named in a
+        warning; returns {topic: at-least-once casts dropped}."""
+        cdef double deadline = _now() + linger
+        thread = self.thread
+        if thread is not None and self.epoch == fork_epoch():
+            self.draining = True
+            self.sleeping = True
+            self._wake()
+            while thread.is_alive() and _now() < deadline and self._busy():
+                thread.join(0.01)
+            self.stopping = True
+            self.sleeping = True
+            self._wake()
+            thread.join(5)
+        self.thread = None
+        lost = {}
+        cdef Parcel p
+        for p in list(self.pending.values()) + self.unsent + list(self.jobs):
+            if p.header[1] == KIND_CAST:
+                lost[p.topic] = lost.get(p.topic, 0) + 1
+        self.pending.clear()
+        del self.unsent[:]
+        self.jobs.clear()
+        if lost:
+            self.lost += sum(lost.values())
+            LOG.warning("%d at-least-once cast(s) not acknowledged within %gs, dropped at "
+                        "cleanup: %s", sum(lost.values()), linger,
+                        ", ".join(f"{t}: {n}" for t, n in sorted(lost.items())))
+        if self.held_count:
+            LOG.warning("%d held notification(s) dropped at cleanup: no listener appeared",
+                        self.held_count)
+            self.held_dropped += self.held_count
+            self.held.clear()
+            self.held_count = self.held_bytes = 0
+        if self.ob is not None:
+            self.ob.close(0)
+            self.ob = None
+        for fd in (self.wake_read, self.wake_write):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_read = self.wake_write = -1
+        return lost
+
+    def _busy(self):
+        return bool(self.pending or self.unsent or self.jobs)
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                self._loop_once()
+            except Exception:
+                THROTTLED.error("loop", "the courier failed; going on", exc_info=True)
+                time.sleep(0.1)
+
+    cdef _loop_once(self):
+        cdef zmq_pollitem_t items[2]
+        cdef long timeout_ms
+        # Asleep from here on for _wake(): a route cached or a job queued
+        # after this line writes to the pipe, so parking below cannot miss it.
+        self.sleeping = True
+        cdef double now = _now()
+        cdef double due = min(self.next_probe, self.next_refresh)
+        if self.unsent:
+            due = now + 0.005               # a consumer may come within reach
+        elif self.pending or self.held:
+            due = min(due, now + 0.1)
+        if self.routes.empty and not self._busy() and not self.held and not self.probes:
+            timeout_ms = -1                 # nothing to do until woken
+        else:
+            timeout_ms = max(0, <long>((due - now) * 1000))
+        items[0].socket = self.ob.sock
+        items[0].events = ZMQ_POLLIN
+        items[1].socket = NULL
+        items[1].fd = self.wake_read
+        items[1].events = ZMQ_POLLIN
+        if not self.jobs and not self.stopping:
+            with nogil:
+                zmq_poll(items, 2, timeout_ms)
+        self.sleeping = False
+        try:
+            self.os.read(self.wake_read, 4096)
+        except BlockingIOError:
+            pass
+        if self.stopping:
+            return
+        now = _now()
+        self._take_jobs()
+        self._read_replies()
+        if now >= self.next_refresh:
+            self.next_refresh = now + self.routes.interval
+            try:
+                self.routes.refresh()
+            except Exception:
+                THROTTLED.error("refresh", "refreshing routes failed", exc_info=True)
+        if now >= self.next_probe:
+            self.next_probe = now + self.probe_every
+            self._probe(now)
+        self._check_acks(now)
+        self._send_unsent(now)
+        if self.held:
+            self._deliver_held(now)
+
+    cdef _take_jobs(self):
+        cdef Parcel p
+        while self.jobs:
+            p = self.jobs.popleft()
+            if p.header[1] == KIND_NOTIFY:
+                self.held.setdefault(p.topic, collections.deque()).append(p)
+            else:
+                self.unsent.append(p)
+
+    cdef _read_replies(self):
+        """Every reply waiting on the courier's outbox, without blocking:
+        probe answers, and ACK, REFUSED or FAILURE for at-least-once casts."""
+        cdef zmq_msg_t part
+        cdef Header h
+        cdef int nparts, status
+        cdef Parcel p
+        zmq_msg_init(&part)
+        try:
+            while zmq_msg_recv(&part, self.ob.sock, ZMQ_DONTWAIT) != -1:
+                address = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)].decode(
+                    "utf-8", "replace")
+                nparts = 1
+                status = HDR_SHORT
+                while zmq_msg_more(&part):
+                    check(zmq_msg_recv(&part, self.ob.sock, 0))
+                    nparts += 1
+                    if nparts == 2:
+                        status = parse_header(<const char *>zmq_msg_data(&part),
+                                              zmq_msg_size(&part), &h)
+                if nparts != 3 or status != HDR_OK or not is_reply(h.kind):
+                    continue
+                probed = self.probe_ids.pop(h.msg_id, None)
+                if probed is not None:
+                    state = self.probes.get(probed)
+                    if state is not None and state[0] == h.msg_id:
+                        state[0] = 0
+                        state[2] = _now()
+                    self.routes.mark_up(probed)
+                    continue
+                p = self.pending.pop(h.msg_id, None)
+                if p is None:
+                    continue
+                if h.kind == KIND_ACK:
+                    self.acked += 1
+                elif h.kind == KIND_REFUSED:
+                    p.refused.add(address)
+                    self.unsent.append(p)
+                    self.resent += 1
+                elif h.kind == KIND_FAILURE:
+                    # The server could not even decode it: sending it again
+                    # anywhere would fail the same way.
+                    self.rejected += 1
+                    THROTTLED.error("rejected", "an at-least-once cast to %s was rejected by "
+                                    "%s as malformed", p.topic, address)
+                else:
+                    self.pending[h.msg_id] = p
+        finally:
+            zmq_msg_close(&part)
+
+    cdef _send_unsent(self, double now):
+        cdef Parcel p
+        still = []
+        for p in self.unsent:
+            if not self._send(p, now):
+                still.append(p)
+        self.unsent[:] = still
+
+    cdef bint _send(self, Parcel p, double now) except -1:
+        """Send `p` to one consumer of its topic that has not refused it,
+        is up, connected and has room; False if none can take it now."""
+        cdef Endpoint ep
+        cdef Py_ssize_t n, k, start
+        try:
+            endpoints = self.routes.live(self.routes.lookup(p.topic))
+        except (NoListeners, DiscoveryUnavailable):
+            return False
+        candidates = [ep for ep in endpoints if ep.address not in p.refused]
+        if not candidates:
+            if not endpoints:
+                return False
+            p.refused.clear()               # every one refused once: try them all again
+            candidates = list(endpoints)
+        n = len(candidates)
+        start = p.msg_id % n
+        for k in range(n):
+            ep = <Endpoint>candidates[(start + k) % n]
+            if self.ob.try_send(ep, PyBytes_AS_STRING(p.header), PyBytes_GET_SIZE(p.header),
+                                p.body) == SENT:
+                p.endpoint = ep
+                p.sent_at = now
+                self.pending[p.msg_id] = p
+                return True
+        return False
+
+    cdef _probe(self, double now):
+        """PING each server in use; mark down those whose last PING stayed
+        unanswered for the probe timeout, and move their casts elsewhere."""
+        cdef Endpoint ep
+        cdef Parcel p
+        cdef char header[MAX_HEADER]
+        cdef size_t hlen
+        cdef int status
+        targets = {(<Endpoint>ep).address: ep for ep in self.routes.endpoints()}
+        for p in self.pending.values():
+            targets.setdefault(p.endpoint.address, p.endpoint)
+        for address in list(self.probes):
+            if address not in targets:
+                del self.probes[address]
+        for address, ep in targets.items():
+            # [msg_id of the PING awaiting an answer, when it was sent, when
+            # the server last answered (or was first probed)]
+            state = self.probes.get(address)
+            if state is None:
+                state = self.probes[address] = [0, 0.0, now]
+            if now - state[2] >= self.probe_timeout:
+                # Not heard from for the timeout, whatever the reason: frozen,
+                # cut off, every worker stuck, or never even connected.
+                if not self.routes.is_down(address):
+                    LOG.warning("%s did not answer a probe for %gs: passed over until it "
+                                "answers", address, self.probe_timeout)
+                self.routes.mark_down(address, self.probe_timeout + 2 * self.probe_every)
+                self._resend_from(address, now)
+            if state[0] and now - state[1] >= self.probe_timeout:
+                self.probe_ids.pop(state[0], None)      # lost with a connection: ask again
+                state[0] = 0
+            if state[0]:
+                continue                    # still waiting for the last one
+            self.next_id += 1
+            hlen = write_header(header, KIND_PING, 0, self.next_id, PyBytes_AS_STRING(PROBE_TOPIC),
+                                PyBytes_GET_SIZE(PROBE_TOPIC))
+            status = self.ob.try_send(ep, header, hlen, EMPTY_REQUEST)
+            if status == SENT:
+                state[0] = self.next_id
+                state[1] = now
+                self.probe_ids[self.next_id] = address
+            elif status == UNCONNECTED and any(
+                    (<Parcel>p).endpoint.address == address for p in self.pending.values()):
+                self._resend_from(address, now)     # its connection was lost
+        if len(self.probe_ids) > 4 * len(self.probes) + 64:
+            live = {state[0] for state in self.probes.values()}
+            self.probe_ids = {k: v for k, v in self.probe_ids.items() if k in live}
+
+    cdef _resend_from(self, str address, double now):
+        cdef Parcel p
+        for msg_id, p in list(self.pending.items()):
+            if p.endpoint.address == address:
+                del self.pending[msg_id]
+                p.refused.add(address)
+                self.unsent.append(p)
+                self.resent += 1
+
+    cdef _check_acks(self, double now):
+        cdef Parcel p
+        if not self.pending:
+            return
+        for msg_id, p in list(self.pending.items()):
+            if now - p.sent_at >= self.ack_timeout:
+                del self.pending[msg_id]
+                p.refused.add(p.endpoint.address)
+                self.unsent.append(p)
+                self.resent += 1
+
+    cdef _deliver_held(self, double now):
+        cdef Parcel p
+        cdef Endpoint ep
+        for topic, queue in list(self.held.items()):
+            while queue and (<Parcel>queue[0]).expires <= now:
+                p = queue.popleft()
+                self.held_expired += 1
+                self.held_count -= 1
+                self.held_bytes -= PyBytes_GET_SIZE(p.body)
+            if queue:
+                try:
+                    endpoints = self.routes.live(self.routes.lookup(topic))
+                except (NoListeners, DiscoveryUnavailable):
+                    endpoints = ()
+                while queue and endpoints:
+                    p = queue[0]
+                    ep = <Endpoint>endpoints[self.held_delivered % len(endpoints)]
+                    if self.ob.try_send(ep, PyBytes_AS_STRING(p.header),
+                                        PyBytes_GET_SIZE(p.header), p.body) != SENT:
+                        break
+                    queue.popleft()
+                    self.held_delivered += 1
+                    self.held_count -= 1
+                    self.held_bytes -= PyBytes_GET_SIZE(p.body)
+            if not queue:
+                del self.held[topic]

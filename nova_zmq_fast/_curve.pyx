@@ -1,0 +1,301 @@
+"""CURVE: key pairs, the allow-list, and the ZAP handler that enforces it.
+
+CURVE (ZeroMQ's encryption and authentication, RFC 26) is on when a process
+has a secret key (rpc_zmq_secret_key_file).  Then every connection is
+encrypted, and both ends are authenticated:
+
+  * a server accepts a connection only once this module's ZAP handler
+    (RFC 27) has found the client's public key in the allow-list
+    (rpc_zmq_allowed_keys).  Servers set a ZAP domain, which makes libzmq
+    require a handler: with none, or an empty allow-list, every connection
+    is refused.  The allow-list is re-read when it changes; the User-Id of
+    an accepted connection is its key, so that after a revocation the
+    receive loop can drop what that connection still sends;
+  * a client dials a server only with the public key discovery published
+    for it (Endpoint.key), so an impersonator fails the handshake.
+
+Keys are Z85 text, 40 characters, as `nova-zmq-fast keygen` writes them.
+"""
+import logging
+import os
+import stat
+import time
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from nova_zmq_fast._libzmq cimport *
+from nova_zmq_fast._zmq cimport Context, check, raise_zmq_error, set_int
+
+from nova_zmq_fast._green import unpatched
+from nova_zmq_fast._zmq import libzmq_version
+
+LOG = logging.getLogger("nova_zmq_fast.curve")
+
+ZAP_ENDPOINT = b"inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"nova_zmq_fast"
+cdef enum:
+    KEY_LEN = 40                    # Z85 of 32 bytes
+RELOAD_EVERY = 1.0                  # seconds between checks of the allow-list's files
+MIN_VERSION = (4, 3, 3)
+
+
+def unavailable_reason():
+    """Why CURVE cannot be used with the libzmq loaded, or None."""
+    if libzmq_version() < MIN_VERSION:
+        return (f"libzmq {'.'.join(map(str, libzmq_version()))} is older than "
+                f"{'.'.join(map(str, MIN_VERSION))}, whose CURVE handshake has known flaws")
+    if not zmq_has(b"curve"):
+        return "the libzmq loaded was built without CURVE (zmq_has('curve') is false)"
+    return None
+
+
+def keypair():
+    """A new (public, secret) key pair, Z85 bytes."""
+    cdef char public[KEY_LEN + 1]
+    cdef char secret[KEY_LEN + 1]
+    check(zmq_curve_keypair(public, secret))
+    return public[:KEY_LEN], secret[:KEY_LEN]
+
+
+def public_key(bytes secret not None):
+    """The public key of a Z85 secret key; ValueError if it is not one."""
+    cdef char public[KEY_LEN + 1]
+    if PyBytes_GET_SIZE(secret) != KEY_LEN or not _is_z85(secret):
+        raise ValueError("not a Z85 CURVE key (40 characters)")
+    if zmq_curve_public(public, PyBytes_AS_STRING(secret)) != 0:
+        raise ValueError("not a Z85 CURVE key")
+    return public[:KEY_LEN]
+
+
+_Z85 = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 b".-:+=^!/*?&<>()[]{}@%$#")
+
+
+cdef bint _is_z85(bytes text):
+    return PyBytes_GET_SIZE(text) == KEY_LEN and all(c in _Z85 for c in text)
+
+
+def _key_lines(data, where):
+    """The Z85 keys in a key file's text: one per line.  Blank lines, and
+    lines starting with '#' that are not keys ('#' is a Z85 character, but
+    a key is exactly 40 of them), are comments."""
+    keys = []
+    for line in data.splitlines():
+        line = line.strip()
+        if not line or (line.startswith(b"#") and not _is_z85(line)):
+            continue
+        if not _is_z85(line):
+            raise ValueError(f"{where}: {line[:50]!r} is not a Z85 CURVE key")
+        keys.append(line)
+    return keys
+
+
+def write_keypair(prefix):
+    """Write a new key pair: `<prefix>.key`, the secret key, readable by its
+    owner only, and `<prefix>.pub`, the public key to put in allow-lists.
+    Refuses to overwrite.  Returns both paths."""
+    public, secret = keypair()
+    secret_path, public_path = f"{prefix}.key", f"{prefix}.pub"
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"# nova_zmq_fast CURVE secret key: keep it to its owner (mode 600)\n" +
+                secret + b"\n")
+    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(public + b"\n")
+    return secret_path, public_path
+
+
+def load_secret_key(path):
+    """The secret key in `path`.  Refused unless only its owner can read
+    it: a secret key others can read is no secret."""
+    path = os.fspath(path)              # an int would be taken for a file descriptor
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"rpc_zmq_secret_key_file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"rpc_zmq_secret_key_file {path} is not a file")
+    if st.st_mode & 0o077:
+        raise ValueError(f"rpc_zmq_secret_key_file {path} is readable by others "
+                         f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
+    with open(path, "rb") as f:
+        keys = _key_lines(f.read(), path)
+    if len(keys) != 1:
+        raise ValueError(f"rpc_zmq_secret_key_file {path} must hold exactly one key")
+    public_key(keys[0])                 # proves it is one
+    return keys[0]
+
+
+cdef class AllowList:
+    """The public keys a server accepts: a directory (every file in it
+    holds keys) or a file, one key per line.  None: nobody."""
+
+    def __init__(self, path=None):
+        # os.fspath: an int would be taken for a file descriptor.
+        self.path = None if path is None else os.fspath(path)
+        self.keys = frozenset()
+        self.revoked_keys = frozenset()
+        self.revoked = False
+        self.stamp = None
+        self.checked = 0.0
+        self.reload()
+
+    def _files(self):
+        if os.path.isdir(self.path):
+            return sorted(os.path.join(self.path, n) for n in os.listdir(self.path)
+                          if not n.startswith("."))
+        return [self.path]
+
+    def _stamp(self, files):
+        stamp = []
+        for name in files:
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            stamp.append((name, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def reload(self):
+        """Read the keys again if a file changed; True if they did."""
+        self.checked = time.monotonic()
+        if self.path is None:
+            return False
+        try:
+            files = self._files()
+            stamp = self._stamp(files)
+            if stamp == self.stamp:
+                return False
+            keys = set()
+            for name, _, _ in stamp:
+                if not os.path.isfile(name):
+                    continue
+                with open(name, "rb") as f:
+                    keys.update(_key_lines(f.read(), name))
+        except (OSError, ValueError) as exc:
+            LOG.error("allow-list %s not reloaded: %s", self.path, exc)
+            return False
+        gone = self.keys - keys
+        self.keys = frozenset(keys)
+        # Keys taken away stay refused, even if they come back, until the
+        # process restarts: connections they opened are still up.
+        self.revoked_keys = frozenset((self.revoked_keys | gone) - keys)
+        self.revoked = bool(self.revoked_keys)
+        if self.stamp is not None:
+            LOG.warning("allow-list %s reloaded: %d key(s), %d revoked", self.path,
+                        len(self.keys), len(gone))
+        self.stamp = stamp
+        return True
+
+    def allows(self, bytes key not None):
+        """Is the Z85 public key `key` allowed?  Re-reads the files at
+        most every RELOAD_EVERY seconds."""
+        if time.monotonic() - self.checked >= RELOAD_EVERY:
+            self.reload()
+        return key in self.keys
+
+    def __len__(self):
+        return len(self.keys)
+
+
+cdef class Authenticator:
+    """The ZAP handler of one libzmq context: a thread answering the
+    handshakes of its CURVE servers from an AllowList."""
+
+    def __cinit__(self, Context ctx not None, AllowList allow not None, logger):
+        self.ctx = ctx
+        self.allow = allow
+        self.log = logger               # a RateLimitedLog for refusals
+        self.sock = NULL
+        self.thread = None
+        self.stopping = False
+        self.accepted = self.refused = 0
+
+    def start(self):
+        """Bind the ZAP endpoint and start answering."""
+        cdef bytes endpoint = ZAP_ENDPOINT
+        if self.sock != NULL:
+            return
+        self.sock = self.ctx.socket(ZMQ_REP)
+        try:
+            set_int(self.sock, ZMQ_LINGER, 0)
+            set_int(self.sock, ZMQ_RCVTIMEO, 200)       # to notice stop() and file changes
+            check(zmq_bind(self.sock, endpoint))
+        except BaseException:
+            self.ctx.close_socket(self.sock, 0)
+            self.sock = NULL
+            raise
+        self.thread = unpatched("threading").Thread(target=self._serve, daemon=True,
+                                                    name="nova_zmq_fast-zap")
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopping:
+            request = self._receive()
+            if request is None:
+                if time.monotonic() - self.allow.checked >= RELOAD_EVERY:
+                    self.allow.reload()
+                continue
+            self._answer(request)
+
+    cdef list _receive(self):
+        """One ZAP request's frames, or None after the receive timeout."""
+        cdef zmq_msg_t part
+        cdef int rc
+        cdef list frames = []
+        zmq_msg_init(&part)
+        try:
+            while True:
+                with nogil:
+                    rc = zmq_msg_recv(&part, self.sock, 0)
+                if rc == -1:
+                    if frames:
+                        raise_zmq_error(zmq_errno())
+                    return None
+                frames.append(PyBytes_FromStringAndSize(<const char *>zmq_msg_data(&part),
+                                                        zmq_msg_size(&part)))
+                if not zmq_msg_more(&part):
+                    return frames
+        finally:
+            zmq_msg_close(&part)
+
+    cdef _answer(self, list request):
+        cdef char z85[KEY_LEN + 1]
+        status, text, user = b"400", b"not allowed", b""
+        if len(request) >= 7 and request[0] == b"1.0" and request[5] == b"CURVE" \
+                and request[2] == ZAP_DOMAIN and len(request[6]) == 32:
+            zmq_z85_encode(z85, <const unsigned char *>PyBytes_AS_STRING(request[6]), 32)
+            key = z85[:KEY_LEN]
+            if self.allow.allows(key):
+                status, text, user = b"200", b"OK", key
+            else:
+                self.log.warning("refused", "refused a connection from %s: its key %s is "
+                                 "not in the allow-list", request[3].decode(errors="replace"),
+                                 key.decode())
+        else:
+            self.log.warning("malformed", "refused a malformed ZAP request")
+        if status == b"200":
+            self.accepted += 1
+        else:
+            self.refused += 1
+        request_id = request[1] if len(request) > 1 else b""
+        reply = (b"1.0", request_id, status, text, user, b"")
+        for i, frame in enumerate(reply):
+            check(zmq_send(self.sock, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame),
+                           ZMQ_SNDMORE if i < len(reply) - 1 else 0))
+
+    def stop(self):
+        """Stop answering and release the socket (call before the context
+        terminates)."""
+        self.stopping = True
+        thread, self.thread = self.thread, None
+        if thread is not None and thread is not unpatched("threading").current_thread():
+            thread.join(5)
+        if self.sock != NULL:
+            self.ctx.close_socket(self.sock, 0)
+            self.sock = NULL
+
+    def __dealloc__(self):
+        if self.sock != NULL and self.thread is None:
+            self.ctx.close_socket(self.sock, 0)

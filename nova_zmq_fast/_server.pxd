@@ -1,0 +1,104 @@
+# The serving side: one listening socket per process, its worker pool and
+# receive loop.  Behaviour in _server.pyx; the token protocol in csrc/leader.h.
+from libc.stdint cimport int64_t, uint64_t
+
+from nova_zmq_fast._libzmq cimport zmq_msg_t
+from nova_zmq_fast._zmq cimport Context
+from nova_zmq_fast._envelope cimport Header
+from nova_zmq_fast._dispatch cimport Consumer, RpcContext, Subscription
+from nova_zmq_fast._curve cimport AllowList
+
+
+cdef extern from "leader.h" nogil:
+    ctypedef struct lf_token:
+        uint64_t owner
+        int waiting
+        int closed
+    int lf_init(lf_token *t, int64_t patience_ns)
+    void lf_destroy(lf_token *t)
+    uint64_t lf_follow(lf_token *t, int *stole)
+    void lf_busy(lf_token *t, uint64_t gen)
+    int lf_idle(lf_token *t, uint64_t gen)
+    void lf_close_owner(lf_token *t, uint64_t gen)
+    int lf_try_close(lf_token *t)
+    void lf_lock(lf_token *t)
+    void lf_unlock(lf_token *t)
+
+
+cdef enum:                          # indexes into Server.counters
+    RECEIVED, HANDLED, REPLIES, HANDLER_ERRORS,
+    DROPPED_FRAMES, DROPPED_HEADER, DROPPED_VERSION, DROPPED_OVERSIZE,
+    DROPPED_BODY, DROPPED_TOPIC, DROPPED_REVOKED, REPLIES_UNDELIVERABLE,
+    ACKS, DUPLICATES, PINGS,
+    NCOUNTERS
+
+
+cdef class Worker:
+    cdef object packer              # msgpack packers are not thread-safe
+
+
+cdef class Server:
+    cdef Context ctx
+    cdef void *sock                 # ROUTER, bound: requests in, replies out
+    cdef void *control              # inproc DEALER into sock; under the token mutex
+    cdef bytes secret               # the control socket's routing id
+    cdef lf_token lf
+    cdef bint lf_ready
+    cdef dict direct                # topic (UTF-8 bytes) -> Subscription
+    cdef dict fanouts
+    cdef tuple last                 # (is fanout, topic bytes, Subscription)
+    cdef bytes host                 # rpc_zmq_host, UTF-8: the 'topic.host' rule
+    cdef readonly str bound         # the endpoint libzmq reports
+    cdef readonly str address       # the endpoint peers dial; also its routing id
+    cdef Py_ssize_t max_message_size
+    cdef readonly int max_threads
+    cdef readonly int workers       # worker threads running
+    cdef bint started
+    cdef bint stopping
+    cdef object threads_lock
+    cdef set spawn_tokens           # tokens of worker threads about to start
+    cdef double quiet
+    cdef double last_wake           # when a blocking receive last returned a message
+    cdef bint idle                  # the leader is blocked on an empty queue
+    cdef unsigned long long counters[NCOUNTERS]
+    cdef int epoch
+    cdef object serialize_failure   # exception -> msgpack-able failure
+    cdef object on_failure          # called once if the receive loop dies
+    cdef AllowList allow            # with CURVE: the keys accepted, and those revoked
+    cdef object log                 # a RateLimitedLog for what peers cause
+    cdef dict about                 # what a PING is answered with
+    cdef object seen                # OrderedDict: at-least-once msg_id -> handled yet
+
+    cdef Subscription find(self, Header *h)
+    cdef _spawn(self)
+    cdef _grow(self)
+    cdef _lead(self, Worker w, uint64_t gen)
+    cdef int _recv(self, zmq_msg_t *parts, Header *h, int timeout_ms) except -1
+    cdef bint _revoked(self, zmq_msg_t *part) except -1
+    cdef int _drop(self, int counter, str what) except -1
+    cdef _discard_rest(self)
+    cdef int _control(self, zmq_msg_t *parts, int n) except -1
+    cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts)
+    cdef _handle(self, Worker w, uint64_t gen, zmq_msg_t *parts, Header *h)
+    cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
+              Consumer consumer, RpcContext ctxt, dict msg)
+    cdef _pong(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
+               Subscription sub, dict msg)
+    cdef _answer(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id,
+                 bint multi, object result)
+    cdef _reply(self, Worker w, uint64_t gen, zmq_msg_t *identity, int kind,
+                uint64_t msg_id, object value)
+    cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc)
+    cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
+                     int kind, uint64_t msg_id, bytes body)
+    cdef _close_sockets(self, int linger_ms)
+
+
+cdef class Replier:
+    cdef Server server
+    cdef bytes identity
+    cdef uint64_t msg_id
+    cdef readonly bint done
+
+    cdef _check(self)
+    cdef _send(self, int kind, bytes body)

@@ -1,0 +1,62 @@
+"""Try to break a compiled module from Python: `python -m tests.helpers.probe
+_server`.  Builds every class it exports in every way Python allows
+(calling it, and __new__ without __init__, with a few kinds of argument),
+calls every method of what comes out and every function of the module with
+the same arguments, and prints how many calls it made.  Exceptions are
+expected; the process must not die of a signal (tests/test_hardening.py).
+Run it in a scratch directory: some functions write files."""
+import importlib
+import sys
+
+ARGS = [(), (None,), (0,), (1,), (-1,), ("x",), (b"x",), (None, None), (1, 1), ([],), ({},),
+        ("x", 1), ("x", None), ((),), (b"x" * 40,), ("tcp://127.0.0.1:1",)]
+SKIP = {"__init_subclass__", "__subclasshook__", "__class__", "__delattr__", "__setattr__",
+        "__getattribute__", "__reduce_ex__", "__dir__", "__format__", "__sizeof__",
+        "__new__", "__init__", "__getstate__"}
+
+
+def calls(function):
+    made = 0
+    for args in ARGS:
+        try:
+            result = function(*args)
+            if hasattr(result, "__next__"):
+                next(result, None)
+        except BaseException:       # exceptions are fine; signals are not
+            pass
+        made += 1
+    return made
+
+
+def main():
+    module = importlib.import_module("nova_zmq_fast." + sys.argv[1])
+    made = 0
+    for name, value in sorted(vars(module).items()):
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        if not isinstance(value, type):
+            if callable(value):
+                made += calls(value)
+            continue
+        objects = []
+        for args in ARGS:
+            for make in (value, lambda *a: value.__new__(value, *a)):
+                try:
+                    objects.append(make(*args))
+                except BaseException:
+                    pass
+        for obj in objects:
+            for attr in dir(obj):
+                if attr in SKIP:
+                    continue
+                try:
+                    method = getattr(obj, attr)
+                except BaseException:
+                    continue
+                if callable(method):
+                    made += calls(method)
+    print("calls", made, flush=True)
+
+
+if __name__ == "__main__":
+    main()

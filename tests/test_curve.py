@@ -1,0 +1,313 @@
+"""CURVE: encryption and authentication that fail closed.  Service
+processes with their own keys, this test process as the client with its
+own, real handshakes over loopback; a raw capture of the service's port
+shows what crosses the wire."""
+import ctypes
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from nova_zmq_fast import _curve
+from tests.conftest import ROOT, ServiceProcess, free_port, wait_until
+
+CTX = {"user_id": "u"}
+MARKER = "plain-text-marker-7f3a91"
+
+
+def msg(method, **args):
+    return {"method": method, "args": args}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Key pairs for a server, a client and a stranger, and an allow-list
+    directory holding the client's public key."""
+    made = {name: _curve.write_keypair(str(tmp_path / name))
+            for name in ("server", "client", "stranger", "impostor")}
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(made["client"][1], allowed / "client.pub")
+    made["allowed"] = str(allowed)
+    return made
+
+
+def secure_service(keys, ipc_dir, host="sec", topic="svc", **extra):
+    return ServiceProcess(host, ipc_dir, topic=topic, options=dict(
+        rpc_zmq_secret_key_file=keys["server"][0], rpc_zmq_allowed_keys=keys["allowed"],
+        **extra))
+
+
+def as_client(client, ipc_dir, key=None, **extra):
+    options = dict(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                   rpc_zmq_connect_timeout=1, **extra)
+    if key is not None:
+        options["rpc_zmq_secret_key_file"] = key
+    client.init(**options)
+
+
+def port_filter(port):
+    """A classic BPF program passing IPv4 TCP segments from or to `port`
+    (what tcpdump compiles 'tcp port N' to, less IPv6): the kernel drops
+    the rest of the loopback traffic before it can fill our buffer."""
+    code = [(0x28, 0, 0, 12), (0x15, 0, 10, 0x0800),     # ethertype IPv4, else drop
+            (0x30, 0, 0, 23), (0x15, 0, 8, 6),            # protocol TCP, else drop
+            (0x28, 0, 0, 20), (0x45, 6, 0, 0x1FFF),       # a fragment: drop
+            (0xB1, 0, 0, 14),                             # x = IP header length
+            (0x48, 0, 0, 14), (0x15, 2, 0, port),         # source port
+            (0x48, 0, 0, 16), (0x15, 0, 1, port),         # destination port
+            (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]       # accept / drop
+    program = (ctypes.c_ubyte * (8 * len(code)))()
+    ctypes.memmove(program, b"".join(struct.pack("=HBBI", *i) for i in code), 8 * len(code))
+    return program, struct.pack("HxxxxxxP", len(code), ctypes.addressof(program))
+
+
+class Capture:
+    """Every TCP payload byte to or from `port` on the loopback interface,
+    read with a raw socket (needs CAP_NET_RAW)."""
+
+    SO_ATTACH_FILTER = 26
+
+    def __init__(self, port):
+        self.port = port
+        self.data = bytearray()
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+        self._program, fprog = port_filter(port)            # kept alive while attached
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_ATTACH_FILTER, fprog)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                frame = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00":     # IPv4 only
+                continue
+            ip = frame[14:]
+            ihl = (ip[0] & 0x0F) * 4
+            if ip[9] != 6:                                          # TCP
+                continue
+            tcp = ip[ihl:]
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            if self.port in (sport, dport):
+                self.data += tcp[(tcp[12] >> 4) * 4:]
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+        return bytes(self.data)
+
+
+def captured_call(client, address):
+    """A call carrying MARKER, captured on the service's port."""
+    port = int(address.rsplit(":", 1)[1])
+    capture = Capture(port)
+    try:
+        assert client.call(CTX, "svc", msg("echo", value=MARKER)) == MARKER
+    finally:
+        data = capture.stop()
+    assert data, "the capture saw nothing: it cannot tell clear from encrypted"
+    return data
+
+
+def test_nothing_crosses_the_wire_in_clear_with_curve(keys, tmp_path, client):
+    if os.geteuid() != 0:
+        pytest.skip("capturing loopback traffic needs root (CAP_NET_RAW)")
+    plain = ServiceProcess("plain", tmp_path / "plain", topic="svc")
+    try:
+        as_client(client, tmp_path / "plain")
+        assert MARKER.encode() in captured_call(client, plain.address)   # the check can fail
+    finally:
+        assert plain.stop() == 0
+    secure = secure_service(keys, tmp_path / "secure")
+    try:
+        as_client(client, tmp_path / "secure", keys["client"][0])
+        data = captured_call(client, secure.address)
+        assert MARKER.encode() not in data
+        assert b"echo" not in data and b"user_id" not in data
+    finally:
+        assert secure.stop() == 0
+
+
+def test_only_allowed_keys_are_served_and_the_rest_fail_closed(keys, ipc_dir, client):
+    svc = secure_service(keys, ipc_dir)
+    try:
+        as_client(client, ipc_dir, keys["client"][0])
+        assert client.call(CTX, "svc", msg("whoami")) == "sec"
+
+        as_client(client, ipc_dir, keys["stranger"][0])
+        with pytest.raises(client.PeerUnreachable, match="refused this process's CURVE key"):
+            client.call(CTX, "svc", msg("whoami"), timeout=5)
+
+        as_client(client, ipc_dir)                    # no key at all
+        start = time.monotonic()
+        with pytest.raises(client.PeerUnreachable, match="requires CURVE"):
+            client.call(CTX, "svc", msg("whoami"), timeout=5)
+        assert time.monotonic() - start < 1             # known at once: nothing to wait for
+
+        # The server went on serving the allowed client throughout, and
+        # counted what it refused.
+        as_client(client, ipc_dir, keys["client"][0])
+        assert client.call(CTX, "svc", msg("whoami")) == "sec"
+        stats = client.call(CTX, "svc", msg("stats"))
+        assert stats["curve_refused"] >= 1 and stats["curve_accepted"] >= 2
+    finally:
+        assert svc.stop() == 0
+
+
+def test_a_raw_peer_without_curve_gets_nothing(keys, ipc_dir):
+    """A plain ZeroMQ peer that knows the port and the envelope (as in
+    docs/envelope.md) gets no answer: the handshake never completes."""
+    svc = secure_service(keys, ipc_dir)
+    try:
+        from tests.test_bad_input import body, header, send_raw
+        replies = send_raw(svc.address, [[header("CALL", msg_id=1), body("whoami")]],
+                           replies=1, timeout=2)
+        assert replies == []
+    finally:
+        assert svc.stop() == 0
+
+
+def test_an_impostor_at_the_address_is_refused(keys, tmp_path, client):
+    """Discovery (a ring) names the server's key; a process with another
+    key listening at that address fails the client's handshake."""
+    port = free_port()
+    ring = tmp_path / "ring.json"
+    with open(keys["server"][1]) as f:
+        real_key = f.read().strip()
+    ring.write_text(json.dumps({"svc": [{"host": f"127.0.0.1:{port}", "key": real_key}]}))
+    common = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(ring)}
+    impostor = ServiceProcess("127.0.0.1", tmp_path, options=dict(
+        common, rpc_zmq_port=port, rpc_zmq_bind_address="127.0.0.1",
+        rpc_zmq_secret_key_file=keys["impostor"][0], rpc_zmq_allowed_keys=keys["allowed"]))
+    try:
+        client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1,
+                    rpc_zmq_secret_key_file=keys["client"][0], **common)
+        with pytest.raises(client.PeerUnreachable, match="CURVE handshake failed"):
+            client.call(CTX, "svc", msg("whoami"), timeout=5)
+    finally:
+        assert impostor.stop() == 0
+
+
+def test_keys_added_and_revoked_without_a_restart(keys, ipc_dir, client):
+    allowed = keys["allowed"]
+    os.unlink(os.path.join(allowed, "client.pub"))          # nobody allowed yet
+    svc = secure_service(keys, ipc_dir)
+    try:
+        as_client(client, ipc_dir, keys["client"][0])
+        with pytest.raises(client.PeerUnreachable):
+            client.call(CTX, "svc", msg("whoami"), timeout=3)
+        shutil.copy(keys["client"][1], os.path.join(allowed, "client.pub"))
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_secret_key_file=keys["client"][0])
+
+        def answers():
+            try:
+                return client.call(CTX, "svc", msg("whoami"), timeout=2) == "sec"
+            except client.Timeout:
+                return False
+        assert wait_until(answers, 15)                       # added: served, no restart
+        before = client.call(CTX, "svc", msg("stats"))["dropped_revoked"]
+
+        os.unlink(os.path.join(allowed, "client.pub"))      # revoked
+        # Even the connection already open is cut off: its messages are
+        # dropped (and counted) once the server has re-read the list.
+        assert wait_until(lambda: not answers(), 15)
+        with pytest.raises(client.Timeout):
+            client.call(CTX, "svc", msg("whoami"), timeout=2)
+        # A new process with that key is refused at the handshake.
+        as_client(client, ipc_dir, keys["client"][0])
+        with pytest.raises(client.PeerUnreachable, match="refused"):
+            client.call(CTX, "svc", msg("whoami"), timeout=3)
+    finally:
+        assert svc.stop() == 0
+    assert before == 0
+
+
+def test_secret_keys_others_can_read_are_refused(keys, ipc_dir):
+    from nova_zmq_fast import rpc
+    os.chmod(keys["client"][0], 0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        rpc.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_secret_key_file=keys["client"][0])
+    for bad in (b"~" * 40, b"x" * 39, b""):          # not Z85, too short, empty
+        with pytest.raises(ValueError, match="not a Z85 CURVE key"):
+            _curve.public_key(bad)
+    with pytest.raises(ValueError):
+        rpc.init(rpc_zmq_secret_key_file=str(ipc_dir / "missing.key"))
+
+
+def test_curve_is_refused_where_libzmq_cannot_do_it_safely(monkeypatch):
+    monkeypatch.setattr(_curve, "libzmq_version", lambda: (4, 3, 2))
+    assert "older than 4.3.3" in _curve.unavailable_reason()
+    monkeypatch.undo()
+    assert _curve.unavailable_reason() is None
+
+
+def test_plaintext_on_a_network_address_is_warned_about_once(tmp_path):
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING, stream=sys.stdout)\n"
+        "from nova_zmq_fast import rpc\n"
+        f"rpc.init(rpc_zmq_ipc_dir={str(tmp_path)!r}, rpc_zmq_bind_address='0.0.0.0')\n"
+        "for i in range(2):\n"
+        "    c = rpc.create_connection(); c.create_consumer('t', lambda x, m: None)\n"
+        "    c.consume_in_thread(); c.close()\n"
+        "rpc.cleanup()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("without CURVE") == 1, out.stdout
+
+
+OSLO_OVER_CURVE = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import oslo_messaging as messaging
+from oslo_config import cfg
+cfg.CONF([], project="nzf-test")
+url, key = sys.argv[1], sys.argv[2]
+if key:
+    url += "&rpc_zmq_secret_key_file=" + key
+transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+client = messaging.get_rpc_client(transport, messaging.Target(topic="svc"), timeout=5)
+try:
+    print(client.call({}, "whoami"))
+except messaging.MessagingException as exc:
+    print(type(exc).__name__)
+transport.cleanup()
+"""
+
+
+def test_oslo_messaging_over_curve(keys, tmp_path):
+    query = (f"?rpc_zmq_ipc_dir={tmp_path}&rpc_zmq_secret_key_file={keys['server'][0]}"
+             f"&rpc_zmq_allowed_keys={keys['allowed']}")
+    server = subprocess.Popen([sys.executable, "-m", "tests.helpers.oslo_service", "rpc",
+                               "--name", "o1", "--url", f"zmqfast://{query}"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "READY"
+        client_url = f"zmqfast://?rpc_zmq_ipc_dir={tmp_path}&rpc_zmq_connect_timeout=1"
+        for key, expected in ((keys["client"][0], "o1"), (keys["stranger"][0], "MessagingTimeout"),
+                              ("", "MessagingTimeout")):
+            out = subprocess.run([sys.executable, "-c", OSLO_OVER_CURVE, client_url, key],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert out.stdout.strip() == expected, out.stderr[-2000:]
+    finally:
+        server.terminate()
+        assert server.wait(15) == 0
+        server.stdin.close()
+        server.stdout.close()

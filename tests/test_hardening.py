@@ -1,0 +1,34 @@
+"""Nothing built from Python can crash the interpreter: every class and
+function each compiled module exports, tried every way, in a subprocess
+that must not die of a signal."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+MODULES = ["_zmq", "_curve", "_envelope", "_routes", "_dispatch", "_client", "_server"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_way_of_building_or_calling_it_crashes(module, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tests.helpers.probe", module],
+                         cwd=tmp_path, env={"PYTHONPATH": ROOT}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    made = int(out.stdout.split()[-1])
+    assert made > 0, out.stdout             # it did try
+
+
+def test_internal_classes_refuse_to_be_built_from_python():
+    from nova_zmq_fast import _dispatch, _server
+    for cls in (_server.Server, _server.Replier, _dispatch.Consumer, _dispatch.Subscription):
+        with pytest.raises(TypeError, match="not supposed to be instantiated"):
+            cls()
+    replier = _server.Replier.__new__(_server.Replier)
+    with pytest.raises(RuntimeError, match="not bound"):
+        replier.result(1)
+    server = _server.Server.__new__(_server.Server)
+    with pytest.raises(RuntimeError, match="worker threads"):
+        server._work(object())

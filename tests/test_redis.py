@@ -1,0 +1,196 @@
+"""Redis discovery on one host: a redis-server of the test's own, service
+processes and this test process as the client.  The same scenarios across
+hosts run in network namespaces (test_cluster.py)."""
+import logging
+import subprocess
+import time
+
+import pytest
+
+from nova_zmq_fast._routes import Endpoint, RouteTable
+from nova_zmq_fast.exceptions import DiscoveryUnavailable
+from nova_zmq_fast.matchmaker.redis import RedisBackend
+from nova_zmq_fast.options import Options
+from tests.conftest import ServiceProcess, free_port, wait_until
+
+CTX = {"user_id": "u"}
+TTL = {"matchmaker_heartbeat_freq": 0.25, "matchmaker_heartbeat_ttl": 1.5}
+
+
+def options(redis_server, **kw):
+    return dict(redis_server.options, rpc_zmq_bind_address="127.0.0.1", **TTL, **kw)
+
+
+def service(host, redis_server, tmp_path, topic="svc"):
+    return ServiceProcess(host, tmp_path, topic=topic, options=options(redis_server))
+
+
+def msg(method, **args):
+    return {"method": method, "args": args}
+
+
+def test_register_lookup_unregister(redis_server):
+    backend = RedisBackend(Options.from_conf(**options(redis_server)))
+    routes = RouteTable(backend)
+    me = Endpoint("h1", "tcp://127.0.0.1:1001")
+    try:
+        backend.register(me, "compute")
+        backend.register(me, "compute", fanout=True)
+        backend.register(Endpoint("h2", "tcp://127.0.0.1:1002"), "compute")
+        assert [ep.address for ep in routes.route("compute")] == \
+            ["tcp://127.0.0.1:1001", "tcp://127.0.0.1:1002"]
+        assert [ep.host for ep in routes.route("compute.h2")] == ["h2"]
+        assert [ep.address for ep in routes.route("compute", fanout=True)] == \
+            ["tcp://127.0.0.1:1001"]
+        assert routes.topics("comp") == ("compute",)
+        backend.unregister(me, "compute")
+        routes.invalidate()
+        assert [ep.host for ep in routes.route("compute")] == ["h2"]
+    finally:
+        routes.close()
+        backend.close()
+    with redis_server.client() as r:
+        # Everything this process registered is gone: h2's entries expire
+        # on their own, never having heartbeats after close().
+        assert r.get("nzf:node:tcp://127.0.0.1:1001") is None
+        assert wait_until(lambda: r.get("nzf:node:tcp://127.0.0.1:1002") is None, 5)
+
+
+def test_calls_casts_fanout_and_topic_host(redis_server, tmp_path, client):
+    services = [service(h, redis_server, tmp_path) for h in ("r1", "r2")]
+    try:
+        client.init(rpc_zmq_host="client", **options(redis_server))
+        assert {client.call(CTX, "svc", msg("whoami")) for _ in range(10)} == {"r1", "r2"}
+        assert {client.call(CTX, "svc.r2", msg("whoami")) for _ in range(4)} == {"r2"}
+        assert [v["i"] for v in client.multicall(CTX, "svc.r1",
+                                                 msg("stream", n=3, delay=0))] == [0, 1, 2]
+        for i in range(100):
+            client.cast(CTX, "svc", msg("record", key="c", value=i))
+        client.fanout_cast(CTX, "svc", msg("record", key="f", value=1))
+        assert wait_until(lambda: sum(client.call(CTX, f"svc.{h}", msg("count", key="c"))
+                                      for h in ("r1", "r2")) == 100, 10)
+        for h in ("r1", "r2"):
+            assert wait_until(lambda: client.call(
+                CTX, f"svc.{h}", msg("count", key="fanout:f")) == 1, 10)
+    finally:
+        codes = [s.stop() for s in services]
+    assert codes == [0, 0]
+
+
+def test_a_silently_dead_process_disappears_within_the_ttl(redis_server, tmp_path, client):
+    a, b = (service(h, redis_server, tmp_path, topic="mortal") for h in ("d1", "d2"))
+    try:
+        client.init(rpc_zmq_host="client", **options(redis_server))
+        assert {client.call(CTX, "mortal", msg("whoami")) for _ in range(10)} == {"d1", "d2"}
+        with redis_server.client() as r:
+            assert r.exists(f"nzf:node:{a.address}")
+            a.kill()                                # SIGKILL: no goodbye
+            killed = time.monotonic()
+            assert wait_until(lambda: not r.exists(f"nzf:node:{a.address}"), 5)
+            expired = time.monotonic() - killed
+        assert expired <= TTL["matchmaker_heartbeat_ttl"] + 0.5
+        # Only d2 is chosen from now on, and calls to d1 fail at once.
+        assert {client.call(CTX, "mortal", msg("whoami")) for _ in range(10)} == {"d2"}
+        with pytest.raises(client.NoListeners):
+            client.call(CTX, "mortal.d1", msg("whoami"), timeout=5)
+    finally:
+        a.kill()
+        assert b.stop() == 0
+
+
+def test_a_clean_close_withdraws_at_once(redis_server, tmp_path, client):
+    svc = service("w1", redis_server, tmp_path, topic="leaving")
+    with redis_server.client() as r:
+        assert r.sismember("nzf:topic:d:leaving", svc.address)
+        assert svc.stop() == 0
+        # Gone before the process exited, not a TTL later.
+        assert not r.sismember("nzf:topic:d:leaving", svc.address)
+        assert not r.exists(f"nzf:node:{svc.address}")
+
+
+def test_redis_outage_existing_traffic_goes_on(redis_server, tmp_path, client, caplog):
+    """Redis stops: cached routes keep serving, a topic never seen fails at
+    once, nothing floods the log; Redis returns: a service started during
+    the outage is found, and every live server is registered again."""
+    first = service("o1", redis_server, tmp_path, topic="steady")
+    late = None
+    try:
+        client.init(rpc_zmq_host="client", **options(redis_server))
+        assert client.call(CTX, "steady", msg("whoami")) == "o1"
+        caplog.set_level(logging.WARNING, logger="nova_zmq_fast")
+        redis_server.stop()
+        for _ in range(20):                         # over several refresh intervals
+            assert client.call(CTX, "steady", msg("whoami"), timeout=5) == "o1"
+            time.sleep(0.1)
+        start = time.monotonic()
+        with pytest.raises(DiscoveryUnavailable):
+            client.call(CTX, "never-seen", msg("whoami"), timeout=30)
+        assert time.monotonic() - start < 1.5
+        assert isinstance(DiscoveryUnavailable(), client.NoListeners)
+        late = ServiceProcess("o2", tmp_path, topic="latecomer",
+                              options=options(redis_server))     # registers in vain
+        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+        redis_server.start()                        # empty: no persistence
+        assert wait_until(lambda: _answers(client, "latecomer") == "o2", 15)
+        with redis_server.client() as r:
+            assert wait_until(lambda: r.sismember("nzf:topic:d:steady", first.address), 10)
+        assert client.call(CTX, "steady", msg("whoami")) == "o1"
+    finally:
+        codes = [s.stop() for s in (first, late) if s is not None]
+    assert set(codes) == {0}
+
+
+def _answers(client, topic):
+    try:
+        return client.call(CTX, topic, msg("whoami"), timeout=2)
+    except client.NoListeners:
+        return None
+
+
+def test_redis_through_sentinel(redis_server, tmp_path, client):
+    sentinel_port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor nzf 127.0.0.1 {redis_server.port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    svc = None
+    try:
+        via_sentinel = {"rpc_zmq_matchmaker": "redis", "rpc_zmq_bind_address": "127.0.0.1",
+                        "matchmaker_redis_sentinels": [f"127.0.0.1:{sentinel_port}"],
+                        "matchmaker_redis_sentinel_service": "nzf", **TTL}
+        assert wait_until(lambda: _sentinel_knows(sentinel_port), 10)
+        svc = ServiceProcess("s1", tmp_path, topic="guarded", options=via_sentinel)
+        client.init(rpc_zmq_host="client", **via_sentinel)
+        assert client.call(CTX, "guarded", msg("whoami")) == "s1"
+        with redis_server.client() as r:              # it really went through the master
+            assert r.sismember("nzf:topic:d:guarded", svc.address)
+    finally:
+        if svc is not None:
+            assert svc.stop() == 0
+        sentinel.kill()
+        sentinel.wait(10)
+
+
+def _sentinel_knows(port):
+    import redis
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as s:
+            return bool(s.sentinel_get_master_addr_by_name("nzf"))
+    except (redis.RedisError, OSError):
+        return False
+
+
+def test_url_options():
+    assert RedisBackend.url_options([("10.0.0.5", 6380, None, "s3cret")], "2") == {
+        "matchmaker_redis_host": "10.0.0.5", "matchmaker_redis_port": 6380,
+        "matchmaker_redis_password": "s3cret", "matchmaker_redis_db": 2}
+    assert RedisBackend.url_options([("a", None, None, None), ("b", 26380, None, None)],
+                                    None) == {"matchmaker_redis_sentinels": ["a:26379",
+                                                                             "b:26380"]}
+    with pytest.raises(ValueError):
+        RedisBackend.url_options([("a", 1, None, None)], "zero")
+    with pytest.raises(ValueError, match="ttl"):
+        Options.from_conf(rpc_zmq_matchmaker="redis", matchmaker_heartbeat_freq=5,
+                          matchmaker_heartbeat_ttl=2)
