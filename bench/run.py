@@ -178,7 +178,7 @@ class Benchmark:
         self.extras = {}                # key -> [dict per round] (cost figures)
         self.tmp = tempfile.mkdtemp(prefix="nzf-bench-")
         self.redis_proc = None
-        self.redis_client = None
+        self.variants = {}              # name -> a client of a server set up that way
         self.cluster = None
         self.host_client = None
 
@@ -229,7 +229,7 @@ class Benchmark:
             except (RuntimeError, TimeoutError) as exc:
                 self.skipped[f"oslo_{name}"] = str(exc)
                 log(f"skipping oslo.messaging over {name}: {exc}")
-        self.start_redis_pair(native, ipc)
+        self.start_variants(native, ipc)
         self.start_cluster(native)
         time.sleep(1.0)                         # let discovery see everyone
         self.fds_by_peers = self.native.ask("fds_by_peers", groups=s["groups"])
@@ -239,19 +239,39 @@ class Benchmark:
         for name, (server, _) in self.oslo.items():
             self.idle_rss[f"oslo {name} server"] = server.ask("costs")["rss_mb"]
 
-    def start_redis_pair(self, native, ipc):
-        """A server and a client like s0 and the native client, found
-        through Redis: the price of Redis discovery on the message path."""
+    def start_variants(self, native, ipc):
+        """Pairs like s0 and the native client, each set up one way, whose
+        call and cast are measured next to the plain ones: the price of
+        Redis discovery, of CURVE, and of at-least-once casts."""
         if shutil.which("redis-server") is None:
             self.skipped["redis"] = "redis-server is not installed"
-            return
-        self.redis_proc, port = start_redis(self.tmp)
-        opts = json.dumps({"rpc_zmq_matchmaker": "redis", "matchmaker_redis_port": port,
-                           "rpc_zmq_bind_address": "127.0.0.1"})
-        self.spawn("redis server s0", [PY, native, "serve", "--host", "s0", "--index", "0",
-                                       "--ipc-dir", ipc, "--options", opts])
-        self.redis_client = self.spawn("redis client", [PY, native, "client", "--ipc-dir", ipc,
-                                                        "--options", opts])
+        else:
+            self.redis_proc, port = start_redis(self.tmp)
+            opts = {"rpc_zmq_matchmaker": "redis", "matchmaker_redis_port": port,
+                    "rpc_zmq_bind_address": "127.0.0.1"}
+            self.start_variant(native, "redis", ipc, opts, opts)
+        keys = os.path.join(self.tmp, "keys")
+        allowed = os.path.join(keys, "allowed")
+        os.makedirs(allowed)
+        for name in ("server", "client"):
+            subprocess.check_call([PY, "-m", "nova_zmq_fast", "keygen",
+                                   os.path.join(keys, name)], stdout=subprocess.DEVNULL)
+        shutil.copy(os.path.join(keys, "client.pub"), allowed)
+        self.start_variant(
+            native, "curve", os.path.join(self.tmp, "registry-curve"),
+            {"rpc_zmq_secret_key_file": os.path.join(keys, "server.key"),
+             "rpc_zmq_allowed_keys": allowed},
+            {"rpc_zmq_secret_key_file": os.path.join(keys, "client.key")})
+        # The plain s0, from a client whose casts are at-least-once.
+        self.variants["alo"] = self.spawn("at-least-once client", [
+            PY, native, "client", "--ipc-dir", ipc,
+            "--options", json.dumps({"rpc_zmq_at_least_once": True})])
+
+    def start_variant(self, native, name, ipc, server_opts, client_opts):
+        self.spawn(f"{name} server s0", [PY, native, "serve", "--host", "s0", "--index", "0",
+                                         "--ipc-dir", ipc, "--options", json.dumps(server_opts)])
+        self.variants[name] = self.spawn(f"{name} client", [
+            PY, native, "client", "--ipc-dir", ipc, "--options", json.dumps(client_opts)])
 
     def start_cluster(self, native):
         """Servers on hosts h1..hN, each its own network namespace, found
@@ -312,11 +332,12 @@ class Benchmark:
             ("pyzmq.cast", lambda: self.cast(self.pyzmq, "pyzmq.cast", s["casts"] // 4)),
             ("native.cast", lambda: self.cast(self.native, "native.cast", s["casts"])),
         ]
-        if self.redis_client is not None:
-            latency.append(("redis.call",
-                            lambda: self.redis_client.ask("call", n=s["calls"])["usec"]))
-            throughput.append(("redis.cast", lambda: self.cast(self.redis_client, "redis.cast",
-                                                               s["casts"])))
+        for name, client in self.variants.items():
+            if name != "alo":           # at-least-once changes casts only
+                latency.append((f"{name}.call",
+                                lambda c=client: c.ask("call", n=s["calls"])["usec"]))
+            throughput.append((f"{name}.cast", lambda c=client, k=f"{name}.cast":
+                               self.cast(c, k, s["casts"])))
         fanout = [("native.fanout.ref",
                    lambda: self.cast(self.native, "native.fanout.ref", s["casts"]))]
         fanout += [(f"native.fanout.{n}", lambda n=n: self.fanout(n)) for n in s["groups"]]
@@ -423,7 +444,7 @@ def summarize(bench, micro):
 
     def target(name, value, goal, ok):
         targets.append({"target": name, "value": value, "goal": goal,
-                        "met": None if value is None else ok(value)})
+                        "met": None if value is None or ok is None else ok(value)})
 
     ratio = lambda a, b: a / b  # noqa: E731
     at_least = lambda goal: lambda x: x >= goal  # noqa: E731
@@ -442,6 +463,13 @@ def summarize(bench, micro):
         target(name, paired(v, a, b, ratio), goal, ok)
     target("cast rate with Redis discovery / with the embedded one (one host)",
            paired(v, "redis.cast", "native.cast", ratio), ">= 0.95", at_least(0.95))
+    target("call round trip with CURVE / without", paired(v, "curve.call", "native.call", ratio),
+           "<= 1.5", at_most(1.5))
+    # Reported, with no goal set.
+    target("cast rate with CURVE / without", paired(v, "curve.cast", "native.cast", ratio),
+           "-", None)
+    target("cast rate at least once / at most once",
+           paired(v, "alo.cast", "native.cast", ratio), "-", None)
     worst = None
     for n in s["groups"]:
         cost = paired(v, f"native.fanout.{n}", "native.fanout.ref", lambda a, b: a / (1e6 / b))
@@ -479,6 +507,9 @@ LABELS = {
     "oslo_zmqfast.cast": ("oslo.messaging + zmqfast cast", "msg/s"),
     "redis.call": ("nova_zmq_fast call, Redis discovery", "us"),
     "redis.cast": ("nova_zmq_fast cast, Redis discovery", "msg/s"),
+    "curve.call": ("nova_zmq_fast call, CURVE", "us"),
+    "curve.cast": ("nova_zmq_fast cast, CURVE", "msg/s"),
+    "alo.cast": ("nova_zmq_fast cast, at least once", "msg/s"),
 }
 
 

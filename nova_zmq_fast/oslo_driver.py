@@ -360,7 +360,10 @@ class ZmqFastDriver(base.BaseDriver):
         topic = self._topic(target, target.server)
         if not wait_for_reply:
             try:
-                client.cast(ctxt, topic, message)
+                # At least once: kept until a server has handled it (the
+                # README's Delivery), as the native API's option does.
+                client.cast(ctxt, topic, message,
+                            at_least_once or self._options.rpc_zmq_at_least_once)
             except NoListeners as exc:
                 if at_least_once:
                     raise oslo_messaging.MessageUndeliverable(exc, target.exchange, topic,

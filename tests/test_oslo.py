@@ -171,6 +171,22 @@ def test_at_least_once_fails_fast_when_nobody_listens(servers, transport):
     client(transport, topic="nobody").cast({}, "whoami")    # default: dropped quietly
 
 
+def test_at_least_once_casts_are_acknowledged_by_the_server(servers, transport):
+    """TransportOptions(at_least_once=True) makes a cast at-least-once:
+    kept by the sender until a server acknowledges it has run it."""
+    options = messaging.TransportOptions(at_least_once=True)
+    rpc = client(transport, transport_options=options)
+    courier = transport._driver._runtime.courier
+    before = courier.stats()["at_least_once_acked"]
+    key = uuid.uuid4().hex
+    for i in range(20):
+        rpc.cast({}, "record", value=f"{key}-{i}")
+    assert wait_until(lambda: courier.stats()["at_least_once_acked"] - before == 20, 10), \
+        courier.stats()
+    got = [v for s in ("s1", "s2") for v in records(transport, s) if v.startswith(key)]
+    assert sorted(got) == sorted(f"{key}-{i}" for i in range(20))
+
+
 def test_concurrent_calls_time_out_each_on_its_own(servers, transport):
     results = {}
 
