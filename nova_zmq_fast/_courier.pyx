@@ -233,6 +233,9 @@ cdef class Courier:
     # -- the thread ------------------------------------------------------------------
 
     def _run(self):
+        # A zmq socket belongs to one thread: only the courier's own runs this.
+        if self.thread is None or unpatched("threading").current_thread() is not self.thread:
+            raise RuntimeError("Courier._run is the body of the courier's own thread")
         while not self.stopping:
             try:
                 self._loop_once()

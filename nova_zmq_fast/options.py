@@ -202,6 +202,10 @@ class Options:
         # Fails here, at init, for a backend that does not exist, and for
         # CURVE that cannot work: a libzmq without it, a key others can read.
         backend = matchmaker.load(values["rpc_zmq_matchmaker"])
+        advertise = values["rpc_zmq_advertise_address"]
+        if advertise and advertise.strip("[]") in matchmaker.WILDCARDS:
+            raise ValueError(f"rpc_zmq_advertise_address {advertise!r} is a wildcard: it must "
+                             f"be an address or name other processes can dial")
         opts = cls(values)
         backend.validate(opts)
         if opts.rpc_zmq_secret_key_file:

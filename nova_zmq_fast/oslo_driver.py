@@ -291,10 +291,15 @@ class ZmqFastDriver(base.BaseDriver):
     def __init__(self, conf, url, default_exchange=None, allowed_remote_exmods=None):
         conf.register_group(GROUP)
         conf.register_opts(OPTS, group=GROUP)
-        conf = rpc_common.ConfigOptsProxy(conf, url, GROUP.name)
+        try:
+            # The URL's query overrides the group: a bad value or an
+            # unknown name in it is the URL's fault.
+            conf = rpc_common.ConfigOptsProxy(conf, url, GROUP.name)
+            group = conf[GROUP.name]
+            values = {opt.dest: group[opt.dest] for opt in OPTS}
+        except (ValueError, cfg.Error) as exc:
+            raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         super().__init__(conf, url, default_exchange, allowed_remote_exmods)
-        group = conf[GROUP.name]
-        values = {opt.dest: group[opt.dest] for opt in OPTS}
         # zmqfast+<backend>://...: the backend reads its own options from
         # the URL's hosts and virtual host (e.g. zmqfast+redis://host:6379/0).
         backend = url.transport.partition("+")[2]
@@ -359,11 +364,11 @@ class ZmqFastDriver(base.BaseDriver):
             return None
         topic = self._topic(target, target.server)
         if not wait_for_reply:
+            # At least once (per call, or rpc_zmq_at_least_once): kept until
+            # a server has handled it (the README's Delivery).
+            at_least_once = at_least_once or self._options.rpc_zmq_at_least_once
             try:
-                # At least once: kept until a server has handled it (the
-                # README's Delivery), as the native API's option does.
-                client.cast(ctxt, topic, message,
-                            at_least_once or self._options.rpc_zmq_at_least_once)
+                client.cast(ctxt, topic, message, at_least_once)
             except NoListeners as exc:
                 if at_least_once:
                     raise oslo_messaging.MessageUndeliverable(exc, target.exchange, topic,

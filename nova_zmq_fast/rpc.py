@@ -95,9 +95,8 @@ def cleanup():
 
     Returns {address: messages sent there that its peer never confirmed
     within rpc_zmq_linger, so may be lost}: empty when nothing was lost.
-    They are also counted (stats()["client"]["discarded"], before the
-    cleanup) and named in one warning.  Takes at most twice
-    rpc_zmq_linger."""
+    They are also named in a warning.  Takes at most three times
+    rpc_zmq_linger (see Runtime.close)."""
     global _runtime_
     with _lock:
         rt, _runtime_ = _runtime_, None

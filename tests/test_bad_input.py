@@ -3,6 +3,7 @@ serving.  The bad messages come from an independent pyzmq peer process."""
 import json
 import subprocess
 import sys
+import uuid
 
 import msgpack
 import pytest
@@ -15,8 +16,9 @@ CTX = {"user_id": "u"}
 K = env.KINDS
 
 
-def send_raw(endpoint, messages, replies=0, timeout=5):
+def send_raw(endpoint, messages, replies=0, timeout=5, lockstep=False):
     spec = {"endpoint": endpoint, "replies": replies, "timeout": timeout,
+            "lockstep": lockstep,
             "messages": [[f.hex() for f in frames] for frames in messages]}
     out = subprocess.run([sys.executable, "-m", "tests.helpers.raw_peer"],
                          input=json.dumps(spec), cwd=ROOT, capture_output=True, text=True,
@@ -128,3 +130,20 @@ def test_a_frame_far_over_the_limit_drops_only_that_sender(target, bad_client):
     # sender's connection; other peers are unaffected.
     send_raw(target.address, [[header(), b"\x00" * (2 * MAX + 70000)]])
     assert bad_client.call(CTX, "svc.bad1", {"method": "echo", "args": {"value": 3}}) == 3
+
+
+def test_an_at_least_once_cast_runs_once_per_sender(target, bad_client):
+    """A server runs an at-least-once cast once however often its sender
+    sends it (each copy is acknowledged), and a second sender using the
+    same message id is not taken for a duplicate."""
+    key = uuid.uuid4().hex
+    cast = [header("CAST", msg_id=0x5EED, flags=env.FLAG_ACK_CAST),
+            body("record", key=key, value=1)]
+    before = stats_of(bad_client)
+    acks = send_raw(target.address, [cast, cast], lockstep=True)
+    acks += send_raw(target.address, [cast], lockstep=True)
+    assert [env.decode_header(a[0])[1:4] for a in acks] == [(K["ACK"], 0, 0x5EED)] * 3
+    assert bad_client.call(CTX, "svc.bad1", {"method": "records_for",
+                                              "args": {"key": key}}) == [1, 1]
+    changed = delta(before, stats_of(bad_client))
+    assert changed["duplicates"] == 1 and changed["acks"] == 2, changed

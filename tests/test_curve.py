@@ -206,6 +206,8 @@ def test_an_impostor_at_the_address_is_refused(keys, tmp_path, client):
 def test_keys_added_and_revoked_without_a_restart(keys, ipc_dir, client):
     allowed = keys["allowed"]
     os.unlink(os.path.join(allowed, "client.pub"))          # nobody allowed yet
+    # An operator's key stays allowed throughout, to read the server's counters.
+    shutil.copy(keys["stranger"][1], os.path.join(allowed, "operator.pub"))
     svc = secure_service(keys, ipc_dir)
     try:
         as_client(client, ipc_dir, keys["client"][0])
@@ -233,6 +235,9 @@ def test_keys_added_and_revoked_without_a_restart(keys, ipc_dir, client):
         as_client(client, ipc_dir, keys["client"][0])
         with pytest.raises(client.PeerUnreachable, match="refused"):
             client.call(CTX, "svc", msg("whoami"), timeout=3)
+        # What the open connection sent after the revocation was counted.
+        as_client(client, ipc_dir, keys["stranger"][0])
+        assert client.call(CTX, "svc", msg("stats"))["dropped_revoked"] > before
     finally:
         assert svc.stop() == 0
     assert before == 0

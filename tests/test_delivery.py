@@ -218,6 +218,26 @@ def journals(paths):
     return values
 
 
+def test_the_at_least_once_option_applies_to_every_cast(ipc_dir, client):
+    """rpc_zmq_at_least_once makes casts at-least-once unless a cast says
+    otherwise; with no consumer such a cast raises NoListeners at once."""
+    svc = ServiceProcess("alo-opt", ipc_dir, topic="opt")
+    try:
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_at_least_once=True)
+        with pytest.raises(client.NoListeners):
+            client.cast(CTX, "nobody-here", msg("record", key="k", value=0))
+        key = unique()
+        for i in range(10):
+            client.cast(CTX, "opt", msg("record", key=key, value=i))
+        client.cast(CTX, "opt", msg("record", key=key, value=10), at_least_once=False)
+        assert wait_until(lambda: client.call(CTX, "opt", msg("count", key=key)) == 11, 10)
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 10, 10), \
+            client.stats()["client"]
+    finally:
+        assert svc.stop() == 0
+
+
 def cast_through_a_kill(ipc_dir, client, tmp_path, n, at_least_once):
     """n casts spread over three servers; the second is SIGKILLed a third
     of the way through.  Returns (values handled, per server journal), the

@@ -256,6 +256,10 @@ def test_a_wildcard_is_never_advertised():
     opts = Options.from_conf(rpc_zmq_matchmaker="redis", rpc_zmq_host="no-such-host.invalid")
     with pytest.raises(ValueError, match="does not resolve"):
         opts.advertised_host()
+    # Nor one given as the address to advertise: refused at init.
+    for wildcard in ("*", "0.0.0.0", "::", "[::]"):
+        with pytest.raises(ValueError, match="is a wildcard"):
+            Options.from_conf(rpc_zmq_matchmaker="redis", rpc_zmq_advertise_address=wildcard)
 
 
 PLUGIN = '''

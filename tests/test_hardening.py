@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-MODULES = ["_zmq", "_curve", "_envelope", "_routes", "_dispatch", "_client", "_server"]
+MODULES = ["_zmq", "_curve", "_envelope", "_routes", "_dispatch", "_client", "_courier",
+           "_server"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -32,3 +33,15 @@ def test_internal_classes_refuse_to_be_built_from_python():
     server = _server.Server.__new__(_server.Server)
     with pytest.raises(RuntimeError, match="worker threads"):
         server._work(object())
+
+
+def test_the_courier_thread_body_runs_only_on_its_thread(client):
+    """A courier's loop driven from another thread would share its socket
+    (or, never started, have none): refused."""
+    from nova_zmq_fast._courier import Courier
+    rt = client._runtime()
+    courier = Courier(rt.client, rt.routes, rt.options)
+    with pytest.raises(RuntimeError, match="courier's own thread"):
+        courier._run()
+    with pytest.raises(RuntimeError, match="courier's own thread"):
+        rt.courier._run()
