@@ -165,6 +165,13 @@ class Runtime:
                 server.start()
             return consumer
 
+    def direct_base(self, topic):
+        """'topic' for 'topic.<this host>' (rpc_zmq_host), else None."""
+        suffix = "." + self.options.rpc_zmq_host
+        if topic.endswith(suffix) and len(topic) > len(suffix):
+            return topic[:-len(suffix)]
+        return None
+
     def announce(self, conn, topic, fanout):
         """`conn` consumes (topic, fanout): register it on the first."""
         with self.lock:
@@ -261,6 +268,7 @@ class Connection:
         self._rt = runtime
         self._shared = shared
         self._consumers = []                # _dispatch.Consumer
+        self._created_for = {}              # Consumer -> the topic create_consumer() named
         self._consuming = False
         self._closing = False
         self._closed = threading.Event()    # set once fully closed
@@ -286,12 +294,22 @@ class Connection:
         if proxy is None:
             raise TypeError("proxy must not be None")
         fanout = bool(fanout)
+        # As in the 2012 driver, which consumed on the base topic name: a
+        # direct consumer of 'topic.<this host>' also serves 'topic'.
+        # (oslo.messaging's servers, deferred, consume what their targets name.)
+        topics = [topic]
+        base = self._rt.direct_base(topic)
+        if base and not fanout and not deferred:
+            topics.append(base)
         with self._lock:
             self._check_open()
-            self._consumers.append(self._rt.add_consumer(self, topic, fanout, proxy, deferred,
-                                                         start=self._consuming))
-            if self._consuming:
-                self._rt.announce(self, topic, fanout)
+            for name in topics:
+                consumer = self._rt.add_consumer(self, name, fanout, proxy, deferred,
+                                                 start=self._consuming)
+                self._consumers.append(consumer)
+                self._created_for[consumer] = topic
+                if self._consuming:
+                    self._rt.announce(self, name, fanout)
 
     def consume_in_thread(self):
         """Start serving in worker threads and announce the consumers."""
@@ -343,7 +361,8 @@ class Connection:
         """Stop consuming `topic`: withdraw it from discovery first."""
         fanout = bool(fanout)
         with self._lock:
-            gone = [c for c in self._consumers if c.topic == topic and c.fanout == fanout]
+            gone = [c for c in self._consumers
+                    if self._created_for.get(c) == topic and c.fanout == fanout]
             self._consumers = [c for c in self._consumers if c not in gone]
         self._stop(gone, time.monotonic() + self._rt.options.rpc_zmq_linger)
 
