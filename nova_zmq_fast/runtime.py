@@ -89,6 +89,7 @@ class Runtime:
             self.context.term()
             raise
         self.server = None
+        self.handoff = None                 # under eventlet: where handlers run (_handoff)
         self.node = None                    # this process's Endpoint, once serving
         self.connections = set()
         self._announced = {}                # (topic, fanout) -> consuming Connections
@@ -164,6 +165,17 @@ class Runtime:
             if start:
                 server.start()
             return consumer
+
+    def green_handoff(self):
+        """Under eventlet, the GreenHandoff handlers run through (made on
+        first use, on the calling thread's hub); else None."""
+        if not self.client.green:
+            return None
+        with self.lock:
+            if self.handoff is None:
+                from nova_zmq_fast._handoff import GreenHandoff
+                self.handoff = GreenHandoff(self.options.rpc_thread_pool_size)
+            return self.handoff
 
     def direct_base(self, topic):
         """'topic' for 'topic.<this host>' (rpc_zmq_host), else None."""
@@ -247,6 +259,8 @@ class Runtime:
         for conn in list(self.connections):
             conn._close(deadline)
         self.release(deadline)
+        if self.handoff is not None:
+            self.handoff.close()
         self._close_discovery()
         try:
             self.context.term()
@@ -284,12 +298,15 @@ class Connection:
         server = self._rt.server
         return server.address if server is not None and self._consumers else None
 
-    def create_consumer(self, topic, proxy, fanout=False, deferred=False):
+    def create_consumer(self, topic, proxy, fanout=False, deferred=False, runner=None):
         """Consume `topic` with `proxy` (an RpcDispatcher, an object whose
         methods are called as method(ctxt, **args), or a callable called as
         proxy(ctxt, msg)).  fanout=True receives fanout_cast()s instead.
         deferred=True: proxy(ctxt, msg, replier) answers calls later through
-        the replier (used by the oslo.messaging driver)."""
+        the replier (used by the oslo.messaging driver).  Under eventlet
+        the proxy's methods run in green threads (_handoff); `runner`
+        (something with wrap(topic, proxy), such as aio's) runs them
+        elsewhere."""
         check_topic(topic)
         if proxy is None:
             raise TypeError("proxy must not be None")
@@ -301,10 +318,13 @@ class Connection:
         base = self._rt.direct_base(topic)
         if base and not fanout and not deferred:
             topics.append(base)
+        handoff = None if deferred else (runner or self._rt.green_handoff())
         with self._lock:
             self._check_open()
             for name in topics:
-                consumer = self._rt.add_consumer(self, name, fanout, proxy, deferred,
+                target = proxy if handoff is None else handoff.wrap(topic, proxy)
+                consumer = self._rt.add_consumer(self, name, fanout, target,
+                                                 deferred or handoff is not None,
                                                  start=self._consuming)
                 self._consumers.append(consumer)
                 self._created_for[consumer] = topic
@@ -356,6 +376,11 @@ class Connection:
         server = self._rt.server
         if server is not None:
             server.drain(consumers, max(0.0, deadline - time.monotonic()))
+        handoff = self._rt.handoff
+        if handoff is not None:
+            # Handed-off work of every connection: what is queued is not
+            # tied to one (a short, bounded wait either way).
+            handoff.wait_idle(max(0.0, deadline - time.monotonic()))
 
     def remove_consumer(self, topic, fanout=False):
         """Stop consuming `topic`: withdraw it from discovery first."""
