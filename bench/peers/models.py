@@ -80,6 +80,7 @@ async def async_client():
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    ready(pid=os.getpid())
     clock = time.perf_counter
     while True:
         line = await reader.readline()
