@@ -42,6 +42,7 @@ cdef class Outbox:
     cdef bytes curve_public
     cdef void *monitor              # with CURVE: PAIR receiving handshake failures
     cdef dict reasons               # address -> why it cannot be reached
+    cdef dict marks                 # event loop's calls: msg_id -> (Peer, its total then)
     cdef object __weakref__
 
     cdef void close(self, int linger_ms) noexcept

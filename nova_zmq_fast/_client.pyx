@@ -114,6 +114,11 @@ cdef long pause(long pause_ns, bint green):
 
 FLUSH_TOPIC = "nova_zmq_fast.flush"
 
+# Envelope kinds, for the event-loop API (try_request, Outbox.replies).
+KINDS = {"cast": KIND_CAST, "call": KIND_CALL, "notify": KIND_NOTIFY,
+         "result": KIND_RESULT, "chunk": KIND_CHUNK, "end": KIND_END,
+         "failure": KIND_FAILURE, "heartbeat": KIND_HEARTBEAT, "refused": KIND_REFUSED}
+
 
 @cython.final
 @cython.freelist(64)
@@ -131,6 +136,7 @@ cdef class Outbox:
         self.ctx = ctx
         self.monitor = NULL
         self.reasons = {}
+        self.marks = {}
         self.linger_ms = linger_ms
         self.backlog = backlog
         self.green = green
@@ -516,6 +522,70 @@ cdef class Outbox:
                 raise_zmq_error(err)
 
 
+    # -- for an event loop (nova_zmq_fast.aio): never waits ----------------
+
+    @property
+    def fd(self):
+        """The socket's ZMQ_FD: readable (edge-triggered) when libzmq has
+        something for it; check again with replies() after every wake-up
+        and every send."""
+        cdef int fd
+        cdef size_t size = sizeof(int)
+        if self.sock == NULL:
+            raise RPCException("this outbox is closed")
+        check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
+        return fd
+
+    def replies(self):
+        """Every reply already queued, without waiting: a list of
+        (msg_id, kind, body bytes).  Ends with the queue empty, so the next
+        arrival makes `fd` readable again."""
+        cdef zmq_msg_t part
+        cdef Header h
+        cdef int nparts, status
+        cdef bytes body
+        cdef Peer peer
+        out = []
+        if self.sock == NULL or self.epoch != fork_epoch():
+            return out
+        zmq_msg_init(&part)
+        try:
+            while True:
+                if zmq_msg_recv(&part, self.sock, ZMQ_DONTWAIT) == -1:
+                    if zmq_errno() in (EAGAIN, EINTR):
+                        return out
+                    raise_zmq_error(zmq_errno())
+                nparts = 1
+                status = HDR_SHORT
+                body = None
+                while zmq_msg_more(&part):
+                    check(zmq_msg_recv(&part, self.sock, 0))
+                    nparts += 1
+                    if nparts == 2:
+                        status = parse_header(<const char *>zmq_msg_data(&part),
+                                              zmq_msg_size(&part), &h)
+                    elif nparts == 3:
+                        body = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)]
+                if nparts == 3 and status == HDR_OK and is_reply(h.kind):
+                    out.append((h.msg_id, h.kind, body))
+                    mark = self.marks.pop(h.msg_id, None) if h.kind != KIND_CHUNK else None
+                    if mark is not None:
+                        # Any answer means everything sent before the call arrived.
+                        peer = <Peer>mark[0]
+                        if <unsigned long long>mark[1] > peer.confirmed:
+                            peer.confirmed = mark[1]
+        finally:
+            zmq_msg_close(&part)
+
+    def forget(self, msg_id):
+        """A call nobody waits for any more (timed out, cancelled)."""
+        self.marks.pop(msg_id, None)
+
+    def close_now(self):
+        """Close the socket at once (what it queued is dropped)."""
+        self.close(0)
+
+
 @cython.final
 cdef class ReplyStream:
     """The iterator multicall() returns: yields each value as the server
@@ -619,6 +689,124 @@ cdef class Client:
             if ob.routes_seen != self.routes.generation:
                 ob.tidy(self.routes)
         return ob
+
+    def new_outbox(self):
+        """An outbox of its own, for an event loop's thread (aio): it is
+        not this thread's outbox, and is closed with the client."""
+        if self.closed:
+            raise RPCException("this RPC client was cleaned up")
+        cdef Outbox ob = Outbox(self.ctx, self.linger_ms, self.backlog, False, self.curve,
+                                self.max_message_size, self.socket_buffer)
+        ob.dead_seen = self.routes.dead_count
+        ob.routes_seen = self.routes.generation
+        self.outboxes.add(ob)
+        return ob
+
+    def try_request(self, Outbox ob not None, int kind, context, topic, msg, bint multi=False,
+                    set refused=None):
+        """Send a CALL, CAST or NOTIFY (KINDS) without ever waiting, to the
+        first consumer, round-robin, that is connected and has room.
+        Returns the call's msg_id (0 for others), or None when no consumer
+        could take it now (none connected yet: they are being dialled; or
+        every queue is full): the caller waits and tries again.  With
+        `refused`, skips the consumers in it and adds the one used.
+        NoListeners or PeerUnreachable as the waiting API."""
+        cdef const char *t
+        cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
+        cdef uint64_t msg_id = 0
+        cdef Endpoint ep
+        cdef int status
+        cdef Py_ssize_t n, start, k
+        cdef bint waiting = False
+        if kind not in (KIND_CALL, KIND_CAST, KIND_NOTIFY):
+            raise ValueError(f"not a request kind: {kind}")
+        topic_utf8(topic, &t, &tlen)
+        if kind == KIND_NOTIFY:
+            if not isinstance(msg, dict):
+                raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
+            method = None
+        else:
+            method = method_of(msg)
+        if ob.sock == NULL:
+            raise RPCException("this outbox is closed")
+        if ob.dead_seen != self.routes.dead_count:
+            self.account(ob.forget_peers(self.routes),
+                         "sent to a server that died were never confirmed, so may be lost")
+        cdef bytes body = self.encode(ob, context, msg)
+        if kind == KIND_CALL:
+            ob.last_id += 1
+            msg_id = ob.last_id
+        cdef size_t hlen = write_header(header, kind, FLAG_MULTI if multi else 0, msg_id, t, tlen)
+        endpoints = self.routes.lookup(topic)
+        if refused:
+            endpoints = tuple(e for e in endpoints if e not in refused)
+        cdef tuple live = self.routes.live(endpoints)
+        n = len(live)
+        if n == 0:
+            if endpoints:
+                raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
+                                      f"last {DOWN_FOR:g}s" +
+                                      self.unreachable(ob, list(endpoints)), topic, method)
+            self.no_listeners += 1
+            raise NoListeners(None, topic, method)
+        start = self.turn(topic, n) if n > 1 else 0
+        for k in range(n):
+            ep = <Endpoint>live[(start + k) % n]
+            status = ob.try_send(ep, header, hlen, body)
+            if status == SENT:
+                if refused is not None:
+                    refused.add(ep)
+                if kind == KIND_CALL:
+                    if ob.last_peer is not None:
+                        ob.marks[msg_id] = (ob.last_peer, ob.last_peer.total)
+                    self.calls += 1
+                elif kind == KIND_CAST:
+                    self.casts += 1
+                else:
+                    self.notifies += 1
+                return msg_id
+            if status != NEVER:
+                waiting = True
+        if not waiting:
+            raise PeerUnreachable(f"no consumer of {topic} may be dialled" +
+                                  self.unreachable(ob, list(live)), topic, method)
+        return None
+
+    def try_fanout(self, Outbox ob not None, context, topic, msg, endpoints=None):
+        """Send a FANOUT to each of `endpoints` (default: every live fanout
+        consumer of `topic`) that is connected and has room, without
+        waiting: (how many endpoints there were, those not sent to yet, to
+        try again), leaving out any that must never be dialled."""
+        cdef const char *t
+        cdef Py_ssize_t tlen
+        cdef char header[MAX_HEADER]
+        cdef Endpoint ep
+        cdef int status
+        topic_utf8(topic, &t, &tlen)
+        method_of(msg)
+        if ob.sock == NULL:
+            raise RPCException("this outbox is closed")
+        cdef bytes body = self.encode(ob, context, msg)
+        cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
+        if endpoints is None:
+            endpoints = self.routes.live(self.routes.lookup_fanout(topic))
+        pending = []
+        for ep in endpoints:
+            status = ob.try_send(ep, header, hlen, body)
+            if status == UNCONNECTED or status == FULL:
+                pending.append(ep)
+            elif status == NEVER:
+                self.fanout_unreachable += 1
+        return len(endpoints), pending
+
+    def reply_value(self, bytes body not None):
+        """A reply's body as its value (RPCException if malformed)."""
+        return self.decode_value(body)
+
+    def reply_failure(self, bytes body not None):
+        """A FAILURE reply's body as the exception to raise."""
+        return self.decode_failure(body)
 
     cdef account(self, dict lost, str how):
         """Count and report messages that may not have arrived."""

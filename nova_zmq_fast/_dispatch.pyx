@@ -140,7 +140,11 @@ cdef class Consumer:
 
     cdef bint accepts(self, object version, object namespace) except -1:
         """Would this consumer serve a call of `version`?  Only a dispatcher
-        has version rules (RpcDispatcher.accepts); other proxies take any."""
+        has version rules (RpcDispatcher.accepts); other proxies take any,
+        but a deferred proxy may say (it hands requests on to one)."""
+        if self.mode == PROXY_DEFERRED:
+            accepts = getattr(self.proxy, "accepts", None)
+            return True if accepts is None else bool(accepts(version, namespace))
         if self.mode != PROXY_DISPATCHER:
             return True
         accepts = getattr(self.proxy, "accepts", None)
@@ -173,6 +177,14 @@ cdef class _Standalone:
 
     def handle(self, dict context not None, dict message not None):
         return self.consumer.invoke(RpcContext.wrap(context), message, KIND_CAST)
+
+    def run(self, RpcContext ctxt not None, dict message not None):
+        """Call into the proxy as the receive loop would, with a context
+        it already made (the green and asyncio hand-offs)."""
+        return self.consumer.invoke(ctxt, message, KIND_CAST)
+
+    def accepts(self, version, namespace):
+        return self.consumer.accepts(version, namespace)
 
 
 @cython.final

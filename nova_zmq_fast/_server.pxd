@@ -99,6 +99,7 @@ cdef class Replier:
     cdef bytes identity
     cdef uint64_t msg_id
     cdef readonly bint done
+    cdef readonly bint multi        # a multicall: values may stream (chunk, then end)
 
     cdef _check(self)
     cdef _send(self, int kind, bytes body)

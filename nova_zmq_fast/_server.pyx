@@ -111,6 +111,20 @@ cdef class Replier:
         """The call failed; `payload` is the serialized exception."""
         self._send(KIND_FAILURE, _packb(payload))
 
+    def chunk(self, value):
+        """One value of a multicall's stream, sent at once (see `multi`)."""
+        self._check()
+        if not self.multi:
+            raise RuntimeError("only a multicall's replier streams values")
+        if not self.done:
+            self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+                                    PyBytes_GET_SIZE(self.identity), KIND_CHUNK,
+                                    self.msg_id, _packb(value))
+
+    def end(self):
+        """The end of a multicall's stream."""
+        self._send(KIND_END, b"")
+
     def heartbeat(self):
         """The call is still running (restarts the caller's call monitor)."""
         self._check()
@@ -644,6 +658,7 @@ cdef class Server:
                 replier.identity = (<const char *>zmq_msg_data(identity))[
                     :zmq_msg_size(identity)]
                 replier.msg_id = h.msg_id
+                replier.multi = h.flags & FLAG_MULTI
                 consumer.proxy(ctxt, msg, replier)
             else:
                 result = consumer.invoke(ctxt, msg, kind)

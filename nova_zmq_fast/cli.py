@@ -30,7 +30,7 @@ from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.config_sources import ENV_CONFIG_FILE, ENV_PREFIX, ConfigError, load_options
 from nova_zmq_fast.exceptions import (
     DiscoveryUnavailable, NoListeners, PeerUnreachable, RemoteError, RPCException, Timeout,
-    UnsupportedRpcVersion, deserialize_remote_exception)
+    UnsupportedRpcVersion, deserialize_remote_exception, remote_message, remote_type_name)
 from nova_zmq_fast.runtime import Runtime
 
 # Seconds a ping waits by default: a liveness probe should answer fast.
@@ -106,6 +106,8 @@ def classify(exc):
 def _message(exc):
     if isinstance(exc, RemoteError):
         return exc.value
+    if _remote_traceback(exc) is not None:
+        return remote_message(exc)
     if isinstance(exc, DiscoveryUnavailable):
         return exc.info or str(exc)
     if isinstance(exc, NoListeners):
@@ -119,7 +121,7 @@ def error_data(exc):
     """An exception as JSON: type, label, message, exit code, and for a
     remote exception its remote class and traceback."""
     code, label = classify(exc)
-    data = {"type": type(exc).__name__, "label": label, "message": _message(exc),
+    data = {"type": remote_type_name(exc), "label": label, "message": _message(exc),
             "exit": int(code)}
     if code == Exit.REMOTE_ERROR:
         data["remote_type"] = _remote_type(exc)
@@ -128,7 +130,7 @@ def error_data(exc):
 
 
 def _remote_type(exc):
-    return exc.exc_type if isinstance(exc, RemoteError) else type(exc).__name__
+    return exc.exc_type if isinstance(exc, RemoteError) else remote_type_name(exc)
 
 
 def rebuild_exception(failure):

@@ -147,14 +147,68 @@ def deserialize_remote_exception(failure, allowed_modules):
     else:
         cls = None
     if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            exc = cls(*args)
-        except Exception:
-            exc = None
+        exc = _rebuild(cls, args, text, tb)
         if exc is not None:
-            try:
-                exc.remote_traceback = tb
-            except AttributeError:
-                pass
             return exc
     return RemoteError(name, text, tb)
+
+
+_remote_classes = {}
+
+
+def _remote_class(cls):
+    """`<Name>_Remote`: a subclass of `cls` whose str() is the message
+    followed by the remote traceback, as the 2012 driver made it.  It is
+    still caught as `cls`, and keeps `cls`'s name in its module."""
+    remote = _remote_classes.get(cls)
+    if remote is None:
+        def __str__(self):
+            return f"{remote_message(self)}\n{self.remote_traceback}"
+
+        try:
+            remote = type(f"{cls.__name__}_Remote", (cls,),
+                          {"__str__": __str__, "__module__": cls.__module__})
+        except TypeError:                   # a class that cannot be subclassed
+            remote = cls
+        _remote_classes[cls] = remote
+    return remote
+
+
+def _rebuild(cls, args, text, tb):
+    remote = _remote_class(cls)
+    try:
+        if issubclass(cls, RPCException):
+            # The transport's own: the message as it was raised, not
+            # re-formatted from arguments it was not given here.
+            exc = remote.__new__(remote)
+            RPCException.__init__(exc, text)
+            if issubclass(cls, Timeout):
+                exc.info, exc.topic, exc.method = text, None, None
+            if issubclass(cls, RemoteError):
+                exc.exc_type, exc.value, exc.traceback = cls.__name__, text, tb
+        else:
+            exc = remote(*args)
+    except Exception:
+        return None
+    try:
+        exc.remote_traceback = tb
+    except AttributeError:
+        return None if remote is not cls else exc
+    return exc
+
+
+def remote_message(exc):
+    """An exception's message without the remote traceback that str()
+    appends to a re-raised remote exception."""
+    cls = type(exc)
+    if getattr(exc, "remote_traceback", None) is not None and cls.__name__.endswith("_Remote"):
+        return cls.__mro__[1].__str__(exc)
+    return str(exc)
+
+
+def remote_type_name(exc):
+    """The name of the class the remote side raised."""
+    if isinstance(exc, RemoteError) and exc.exc_type and not hasattr(exc, "remote_traceback"):
+        return exc.exc_type
+    name = type(exc).__name__
+    return name[:-len("_Remote")] if name.endswith("_Remote") else name

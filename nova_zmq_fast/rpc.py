@@ -22,6 +22,7 @@ import os
 import threading
 
 from nova_zmq_fast._dispatch import RpcContext, wrap
+from nova_zmq_fast._handoff import monkey_patched
 from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.dispatcher import RpcDispatcher
 from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
@@ -58,7 +59,9 @@ def _runtime():
 
 def _start():
     global _runtime_
-    _runtime_ = Runtime(_options or Options.from_conf())
+    # A monkey-patched process waits cooperatively and runs handlers in
+    # green threads (as the 2012 driver did).
+    _runtime_ = Runtime(_options or Options.from_conf(), green=monkey_patched())
     return _runtime_
 
 

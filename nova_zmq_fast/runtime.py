@@ -89,6 +89,7 @@ class Runtime:
             self.context.term()
             raise
         self.server = None
+        self.handoff = None                 # under eventlet: where handlers run (_handoff)
         self.node = None                    # this process's Endpoint, once serving
         self.connections = set()
         self._announced = {}                # (topic, fanout) -> consuming Connections
@@ -165,6 +166,24 @@ class Runtime:
                 server.start()
             return consumer
 
+    def green_handoff(self):
+        """Under eventlet, the GreenHandoff handlers run through (made on
+        first use, on the calling thread's hub); else None."""
+        if not self.client.green:
+            return None
+        with self.lock:
+            if self.handoff is None:
+                from nova_zmq_fast._handoff import GreenHandoff
+                self.handoff = GreenHandoff(self.options.rpc_thread_pool_size)
+            return self.handoff
+
+    def direct_base(self, topic):
+        """'topic' for 'topic.<this host>' (rpc_zmq_host), else None."""
+        suffix = "." + self.options.rpc_zmq_host
+        if topic.endswith(suffix) and len(topic) > len(suffix):
+            return topic[:-len(suffix)]
+        return None
+
     def announce(self, conn, topic, fanout):
         """`conn` consumes (topic, fanout): register it on the first."""
         with self.lock:
@@ -240,6 +259,8 @@ class Runtime:
         for conn in list(self.connections):
             conn._close(deadline)
         self.release(deadline)
+        if self.handoff is not None:
+            self.handoff.close()
         self._close_discovery()
         try:
             self.context.term()
@@ -261,6 +282,7 @@ class Connection:
         self._rt = runtime
         self._shared = shared
         self._consumers = []                # _dispatch.Consumer
+        self._created_for = {}              # Consumer -> the topic create_consumer() named
         self._consuming = False
         self._closing = False
         self._closed = threading.Event()    # set once fully closed
@@ -276,22 +298,38 @@ class Connection:
         server = self._rt.server
         return server.address if server is not None and self._consumers else None
 
-    def create_consumer(self, topic, proxy, fanout=False, deferred=False):
+    def create_consumer(self, topic, proxy, fanout=False, deferred=False, runner=None):
         """Consume `topic` with `proxy` (an RpcDispatcher, an object whose
         methods are called as method(ctxt, **args), or a callable called as
         proxy(ctxt, msg)).  fanout=True receives fanout_cast()s instead.
         deferred=True: proxy(ctxt, msg, replier) answers calls later through
-        the replier (used by the oslo.messaging driver)."""
+        the replier (used by the oslo.messaging driver).  Under eventlet
+        the proxy's methods run in green threads (_handoff); `runner`
+        (something with wrap(topic, proxy), such as aio's) runs them
+        elsewhere."""
         check_topic(topic)
         if proxy is None:
             raise TypeError("proxy must not be None")
         fanout = bool(fanout)
+        # As in the 2012 driver, which consumed on the base topic name: a
+        # direct consumer of 'topic.<this host>' also serves 'topic'.
+        # (oslo.messaging's servers, deferred, consume what their targets name.)
+        topics = [topic]
+        base = self._rt.direct_base(topic)
+        if base and not fanout and not deferred:
+            topics.append(base)
+        handoff = None if deferred else (runner or self._rt.green_handoff())
         with self._lock:
             self._check_open()
-            self._consumers.append(self._rt.add_consumer(self, topic, fanout, proxy, deferred,
-                                                         start=self._consuming))
-            if self._consuming:
-                self._rt.announce(self, topic, fanout)
+            for name in topics:
+                target = proxy if handoff is None else handoff.wrap(topic, proxy)
+                consumer = self._rt.add_consumer(self, name, fanout, target,
+                                                 deferred or handoff is not None,
+                                                 start=self._consuming)
+                self._consumers.append(consumer)
+                self._created_for[consumer] = topic
+                if self._consuming:
+                    self._rt.announce(self, name, fanout)
 
     def consume_in_thread(self):
         """Start serving in worker threads and announce the consumers."""
@@ -338,12 +376,18 @@ class Connection:
         server = self._rt.server
         if server is not None:
             server.drain(consumers, max(0.0, deadline - time.monotonic()))
+        handoff = self._rt.handoff
+        if handoff is not None:
+            # Handed-off work of every connection: what is queued is not
+            # tied to one (a short, bounded wait either way).
+            handoff.wait_idle(max(0.0, deadline - time.monotonic()))
 
     def remove_consumer(self, topic, fanout=False):
         """Stop consuming `topic`: withdraw it from discovery first."""
         fanout = bool(fanout)
         with self._lock:
-            gone = [c for c in self._consumers if c.topic == topic and c.fanout == fanout]
+            gone = [c for c in self._consumers
+                    if self._created_for.get(c) == topic and c.fanout == fanout]
             self._consumers = [c for c in self._consumers if c not in gone]
         self._stop(gone, time.monotonic() + self._rt.options.rpc_zmq_linger)
 

@@ -79,6 +79,10 @@ class TestService:
     def pid(self, ctxt):
         return os.getpid()
 
+    def relay(self, ctxt, topic, name, args=None):
+        """A call made from inside a handler (a nested call)."""
+        return rpc.call(ctxt, topic, {"method": name, "args": args or {}}, timeout=10)
+
     # -- casts ---------------------------------------------------------------
     def record(self, ctxt, key, value):
         with self.lock:

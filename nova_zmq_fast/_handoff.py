@@ -1,0 +1,186 @@
+"""Running the service's code away from the receive loop's threads.
+
+The receive loop (_server.pyx) runs in real OS threads.  Under eventlet
+(a monkey-patched process, detected by the runtime) and under asyncio
+(nova_zmq_fast.aio) the service's code must run elsewhere: in green
+threads on the hub's thread, or on the event loop.  A consumer is then
+*deferred* (_dispatch.pyx): the receive loop hands (context, message,
+replier) to a `Deferred` proxy, which queues it for the other side and
+returns at once; that side calls into the service's proxy with the same
+rules as the receive loop (`Runner`) and answers through the Replier.
+
+`GreenHandoff` is the eventlet side: a deque filled by the receive loop,
+a pipe that wakes the hub only when its dispatcher sleeps, and a
+GreenPool of rpc_thread_pool_size green threads.
+"""
+import collections
+import errno
+import inspect
+import logging
+import sys
+
+from nova_zmq_fast._dispatch import consumer as _standalone
+from nova_zmq_fast._green import unpatched
+from nova_zmq_fast.exceptions import serialize_remote_exception
+
+LOG = logging.getLogger("nova_zmq_fast.server")
+
+
+class Runner:
+    """Calls into a proxy as the receive loop does, and answers."""
+
+    def __init__(self, topic, proxy):
+        self.topic = topic
+        self.target = _standalone(topic, False, proxy)
+
+    def accepts(self, version, namespace):
+        return self.target.accepts(version, namespace)
+
+    def invoke(self, ctxt, msg):
+        return self.target.run(ctxt, msg)
+
+    def answer(self, replier, result):
+        """Send a result that is not awaitable (a generator streams)."""
+        if not inspect.isgenerator(result):
+            if replier is not None:
+                replier.result(result)
+            return
+        if replier is None:
+            for _ in result:
+                pass
+        elif replier.multi:
+            for value in result:
+                replier.chunk(value)
+            replier.end()
+        else:
+            last = None
+            for last in result:
+                pass
+            replier.result(last)
+
+    def fail(self, replier, msg, exc):
+        if replier is not None and not replier.done:
+            try:
+                replier.failure(serialize_remote_exception(exc))
+            except Exception:
+                replier.failure(["builtins", "RuntimeError",
+                                 "the remote exception could not be encoded", [], ""])
+            return
+        LOG.error("error handling %s on topic %s", msg.get("method", "<notification>"),
+                  self.topic, exc_info=(type(exc), exc, exc.__traceback__))
+
+    def run(self, ctxt, msg, replier):
+        """The whole request, synchronously (a green thread's body)."""
+        try:
+            self.answer(replier, self.invoke(ctxt, msg))
+        except BaseException as exc:
+            self.fail(replier, msg, exc)
+
+
+class Deferred:
+    """The proxy the core calls, in a receive-loop thread: hands each
+    request to `put(runner, ctxt, msg, replier)` and returns."""
+
+    def __init__(self, runner, put):
+        self.runner = runner
+        self.put = put
+
+    def __call__(self, ctxt, msg, replier):
+        self.put(self.runner, ctxt, msg, replier)
+
+    def accepts(self, version, namespace):
+        return self.runner.accepts(version, namespace)
+
+
+class GreenHandoff:
+    """Requests from the receive loop's OS threads to green threads on the
+    hub of the thread that created it (see the module docstring)."""
+
+    def __init__(self, pool_size):
+        import eventlet
+        import eventlet.greenpool
+        self._eventlet = eventlet
+        self._os = unpatched("os")          # eventlet's os.read would wait, not fail
+        self._thread = unpatched("threading").get_ident()
+        self.items = collections.deque()
+        self.pool = eventlet.greenpool.GreenPool(max(1, pool_size))
+        self._read, self._write = self._os.pipe()
+        self._os.set_blocking(self._read, False)
+        self._os.set_blocking(self._write, False)
+        self._sleeping = False
+        self._stopped = False
+        self._dispatcher = eventlet.spawn(self._dispatch)
+
+    def wrap(self, topic, proxy):
+        return Deferred(Runner(topic, proxy), self.put)
+
+    def put(self, runner, ctxt, msg, replier):
+        """From any thread: queue a request; wake the hub if it sleeps."""
+        self.items.append((runner, ctxt, msg, replier))
+        if self._sleeping:
+            self._wake()
+
+    def _wake(self):
+        try:
+            self._os.write(self._write, b"!")
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:       # a full pipe is already awake
+                raise
+
+    def _dispatch(self):
+        from eventlet.hubs import trampoline
+        items = self.items
+        spawn = self.pool.spawn_n
+        while not self._stopped:
+            while items:
+                runner, ctxt, msg, replier = items.popleft()
+                spawn(runner.run, ctxt, msg, replier)       # waits while the pool is full
+            self._sleeping = True
+            try:
+                if not items and not self._stopped:         # put() may have raced us
+                    trampoline(self._read, read=True)
+                    self._drain_pipe()
+            finally:
+                self._sleeping = False
+
+    def _drain_pipe(self):
+        try:
+            while self._os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def idle(self):
+        return not self.items and self.pool.running() == 0
+
+    def wait_idle(self, timeout):
+        """Wait (cooperatively on the hub's thread) until every request
+        handed over has finished, at most `timeout` seconds."""
+        time = unpatched("time")
+        deadline = time.monotonic() + max(0.0, timeout)
+        on_hub = unpatched("threading").get_ident() == self._thread
+        while not self.idle() and time.monotonic() < deadline:
+            if on_hub:
+                self._eventlet.sleep(0.002)
+            else:
+                time.sleep(0.002)
+        return self.idle()
+
+    def close(self):
+        """Stop the dispatcher and release the pipe; from the hub's thread
+        (elsewhere the dispatcher is only told to stop)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if unpatched("threading").get_ident() != self._thread:
+            self._wake()
+            return
+        self._dispatcher.kill()
+        for fd in (self._read, self._write):
+            self._os.close(fd)
+
+
+def monkey_patched():
+    """Has eventlet patched this process's threads?"""
+    patcher = sys.modules.get("eventlet.patcher")
+    return patcher is not None and patcher.is_monkey_patched("thread")

@@ -1,0 +1,388 @@
+"""The RPC API for asyncio services: the same wire, discovery and options
+as `nova_zmq_fast.rpc` (and the same process runtime, so `rpc.init()`
+configures both).
+
+    from nova_zmq_fast import aio
+
+    value = await aio.call(ctxt, "compute", {"method": "resize", "args": {...}})
+    async for line in aio.multicall(ctxt, "compute.node7", {"method": "console_log"}):
+        ...
+    await aio.cast(ctxt, "compute", msg); await aio.fanout_cast(ctxt, "compute", msg)
+    await aio.notify(ctxt, "notifications.info", {...})
+
+    conn = aio.create_connection()
+    conn.create_consumer("compute", ComputeManager())   # methods may be coroutines
+    conn.consume_in_thread()
+    ...
+    await conn.close(); await aio.cleanup()
+
+Calling: each event loop has an outbox of its own (_client.Outbox), used
+only from the loop's thread.  Sends never wait in the core
+(Client.try_request); a consumer not connected yet, or a full queue, is
+retried after a short asyncio.sleep.  Replies are read when the socket's
+ZMQ_FD becomes readable (loop.add_reader, edge-triggered: the queue is
+drained after every wake-up and every send) and handed to the waiting
+task by msg_id.  Cancelling the task forgets its msg_id: a late reply is
+dropped.
+
+Serving: the receive loop stays in its threads and hands each request to
+the event loop (call_soon_threadsafe, _handoff.Deferred); the method runs
+there, and a coroutine or async generator runs as a task.  Replies go
+back through the Replier.
+"""
+import asyncio
+import collections
+import inspect
+import weakref
+
+from nova_zmq_fast import rpc
+from nova_zmq_fast._client import KINDS
+from nova_zmq_fast._dispatch import wrap as _wrap_notification
+from nova_zmq_fast._handoff import Deferred, Runner
+from nova_zmq_fast.exceptions import (
+    InvalidMessage, NoListeners, PeerUnreachable, RPCException, Timeout)
+
+__all__ = ["call", "multicall", "cast", "fanout_cast", "notify", "create_connection",
+           "cleanup", "Connection"]
+
+CALL, CAST, NOTIFY = KINDS["call"], KINDS["cast"], KINDS["notify"]
+CHUNK, END, FAILURE = KINDS["chunk"], KINDS["end"], KINDS["failure"]
+HEARTBEAT, REFUSED = KINDS["heartbeat"], KINDS["refused"]
+PAUSE_MIN, PAUSE_MAX = 0.0002, 0.005
+
+_callers = weakref.WeakKeyDictionary()          # event loop -> _Caller
+
+
+class _Waiter:
+    __slots__ = ("replies", "future")
+
+    def __init__(self):
+        self.replies = collections.deque()
+        self.future = None
+
+
+class _Caller:
+    """One event loop's outbox and the tasks waiting on it."""
+
+    def __init__(self, loop, runtime):
+        self.loop = loop
+        self.runtime = runtime
+        self.client = runtime.client
+        self.outbox = self.client.new_outbox()
+        self.fd = self.outbox.fd
+        self.waiters = {}                       # msg_id -> _Waiter
+        self.watching = False
+
+    def readable(self):
+        for msg_id, kind, body in self.outbox.replies():
+            waiter = self.waiters.get(msg_id)
+            if waiter is None:
+                continue                        # abandoned (timeout, cancelled)
+            waiter.replies.append((kind, body))
+            future = waiter.future
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def expect(self, msg_id):
+        waiter = self.waiters[msg_id] = _Waiter()
+        if not self.watching:
+            self.loop.add_reader(self.fd, self.readable)
+            self.watching = True
+        self.readable()                 # a send may have eaten the fd's edge
+        return waiter
+
+    def forget(self, msg_id):
+        self.waiters.pop(msg_id, None)
+        self.outbox.forget(msg_id)
+        if not self.waiters and self.watching:
+            self.loop.remove_reader(self.fd)
+            self.watching = False
+
+    async def next_reply(self, waiter, deadline):
+        """The next reply for `waiter`, or None at `deadline` (loop time)."""
+        while not waiter.replies:
+            if self.loop.time() >= deadline:
+                return None
+            future = waiter.future = self.loop.create_future()
+            timer = self.loop.call_at(deadline, _expire, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+                waiter.future = None
+        return waiter.replies.popleft()
+
+    async def send(self, kind, context, topic, msg, deadline, multi=False, refused=None):
+        """try_request until a consumer takes it; within the connect and
+        send timeouts and `deadline`."""
+        client = self.client
+        pause = PAUSE_MIN
+        limit = min(deadline, self.loop.time() + max(client.connect_timeout, client.send_timeout))
+        while True:
+            msg_id = client.try_request(self.outbox, kind, context, topic, msg, multi, refused)
+            if msg_id is not None:
+                return msg_id
+            if self.loop.time() >= limit:
+                method = msg.get("method") if isinstance(msg, dict) else None
+                raise PeerUnreachable(f"no consumer of {topic} connected with room in its "
+                                      f"queue in time", topic, method)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PAUSE_MAX)
+
+    def close(self):
+        if self.watching:
+            self.loop.remove_reader(self.fd)
+            self.watching = False
+        for waiter in self.waiters.values():
+            if waiter.future is not None and not waiter.future.done():
+                waiter.future.set_result(None)
+        self.waiters.clear()
+
+
+def _expire(future):
+    if not future.done():
+        future.set_result(None)
+
+
+def _caller():
+    loop = asyncio.get_running_loop()
+    caller = _callers.get(loop)
+    runtime = rpc._runtime()
+    if caller is None or caller.runtime is not runtime:
+        if caller is not None:
+            caller.close()
+        caller = _callers[loop] = _Caller(loop, runtime)
+    return caller
+
+
+def _wait_for(caller, timeout):
+    if timeout is None:
+        return caller.client.response_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, not {timeout!r}")
+    return timeout
+
+
+def _value(caller, kind, body):
+    if kind == FAILURE:
+        raise caller.client.reply_failure(body)
+    if kind == END:
+        return None
+    return caller.client.reply_value(body)
+
+
+async def call(context, topic, msg, timeout=None):
+    """Invoke a method on one consumer of `topic` and return its result;
+    as rpc.call (Timeout, NoListeners, the remote exception)."""
+    caller = _caller()
+    loop = caller.loop
+    deadline = loop.time() + _wait_for(caller, timeout)
+    refused = set()
+    while True:
+        msg_id = await caller.send(CALL, context, topic, msg, deadline, refused=refused)
+        waiter = caller.expect(msg_id)
+        try:
+            while True:
+                reply = await caller.next_reply(waiter, deadline)
+                if reply is None:
+                    caller.client.timeouts += 1
+                    raise Timeout(None, topic, msg["method"])
+                if reply[0] != HEARTBEAT:
+                    break
+        finally:
+            caller.forget(msg_id)
+        if reply[0] != REFUSED:
+            return _value(caller, *reply)
+        # Not served there any more, and not run: try another consumer.
+        caller.client.refused += 1
+        caller.client.routes.invalidate(topic)
+
+
+async def multicall(context, topic, msg, timeout=None):
+    """`async for` over every value the remote method yields, each as it
+    is produced; `timeout` bounds the wait for each."""
+    caller = _caller()
+    loop = caller.loop
+    wait = _wait_for(caller, timeout)
+    msg_id = await caller.send(CALL, context, topic, msg, loop.time() + wait, multi=True,
+                               refused=set())
+    waiter = caller.expect(msg_id)
+    try:
+        while True:
+            reply = await caller.next_reply(waiter, loop.time() + wait)
+            if reply is None:
+                caller.client.timeouts += 1
+                raise Timeout(None, topic, msg["method"])
+            kind, body = reply
+            if kind == HEARTBEAT:
+                continue
+            if kind == CHUNK:
+                yield caller.client.reply_value(body)
+                continue
+            if kind == REFUSED:
+                caller.client.refused += 1
+                caller.client.routes.invalidate(topic)
+                raise NoListeners(caller.client.reply_value(body), topic, msg["method"])
+            if kind != END:
+                yield _value(caller, kind, body)
+            return
+    finally:
+        caller.forget(msg_id)
+
+
+async def cast(context, topic, msg):
+    """Invoke a method on one consumer of `topic`; no result."""
+    caller = _caller()
+    options = caller.runtime.options
+    if options.rpc_zmq_at_least_once:
+        # The courier carries it: handing it over never waits.
+        caller.client.cast(context, topic, msg, True)
+        return
+    await caller.send(CAST, context, topic, msg, caller.loop.time() + options.rpc_cast_timeout)
+
+
+async def fanout_cast(context, topic, msg):
+    """Invoke a method on every fanout consumer of `topic`, once each;
+    returns how many were reached (one that cannot be is skipped)."""
+    caller = _caller()
+    client = caller.client
+    total, pending = client.try_fanout(caller.outbox, context, topic, msg)
+    pause = PAUSE_MIN
+    limit = caller.loop.time() + client.connect_timeout
+    while pending and caller.loop.time() < limit:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, PAUSE_MAX)
+        _, pending = client.try_fanout(caller.outbox, context, topic, msg, pending)
+    client.fanout_unreachable += len(pending)
+    client.fanouts += 1
+    return total - len(pending)
+
+
+async def notify(context, topic, msg, envelope=False):
+    """A notification to one consumer of `topic`, as rpc.notify."""
+    if envelope:
+        if not isinstance(msg, dict):
+            raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
+        msg = _wrap_notification(msg)
+    caller = _caller()
+    try:
+        await caller.send(NOTIFY, context, topic, msg,
+                          caller.loop.time() + caller.runtime.options.rpc_cast_timeout)
+    except NoListeners:
+        caller.client.no_listeners -= 1
+        return caller.client.notify(context, topic, msg)     # held or dropped, at once
+    return True
+
+
+# -- serving ---------------------------------------------------------------------
+
+class _LoopRunner(Runner):
+    """Runs requests on the event loop; coroutines and async generators
+    as tasks."""
+
+    def __init__(self, topic, proxy, loop, tasks):
+        super().__init__(topic, proxy)
+        self.loop = loop
+        self.tasks = tasks
+
+    def start(self, runner, ctxt, msg, replier):
+        try:
+            result = self.invoke(ctxt, msg)
+            if inspect.isawaitable(result) or inspect.isasyncgen(result):
+                task = self.loop.create_task(self.finish(replier, msg, result))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                return
+            self.answer(replier, result)
+        except BaseException as exc:
+            self.fail(replier, msg, exc)
+
+    async def finish(self, replier, msg, result):
+        try:
+            if not inspect.isasyncgen(result):
+                self.answer(replier, await result)
+            elif replier is None:
+                async for _ in result:
+                    pass
+            elif replier.multi:
+                async for value in result:
+                    replier.chunk(value)
+                replier.end()
+            else:
+                last = None
+                async for last in result:
+                    pass
+                replier.result(last)
+        except BaseException as exc:
+            self.fail(replier, msg, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+
+class _LoopHandoff:
+    def __init__(self, loop):
+        self.loop = loop
+        self.tasks = set()
+
+    def wrap(self, topic, proxy):
+        runner = _LoopRunner(topic, proxy, self.loop, self.tasks)
+        loop = self.loop
+
+        def put(_, ctxt, msg, replier):
+            loop.call_soon_threadsafe(runner.start, runner, ctxt, msg, replier)
+        return Deferred(runner, put)
+
+
+class Connection:
+    """A set of consumers whose methods run on this event loop."""
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._handoff = _LoopHandoff(self._loop)
+        self._conn = rpc.create_connection()
+
+    @property
+    def address(self):
+        return self._conn.address
+
+    def create_consumer(self, topic, proxy, fanout=False):
+        """As rpc's: `proxy`'s methods (plain or coroutines, generators
+        or async generators for multicall) run on the event loop."""
+        self._conn.create_consumer(topic, proxy, fanout, runner=self._handoff)
+
+    def consume_in_thread(self):
+        """Start serving (the receive loop's threads hand requests to the
+        event loop) and announce the consumers."""
+        self._conn.consume_in_thread()
+
+    def stats(self):
+        return self._conn.stats()
+
+    async def close(self):
+        """Withdraw, finish what was handed over (bounded by
+        rpc_zmq_linger), release.  The event loop keeps running meanwhile."""
+        await self._loop.run_in_executor(None, self._conn.close)
+        if self._handoff.tasks:
+            await asyncio.wait(set(self._handoff.tasks),
+                               timeout=rpc._runtime().options.rpc_zmq_linger)
+
+    async def wait(self):
+        """Until the connection is closed."""
+        await self._loop.run_in_executor(None, self._conn.wait)
+
+
+def create_connection():
+    """A Connection consuming on the running event loop."""
+    return Connection()
+
+
+async def cleanup():
+    """rpc.cleanup() without blocking the event loop (handlers still
+    running on it can finish): run it from asyncio code instead."""
+    loop = asyncio.get_running_loop()
+    caller = _callers.pop(loop, None)
+    if caller is not None:
+        caller.close()
+    return await loop.run_in_executor(None, rpc.cleanup)

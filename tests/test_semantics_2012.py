@@ -1,0 +1,94 @@
+"""What the 2012 driver's callers relied on: remote exceptions that show
+the remote traceback in str(), the transport's own exceptions keeping
+their detail across a call, and direct topics ('topic.<host>')."""
+import pytest
+
+from nova_zmq_fast.exceptions import remote_message, remote_type_name
+from tests.helpers.errors import CustomError
+
+CTX = {"user_id": "u1"}
+
+
+def msg(method, **args):
+    return {"method": method, "args": args}
+
+
+def test_str_of_a_remote_exception_is_its_message_then_the_remote_traceback(services, client):
+    with pytest.raises(ValueError) as info:
+        client.call(CTX, "svc", msg("fail", kind="value", text="bad value"))
+    exc = info.value
+    text = str(exc)
+    assert text.startswith("bad value\n")
+    assert "Traceback (most recent call last)" in text
+    assert "raise ValueError(text)" in text
+    assert text.index("bad value") < text.index("Traceback")
+    assert exc.remote_traceback in text
+    assert type(exc).__name__ == "ValueError_Remote" and isinstance(exc, ValueError)
+    assert remote_message(exc) == "bad value" and remote_type_name(exc) == "ValueError"
+
+
+def test_an_allowed_custom_exception_shows_its_traceback_too(services, client):
+    with pytest.raises(CustomError) as info:
+        client.call(CTX, "svc", msg("fail", kind="custom", text="custom text"))
+    assert str(info.value).startswith("custom text\n")
+    assert "CustomError" in str(info.value)
+
+
+def test_the_transports_own_exception_keeps_its_detail(services, client):
+    # The handler's nested call finds nobody: its NoListeners, as raised
+    # there, reaches this caller with the topic it named.
+    with pytest.raises(client.NoListeners) as info:
+        client.call(CTX, "svc", msg("relay", topic="nobody-consumes-this", name="x"))
+    exc = info.value
+    assert "nobody-consumes-this" in str(exc)
+    assert "<unknown>" not in remote_message(exc)
+    assert remote_message(exc) == "No live consumer for topic nobody-consumes-this " \
+                                  "(RPC method: x)"
+    assert "Traceback" in str(exc)
+    assert isinstance(exc, client.Timeout)
+
+
+def test_remote_unsupported_version_keeps_its_message(services, client):
+    with pytest.raises(client.UnsupportedRpcVersion) as info:
+        client.call(CTX, "svc", {"method": "add", "args": {"a": 1, "b": 1}, "version": "1.9"})
+    assert "1.9" in remote_message(info.value)
+
+
+class Direct:
+    def __init__(self):
+        self.seen = []
+
+    def where(self, ctxt, via):
+        self.seen.append(via)
+        return via
+
+
+def test_a_consumer_of_topic_dot_this_host_serves_topic_too(client):
+    # As the 2012 driver did (it consumed on the base topic name): topic
+    # and topic.host both reach a consumer created on topic.<this host>.
+    proxy = Direct()
+    conn = client.create_connection()
+    try:
+        conn.create_consumer("direct2012.client", proxy)
+        conn.consume_in_thread()
+        assert client.call(CTX, "direct2012.client", msg("where", via="host")) == "host"
+        assert client.call(CTX, "direct2012", msg("where", via="topic")) == "topic"
+        assert proxy.seen == ["host", "topic"]
+        assert conn.stats()["topics"] == ["direct2012", "direct2012.client"]
+        # Removing it takes both away.
+        conn.remove_consumer("direct2012.client")
+        assert conn.stats()["topics"] == []
+        with pytest.raises(client.Timeout):
+            client.call(CTX, "direct2012", msg("where", via="gone"), timeout=2)
+    finally:
+        conn.close()
+
+
+def test_a_consumer_of_another_hosts_topic_is_not_widened(client):
+    conn = client.create_connection()
+    try:
+        conn.create_consumer("direct2012.elsewhere", Direct())
+        conn.consume_in_thread()
+        assert conn.stats()["topics"] == ["direct2012.elsewhere"]
+    finally:
+        conn.close()
