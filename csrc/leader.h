@@ -154,6 +154,22 @@ static uint64_t lf_follow(lf_token *t, int *stole)
     return gen;
 }
 
+/* Lead from the calling thread, with no worker threads (an event loop that
+ * serves the sockets when they are ready): take the token if nobody holds
+ * it.  The leader starts out BUSY, not touching the sockets; lf_idle()
+ * before each turn, lf_busy() after it.  Returns its generation, or 0. */
+static uint64_t lf_lead(lf_token *t)
+{
+    uint64_t gen = 0;
+    pthread_mutex_lock(&t->mu);
+    if (!t->closed && t->owner == 0) {
+        gen = lf_take_locked(t);
+        t->phase = LF_BUSY;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return gen;
+}
+
 /* For code that must touch the sockets without being sure it still leads
  * (a reply from a worker that may have been replaced): hold mu, then check
  * `owner` and `closed`. */

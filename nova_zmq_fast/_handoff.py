@@ -180,6 +180,47 @@ class GreenHandoff:
             self._os.close(fd)
 
 
+class ThreadHandoff:
+    """Requests to a pool of OS threads: for the consumers of plain
+    (blocking) code in a process whose server an event loop leads
+    (nova_zmq_fast.aio), so that their methods never run on the loop."""
+
+    def __init__(self, pool_size):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max(1, pool_size),
+                                       thread_name_prefix="nova_zmq_fast-handler")
+        self._lock = unpatched("threading").Lock()
+        self._pending = 0
+
+    def wrap(self, topic, proxy):
+        return Deferred(Runner(topic, proxy), self.put)
+
+    def put(self, runner, ctxt, msg, replier):
+        with self._lock:
+            self._pending += 1
+        self.pool.submit(self._run, runner, ctxt, msg, replier)
+
+    def _run(self, runner, ctxt, msg, replier):
+        try:
+            runner.run(ctxt, msg, replier)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def wait_idle(self, timeout):
+        """Wait until every request handed over has finished, at most
+        `timeout` seconds."""
+        time = unpatched("time")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return not self._pending
+
+    def close(self):
+        """Stop taking work; threads end once what they run returns."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def monkey_patched():
     """Has eventlet patched this process's threads?"""
     patcher = sys.modules.get("eventlet.patcher")

@@ -17,6 +17,7 @@ cdef extern from "leader.h" nogil:
     int lf_init(lf_token *t, int64_t patience_ns)
     void lf_destroy(lf_token *t)
     uint64_t lf_follow(lf_token *t, int *stole)
+    uint64_t lf_lead(lf_token *t)
     void lf_busy(lf_token *t, uint64_t gen)
     int lf_idle(lf_token *t, uint64_t gen)
     void lf_close_owner(lf_token *t, uint64_t gen)
@@ -68,11 +69,15 @@ cdef class Server:
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with
     cdef object seen                # OrderedDict: at-least-once msg_id -> handled yet
+    cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
+    cdef unsigned long loop_thread  # ... and that loop's thread
+    cdef Worker loop_worker
 
     cdef Subscription find(self, Header *h)
     cdef _spawn(self)
     cdef _grow(self)
     cdef _lead(self, Worker w, uint64_t gen)
+    cdef _failed(self, uint64_t gen)
     cdef int _recv(self, zmq_msg_t *parts, Header *h, int timeout_ms) except -1
     cdef bint _revoked(self, zmq_msg_t *part) except -1
     cdef int _drop(self, int counter, str what) except -1
@@ -100,6 +105,10 @@ cdef class Replier:
     cdef uint64_t msg_id
     cdef readonly bint done
     cdef readonly bint multi        # a multicall: values may stream (chunk, then end)
+    cdef uint64_t gen               # with `thread`: a loop-led server's token, for
+    cdef unsigned long thread       # replies sent straight from the loop's thread
+
+    cdef uint64_t _gen(self)
 
     cdef _check(self)
     cdef _send(self, int kind, bytes body)

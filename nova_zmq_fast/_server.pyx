@@ -40,6 +40,7 @@ import time
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -98,7 +99,8 @@ SEEN_MAX = 200000
 cdef class Replier:
     """Answers one call later, from any thread (the oslo.messaging driver
     hands requests to its executor and replies from there).  The reply goes
-    through the server's control socket to whichever worker leads."""
+    through the server's control socket to whichever worker leads, or
+    straight out from the thread of an event loop that leads the server."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Replier is not supposed to be instantiated from Python")
@@ -117,7 +119,7 @@ cdef class Replier:
         if not self.multi:
             raise RuntimeError("only a multicall's replier streams values")
         if not self.done:
-            self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+            self.server._send_reply(self._gen(), PyBytes_AS_STRING(self.identity),
                                     PyBytes_GET_SIZE(self.identity), KIND_CHUNK,
                                     self.msg_id, _packb(value))
 
@@ -129,7 +131,7 @@ cdef class Replier:
         """The call is still running (restarts the caller's call monitor)."""
         self._check()
         if not self.done:
-            self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+            self.server._send_reply(self._gen(), PyBytes_AS_STRING(self.identity),
                                     PyBytes_GET_SIZE(self.identity), KIND_HEARTBEAT,
                                     self.msg_id, b"")
 
@@ -142,8 +144,16 @@ cdef class Replier:
         if self.done:
             return
         self.done = True
-        self.server._send_reply(0, PyBytes_AS_STRING(self.identity),
+        self.server._send_reply(self._gen(), PyBytes_AS_STRING(self.identity),
                                 PyBytes_GET_SIZE(self.identity), kind, self.msg_id, body)
+
+    cdef uint64_t _gen(self):
+        """On the thread of the event loop that leads the server: its token,
+        so the reply goes straight out; elsewhere 0, through the control
+        socket."""
+        if self.gen != 0 and PyThread_get_thread_ident() == self.thread:
+            return self.gen
+        return 0
 
 
 cdef bytes _packb(value):
@@ -191,6 +201,7 @@ cdef class Server:
     def __cinit__(self):
         self.sock = self.control = NULL
         self.lf_ready = False
+        self.loop_gen = 0
         self.direct = {}
         self.fanouts = {}
         self.spawn_tokens = set()
@@ -389,6 +400,97 @@ cdef class Server:
             for _ in range(min(2, self.max_threads)):
                 self._spawn()
 
+    def lead_here(self):
+        """Serve from the calling thread instead of worker threads: an event
+        loop that watches `fd` and calls serve_ready() whenever it is
+        readable (nova_zmq_fast.aio), so a request costs no thread hand-off.
+        Only before start(), and only if every consumer so far is deferred
+        (its code runs elsewhere, never blocking the loop).  True if this
+        thread now leads."""
+        cdef Subscription sub
+        cdef Consumer c
+        cdef uint64_t gen
+        with self.threads_lock:
+            if self.started or self.stopping or self.sock == NULL or not self.lf_ready:
+                return False
+            for sub in list(self.direct.values()) + list(self.fanouts.values()):
+                for c in sub.consumers:
+                    if c.mode != PROXY_DEFERRED:
+                        return False
+            with nogil:
+                gen = lf_lead(&self.lf)
+            if gen == 0:
+                return False
+            self.started = True
+            self.loop_worker = Worker()
+            self.loop_thread = PyThread_get_thread_ident()
+            self.loop_gen = gen
+            return True
+
+    @property
+    def loop_led(self):
+        """An event loop leads this server (lead_here())."""
+        return self.loop_gen != 0
+
+    @property
+    def fd(self):
+        """The socket's ZMQ_FD: readable (edge-triggered) when something
+        may have arrived; serve_ready() then takes everything queued."""
+        cdef int fd = -1
+        cdef size_t size = sizeof(fd)
+        if self.sock == NULL:
+            raise RuntimeError("the server is closed")
+        check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
+        return fd
+
+    def serve_ready(self):
+        """The leading event loop's turn: serve every message queued now,
+        without blocking.  False once the server stopped (stop watching
+        `fd`).  After the loop's thread replies outside a turn, a new turn
+        is due: a send can consume the fd's edge."""
+        cdef zmq_msg_t parts[MAX_PARTS]
+        cdef Header h
+        cdef int got
+        cdef uint64_t gen = self.loop_gen
+        cdef Worker w = self.loop_worker
+        if gen == 0 or PyThread_get_thread_ident() != self.loop_thread:
+            raise RuntimeError("serve_ready() is for the thread that called lead_here()")
+        if not lf_idle(&self.lf, gen):
+            return False
+        self.last_wake = _now()
+        for i in range(MAX_PARTS):
+            zmq_msg_init(&parts[i])
+        try:
+            while True:
+                got = self._recv(parts, &h, 0)
+                if got == GOT_REQUEST:
+                    lf_busy(&self.lf, gen)
+                    self._handle(w, gen, parts, &h)
+                    if not lf_idle(&self.lf, gen):
+                        return False
+                elif got == GOT_STOP:
+                    self._drain(w, gen, parts)
+                    return False
+                elif got == GOT_NOTHING:
+                    lf_busy(&self.lf, gen)      # not touching the sockets until the next turn
+                    return True
+        except BaseException:
+            self._failed(gen)
+            return False
+        finally:
+            for i in range(MAX_PARTS):
+                zmq_msg_close(&parts[i])
+
+    cdef _failed(self, uint64_t gen):
+        LOG.exception("receive loop failed; closing server %s", self.bound)
+        self.stopping = True
+        lf_close_owner(&self.lf, gen)
+        if self.on_failure is not None:
+            try:
+                self.on_failure()
+            except Exception:
+                LOG.exception("withdrawing server %s failed", self.bound)
+
     cdef _spawn(self):
         token = object()
         self.spawn_tokens.add(token)
@@ -428,14 +530,7 @@ cdef class Server:
                 try:
                     self._lead(w, gen)
                 except BaseException:
-                    LOG.exception("receive loop failed; closing server %s", self.bound)
-                    self.stopping = True
-                    lf_close_owner(&self.lf, gen)
-                    if self.on_failure is not None:
-                        try:
-                            self.on_failure()
-                        except Exception:
-                            LOG.exception("withdrawing server %s failed", self.bound)
+                    self._failed(gen)
                     return
         finally:
             self.workers -= 1
@@ -659,6 +754,9 @@ cdef class Server:
                     :zmq_msg_size(identity)]
                 replier.msg_id = h.msg_id
                 replier.multi = h.flags & FLAG_MULTI
+                if gen == self.loop_gen:
+                    replier.gen = gen
+                    replier.thread = self.loop_thread
                 consumer.proxy(ctxt, msg, replier)
             else:
                 result = consumer.invoke(ctxt, msg, kind)

@@ -25,10 +25,14 @@ drained after every wake-up and every send) and handed to the waiting
 task by msg_id.  Cancelling the task forgets its msg_id: a late reply is
 dropped.
 
-Serving: the receive loop stays in its threads and hands each request to
-the event loop (call_soon_threadsafe, _handoff.Deferred); the method runs
-there, and a coroutine or async generator runs as a task.  Replies go
-back through the Replier.
+Serving: when an asyncio Connection is the first to serve in its process,
+the event loop leads the process's server itself (_server.Server.lead_here):
+it watches the socket's ZMQ_FD, receives each request on the loop's thread,
+runs the method there (a coroutine or async generator as a task) and sends
+the reply straight out, with no thread hand-off.  Otherwise (the process
+already serves with threads) the receive loop's threads hand each request
+to the event loop (call_soon_threadsafe, _handoff.Deferred) and replies go
+back through the server's control socket.  Either way a Replier answers.
 """
 import asyncio
 import collections
@@ -38,6 +42,7 @@ import weakref
 from nova_zmq_fast import rpc
 from nova_zmq_fast._client import KINDS
 from nova_zmq_fast._dispatch import wrap as _wrap_notification
+from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._handoff import Deferred, Runner
 from nova_zmq_fast.exceptions import (
     InvalidMessage, NoListeners, PeerUnreachable, RPCException, Timeout)
@@ -51,6 +56,7 @@ HEARTBEAT, REFUSED = KINDS["heartbeat"], KINDS["refused"]
 PAUSE_MIN, PAUSE_MAX = 0.0002, 0.005
 
 _callers = weakref.WeakKeyDictionary()          # event loop -> _Caller
+_get_ident = unpatched("threading").get_ident
 
 
 class _Waiter:
@@ -92,11 +98,10 @@ class _Caller:
         return waiter
 
     def forget(self, msg_id):
+        # The reader stays: adding and removing it per call would cost two
+        # epoll_ctl calls a call.  Until close() it drops what nobody awaits.
         self.waiters.pop(msg_id, None)
         self.outbox.forget(msg_id)
-        if not self.waiters and self.watching:
-            self.loop.remove_reader(self.fd)
-            self.watching = False
 
     async def next_reply(self, waiter, deadline):
         """The next reply for `waiter`, or None at `deadline` (loop time)."""
@@ -282,10 +287,11 @@ class _LoopRunner(Runner):
     """Runs requests on the event loop; coroutines and async generators
     as tasks."""
 
-    def __init__(self, topic, proxy, loop, tasks):
+    def __init__(self, topic, proxy, handoff):
         super().__init__(topic, proxy)
-        self.loop = loop
-        self.tasks = tasks
+        self.loop = handoff.loop
+        self.tasks = handoff.tasks
+        self.handoff = handoff
 
     def start(self, runner, ctxt, msg, replier):
         try:
@@ -319,20 +325,53 @@ class _LoopRunner(Runner):
             self.fail(replier, msg, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        finally:
+            self.handoff.kick()
 
 
 class _LoopHandoff:
+    """Requests to this event loop's consumers: taken by the loop itself
+    when it leads the server, else handed over by the receive loop."""
+
     def __init__(self, loop):
         self.loop = loop
         self.tasks = set()
+        self.server = None              # the server this loop leads, if any
+        self.thread = _get_ident()
+        self.turn_due = False
 
     def wrap(self, topic, proxy):
-        runner = _LoopRunner(topic, proxy, self.loop, self.tasks)
-        loop = self.loop
+        runner = _LoopRunner(topic, proxy, self)
+        loop, thread = self.loop, self.thread
 
         def put(_, ctxt, msg, replier):
-            loop.call_soon_threadsafe(runner.start, runner, ctxt, msg, replier)
+            if _get_ident() == thread:
+                runner.start(runner, ctxt, msg, replier)        # led here: run now
+            else:
+                loop.call_soon_threadsafe(runner.start, runner, ctxt, msg, replier)
         return Deferred(runner, put)
+
+    def lead(self, server):
+        """Lead `server` from this loop if it does not serve yet."""
+        if self.server is None and server.lead_here():
+            self.server = server
+            self.fd = server.fd
+            self.loop.add_reader(self.fd, self.turn)
+            self.kick()
+
+    def turn(self):
+        self.turn_due = False
+        server = self.server
+        if server is not None and not server.serve_ready():
+            self.loop.remove_reader(self.fd)
+            self.server = None
+
+    def kick(self):
+        """A reply left outside a turn (from a task): the send may have
+        consumed the fd's edge, so take a turn soon."""
+        if self.server is not None and not self.turn_due:
+            self.turn_due = True
+            self.loop.call_soon(self.turn)
 
 
 class Connection:
@@ -353,8 +392,11 @@ class Connection:
         self._conn.create_consumer(topic, proxy, fanout, runner=self._handoff)
 
     def consume_in_thread(self):
-        """Start serving (the receive loop's threads hand requests to the
-        event loop) and announce the consumers."""
+        """Start serving and announce the consumers: this event loop leads
+        the process's server if nothing serves in it yet, else the receive
+        loop's threads hand requests over."""
+        if self._conn._consumers:
+            self._handoff.lead(rpc._runtime().serve())
         self._conn.consume_in_thread()
 
     def stats(self):

@@ -166,15 +166,20 @@ class Runtime:
                 server.start()
             return consumer
 
-    def green_handoff(self):
-        """Under eventlet, the GreenHandoff handlers run through (made on
-        first use, on the calling thread's hub); else None."""
-        if not self.client.green:
-            return None
+    def plain_handoff(self):
+        """Where the methods of a consumer of plain code run when the
+        receive loop cannot run them itself (made on first use): under
+        eventlet, green threads on the calling thread's hub
+        (GreenHandoff); when an event loop leads the server (aio), a pool
+        of threads (ThreadHandoff), never the loop.  Else None."""
         with self.lock:
             if self.handoff is None:
-                from nova_zmq_fast._handoff import GreenHandoff
-                self.handoff = GreenHandoff(self.options.rpc_thread_pool_size)
+                if self.client.green:
+                    from nova_zmq_fast._handoff import GreenHandoff
+                    self.handoff = GreenHandoff(self.options.rpc_thread_pool_size)
+                elif self.server is not None and self.server.loop_led:
+                    from nova_zmq_fast._handoff import ThreadHandoff
+                    self.handoff = ThreadHandoff(self.options.rpc_thread_pool_size)
             return self.handoff
 
     def direct_base(self, topic):
@@ -318,7 +323,7 @@ class Connection:
         base = self._rt.direct_base(topic)
         if base and not fanout and not deferred:
             topics.append(base)
-        handoff = None if deferred else (runner or self._rt.green_handoff())
+        handoff = None if deferred else (runner or self._rt.plain_handoff())
         with self._lock:
             self._check_open()
             for name in topics:

@@ -262,6 +262,42 @@ async def async_checks(topic):
             await conn.close()
     yield "an asyncio consumer in the calling process", aserve
 
+    async def plain_beside_the_loop():
+        # The loop leads this process's server (aio was first to serve);
+        # a consumer of plain, blocking code added later runs in threads,
+        # and the loop keeps answering meanwhile.
+        import threading
+        started = threading.Event()
+
+        class Slow:
+            def wait(self, ctxt, seconds):
+                started.set()
+                threading.Event().wait(seconds)
+                return "slow"
+
+        class Fast:
+            async def ping(self, ctxt):
+                return "fast"
+        fast, slow = (f"aio-{k}-{uuid.uuid4().hex[:8]}" for k in ("fast", "slow"))
+        aconn = aio.create_connection()
+        aconn.create_consumer(fast, Fast())
+        aconn.consume_in_thread()
+        pconn = rpc.create_connection()
+        try:
+            expect(rpc._runtime().server.loop_led, True)
+            pconn.create_consumer(slow, Slow())
+            pconn.consume_in_thread()
+            waiting = asyncio.ensure_future(call(CTX, slow, m("wait", seconds=2.0)))
+            loop = asyncio.get_running_loop()
+            expect(await loop.run_in_executor(None, started.wait, 30), True)
+            expect(await call(CTX, fast, m("ping")), "fast")
+            expect(waiting.done(), False)           # answered while the slow one runs
+            expect(await waiting, "slow")
+        finally:
+            pconn.close()
+            await aconn.close()
+    yield "plain code beside a loop-led server runs off the loop", plain_beside_the_loop
+
 
 def run_sync(topic):
     results = {}
