@@ -29,6 +29,8 @@ cdef class Courier:
     cdef object thread
     cdef bint stopping
     cdef bint draining              # close() waits for what is pending
+    cdef bint closed                # close() began: never start again
+    cdef object start_lock          # start() and close() from any thread
     cdef int epoch
     cdef double next_probe, next_refresh
     # liveness
@@ -48,6 +50,7 @@ cdef class Courier:
     cdef readonly unsigned long long acked, resent, rejected, lost
     cdef readonly unsigned long long held_total, held_delivered, held_expired, held_dropped
 
+    cdef _start_thread(self)
     cdef _wake(self)
     cdef _loop_once(self)
     cdef _take_jobs(self)

@@ -43,7 +43,7 @@ from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbo
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.exceptions import DiscoveryUnavailable, NoListeners, Timeout
+from nova_zmq_fast.exceptions import DiscoveryUnavailable, NoListeners, RPCException, Timeout
 from nova_zmq_fast.logs import RateLimitedLog
 
 LOG = logging.getLogger("nova_zmq_fast.courier")
@@ -86,6 +86,7 @@ cdef class Courier:
         self.routes = routes
         self.options = options
         self.jobs = collections.deque()
+        self.start_lock = unpatched("threading").Lock()
         self.wake_read = self.wake_write = -1
         self.probe_every = options.rpc_zmq_heartbeat_interval
         self.probe_timeout = options.rpc_zmq_heartbeat_timeout
@@ -109,9 +110,15 @@ cdef class Courier:
     def start(self):
         """Start the thread, or wake it: it parks while it has nothing to
         do, and a route just cached means servers to probe."""
-        if self.thread is not None and self.epoch == fork_epoch():
-            self._wake()
-            return
+        with self.start_lock:               # callers race: one thread, one pipe
+            if self.closed:
+                return                      # a lookup racing with close()
+            if self.thread is not None and self.epoch == fork_epoch():
+                self._wake()
+                return
+            self._start_thread()
+
+    cdef _start_thread(self):
         self.epoch = fork_epoch()
         self.os = unpatched("os")           # eventlet's os.read would wait, not fail
         self.wake_read, self.wake_write = self.os.pipe()
@@ -140,6 +147,8 @@ cdef class Courier:
         casts are already on their way: backpressure, as for any send."""
         cdef double deadline = _now() + self.client.send_timeout
         cdef long pause_ns = 20000
+        if self.closed:
+            raise RPCException("the transport was cleaned up; this cast was not sent")
         while len(self.pending) + len(self.unsent) + len(self.jobs) >= self.max_pending:
             if _now() >= deadline:
                 raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
@@ -154,7 +163,7 @@ cdef class Courier:
         """Keep a notification for `topic`, which nobody listens to yet;
         False if the bounds say no (then it is dropped and counted)."""
         cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
-        if self.hold_count <= 0:
+        if self.hold_count <= 0 or self.closed:
             return False
         if self.held_count >= self.hold_count or self.held_bytes + size > self.hold_bytes:
             self.held_dropped += 1
@@ -187,6 +196,8 @@ cdef class Courier:
         notification still held, is dropped, counted and named in a
         warning; returns {topic: at-least-once casts dropped}."""
         cdef double deadline = _now() + linger
+        with self.start_lock:
+            self.closed = True
         thread = self.thread
         if thread is not None and self.epoch == fork_epoch():
             self.draining = True
@@ -198,6 +209,10 @@ cdef class Courier:
             self.sleeping = True
             self._wake()
             thread.join(5)
+            if thread.is_alive():
+                # Its socket and pipe are its own until it ends: leave them.
+                LOG.error("the courier thread did not stop within 5s; leaving its socket open")
+                return {}
         self.thread = None
         lost = {}
         cdef Parcel p

@@ -9,9 +9,13 @@ replier) to a `Deferred` proxy, which queues it for the other side and
 returns at once; that side calls into the service's proxy with the same
 rules as the receive loop (`Runner`) and answers through the Replier.
 
-`GreenHandoff` is the eventlet side: a deque filled by the receive loop,
-a pipe that wakes the hub only when its dispatcher sleeps, and a
-GreenPool of rpc_thread_pool_size green threads.
+`GreenHandoff` is the eventlet side: a GreenPool of rpc_thread_pool_size
+green threads.  When the process's server is not serving yet as its
+consumers start, the hub leads it itself (Server.lead_here): a green thread
+waits on the socket's ZMQ_FD and each turn (Server.serve_ready) spawns the
+requests' handlers, whose replies go straight out from the hub's thread.
+Otherwise the receive loop's threads fill a deque, and a pipe wakes the
+hub's dispatcher only while it sleeps.
 """
 import collections
 import errno
@@ -99,6 +103,7 @@ class GreenHandoff:
     def __init__(self, pool_size):
         import eventlet
         import eventlet.greenpool
+        import eventlet.queue
         self._eventlet = eventlet
         self._os = unpatched("os")          # eventlet's os.read would wait, not fail
         self._thread = unpatched("threading").get_ident()
@@ -109,16 +114,71 @@ class GreenHandoff:
         self._os.set_blocking(self._write, False)
         self._sleeping = False
         self._stopped = False
+        self.server = None                  # the server this hub leads, if any
         self._dispatcher = eventlet.spawn(self._dispatch)
 
     def wrap(self, topic, proxy):
         return Deferred(Runner(topic, proxy), self.put)
 
     def put(self, runner, ctxt, msg, replier):
-        """From any thread: queue a request; wake the hub if it sleeps."""
+        """From any thread: queue a request; wake the hub if it sleeps.  In
+        the hub's own turn, with room in the pool: spawn it now."""
+        if self.server is not None and self.pool.free() and \
+                unpatched("threading").get_ident() == self._thread:
+            self.pool.spawn_n(self._run_led, runner, ctxt, msg, replier)
+            return
         self.items.append((runner, ctxt, msg, replier))
         if self._sleeping:
             self._wake()
+
+    def lead(self, server):
+        """Lead `server` from this hub if it does not serve yet (on the
+        hub's thread only): no receive threads, no hand-off."""
+        if (self.server is not None or self._stopped or
+                unpatched("threading").get_ident() != self._thread or not server.lead_here()):
+            return
+        self.server = server
+        self._turns = self._eventlet.queue.LightQueue()
+        self._watcher = self._eventlet.spawn(self._watch, server.fd)
+        self._dispatcher.kill()
+        self._dispatcher = self._eventlet.spawn(self._lead_turns)
+
+    def _run_led(self, runner, ctxt, msg, replier):
+        try:
+            runner.run(ctxt, msg, replier)
+        finally:
+            # Its reply left outside a turn, and a send can consume the
+            # fd's edge: a turn is due.
+            self.kick()
+
+    def kick(self):
+        if self.server is not None:
+            self._turns.put(None)
+
+    def _watch(self, fd):
+        """Turn whenever the socket's ZMQ_FD signals, until the server stops."""
+        from eventlet.hubs import trampoline
+        while self.server is not None:
+            trampoline(fd, read=True)
+            self.kick()
+
+    def _lead_turns(self):
+        items, turns = self.items, self._turns
+        spawn = self.pool.spawn_n
+        self.kick()
+        while not self._stopped and self.server is not None:
+            turns.get()
+            while turns.qsize():
+                turns.get_nowait()
+            while items:
+                runner, ctxt, msg, replier = items.popleft()
+                spawn(self._run_led, runner, ctxt, msg, replier)  # waits while the pool is full
+            if not self.server.serve_ready():
+                # Stopped: stop watching before the socket (and its fd) closes.
+                self.server = None
+                self._watcher.kill()
+            elif items:
+                self.kick()                     # the pool was full: spawn them next
 
     def _wake(self):
         try:
@@ -175,6 +235,9 @@ class GreenHandoff:
         if unpatched("threading").get_ident() != self._thread:
             self._wake()
             return
+        if self.server is not None:
+            self.server = None
+            self._watcher.kill()
         self._dispatcher.kill()
         for fd in (self._read, self._write):
             self._os.close(fd)

@@ -337,13 +337,17 @@ class Connection:
                     self._rt.announce(self, name, fanout)
 
     def consume_in_thread(self):
-        """Start serving in worker threads and announce the consumers."""
+        """Start serving and announce the consumers.  Worker threads serve,
+        or under eventlet the hub itself if it is the first to serve."""
         with self._lock:
             self._check_open()
             if self._consuming:
                 return
             if self._consumers:
-                self._rt.serve().start()
+                server = self._rt.serve()
+                if self._rt.client.green and self._rt.handoff is not None:
+                    self._rt.handoff.lead(server)       # the hub serves, if first
+                server.start()                          # else worker threads
             for consumer in self._consumers:
                 self._rt.announce(self, consumer.topic, consumer.fanout)
             self._consuming = True
