@@ -179,6 +179,10 @@ class GreenHandoff:
                 self._watcher.kill()
             elif items:
                 self.kick()                     # the pool was full: spawn them next
+        if not self._stopped:
+            # The server stopped; a later one may serve with threads, whose
+            # requests come through the deque and the pipe.
+            self._dispatch()
 
     def _wake(self):
         try:
