@@ -96,6 +96,13 @@ class ChildProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Where it is stuck: every thread's stack, on its stderr
+                # (the test's captured output), before it is killed.
+                self.proc.send_signal(signal.SIGUSR1)
+                try:
+                    self.proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
                 self.kill()
                 raise AssertionError(f"{self.name} did not stop in {timeout}s")
         self._close_pipes()

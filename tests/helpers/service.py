@@ -7,6 +7,7 @@ records casts, fanouts and notifications per key, and reports its own
 connection counters.
 """
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -166,6 +167,8 @@ def main():
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # A test that sees us hang asks for every thread's stack.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # The test process holds our stdin: if it dies, stdin closes and we go.
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     print("READY", conn.address, flush=True)
