@@ -203,6 +203,28 @@ def test_an_impostor_at_the_address_is_refused(keys, tmp_path, client):
         assert impostor.stop() == 0
 
 
+def test_curve_with_redis_discovery(keys, redis_server, tmp_path, client):
+    """The server's public key travels with its address through Redis: a
+    CURVE client dials only with the key discovery gave it, so the call
+    going through shows the key arrived; a client without CURVE is told
+    why it cannot reach it."""
+    common = dict(redis_server.options, rpc_zmq_bind_address="127.0.0.1")
+    svc = ServiceProcess("sec-redis", tmp_path, options=dict(
+        common, rpc_zmq_secret_key_file=keys["server"][0],
+        rpc_zmq_allowed_keys=keys["allowed"]))
+    try:
+        client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1,
+                    rpc_zmq_secret_key_file=keys["client"][0], **common)
+        assert client.call(CTX, "svc", msg("whoami")) == "sec-redis"
+        client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1, **common)
+        # Redis says the server requires CURVE: a keyless client does not
+        # even try.
+        with pytest.raises(client.PeerUnreachable, match="requires CURVE"):
+            client.call(CTX, "svc", msg("whoami"), timeout=3)
+    finally:
+        assert svc.stop() == 0
+
+
 def test_keys_added_and_revoked_without_a_restart(keys, ipc_dir, client):
     allowed = keys["allowed"]
     os.unlink(os.path.join(allowed, "client.pub"))          # nobody allowed yet
