@@ -45,3 +45,25 @@ def test_the_courier_thread_body_runs_only_on_its_thread(client):
         courier._run()
     with pytest.raises(RuntimeError, match="courier's own thread"):
         rt.courier._run()
+
+
+def test_what_peers_cause_is_logged_at_a_bounded_rate(monkeypatch, caplog):
+    """A thousand errors of one kind within the interval: one line, and the
+    next line after it says how many were held back."""
+    import logging
+    import types
+
+    from nova_zmq_fast import logs
+    now = [1000.0]
+    monkeypatch.setattr(logs, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    log = logs.RateLimitedLog(logging.getLogger("nova_zmq_fast.test"), interval=10.0)
+    caplog.set_level(logging.WARNING, logger="nova_zmq_fast.test")
+    for _ in range(1000):
+        log.warning(("dropped", 1), "dropped %s", "a bad message")
+    log.warning(("dropped", 2), "dropped %s", "another kind")      # its own allowance
+    assert [r.getMessage() for r in caplog.records] == ["dropped a bad message",
+                                                        "dropped another kind"]
+    now[0] += 10.0
+    log.warning(("dropped", 1), "dropped %s", "a bad message")
+    assert caplog.records[-1].getMessage() == (
+        "dropped a bad message (and 999 more like this in the last 10s)")
