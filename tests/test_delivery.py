@@ -285,9 +285,9 @@ def test_at_least_once_casts_survive_a_killed_server(ipc_dir, client, tmp_path):
     assert distinct == set(range(n))            # every cast handled at least once
     assert lost == {}
     assert stats["at_least_once_acked"] == n
-    # Run twice only where a server handled it and died before its ACK got
-    # back: a handful, not the thousands that were resent.
-    assert len(handled) - n < stats["at_least_once_resent"] or stats["at_least_once_resent"] == 0
+    # Run twice only where a cast was resent (its server handled it and died
+    # before the ACK got back): never more duplicates than resends.
+    assert len(handled) - n <= stats["at_least_once_resent"]
 
 
 def test_without_at_least_once_the_loss_is_counted(ipc_dir, client, tmp_path):
