@@ -351,23 +351,22 @@ class Benchmark:
             oslo.append((f"oslo_{name}.cast",
                          lambda c=client, k=f"oslo_{name}.cast", n=casts: self.cast(c, k, n)))
         hosts = []
+        # N servers on loopback (s0..), then N hosts in namespaces (h1..).
+        places = [("local", self.native, "s{}", 0), ("hosts", self.host_client, "h{}", 1)]
         for n in s["hosts"]:
-            local = [f"s{i}" for i in range(n)]
-            hosts.append((f"local.spread_cast.{n}", lambda n=n, h=local: self.spread(
-                self.native, "spread_casts", n=s["spread_casts"], group=n, hosts=h)))
-            hosts.append((f"local.spread_call.{n}", lambda n=n: self.spread(
-                self.native, "spread_calls", n=s["spread_calls"], group=n,
-                threads=CALL_THREADS)))
-            if self.host_client is None:
-                continue
-            remote = [f"h{i + 1}" for i in range(n)]
-            hosts.append((f"hosts.spread_cast.{n}", lambda n=n, h=remote: self.spread(
-                self.host_client, "spread_casts", n=s["spread_casts"], group=n, hosts=h)))
-            hosts.append((f"hosts.spread_call.{n}", lambda n=n: self.spread(
-                self.host_client, "spread_calls", n=s["spread_calls"], group=n,
-                threads=CALL_THREADS)))
-            hosts.append((f"hosts.fanout.{n}", lambda n=n, h=remote: self.host_client.ask(
-                "fanout", n=s["host_fanout"] // n, group=n, hosts=h)["usec_per_recipient"]))
+            for where, client, name, first in places:
+                if client is None:
+                    continue
+                names = [name.format(first + i) for i in range(n)]
+                hosts.append((f"{where}.spread_cast.{n}", lambda c=client, n=n, h=names:
+                              self.spread(c, "spread_casts", n=s["spread_casts"], group=n,
+                                          hosts=h)))
+                hosts.append((f"{where}.spread_call.{n}", lambda c=client, n=n: self.spread(
+                    c, "spread_calls", n=s["spread_calls"], group=n, threads=CALL_THREADS)))
+            if self.host_client is not None:
+                hosts.append((f"hosts.fanout.{n}", lambda n=n: self.host_client.ask(
+                    "fanout", n=s["host_fanout"] // n, group=n,
+                    hosts=[f"h{i + 1}" for i in range(n)])["usec_per_recipient"]))
         # Latency drifts fastest on a shared machine: short batches, three
         # times per round, so that each ratio pairs figures a second apart.
         return [g for g in (latency, throughput, latency, fanout, registered, latency, oslo,

@@ -4,6 +4,7 @@ from libc.stdint cimport uint64_t
 
 from nova_zmq_fast._libzmq cimport zmq_msg_t
 from nova_zmq_fast._zmq cimport Context
+from nova_zmq_fast._envelope cimport Header
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 
@@ -59,6 +60,7 @@ cdef class Outbox:
                            bytes body, double deadline) except -1
     cdef int send_waiting(self, bytes rid, const char *header, size_t hlen, bytes body,
                           double deadline) except -1
+    cdef object read_reply(self, zmq_msg_t *part, Header *h)
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline)
     cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1
 

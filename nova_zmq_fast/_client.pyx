@@ -439,13 +439,30 @@ cdef class Outbox:
         check(zmq_send(self.sock, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0))
         return SENT
 
+    cdef object read_reply(self, zmq_msg_t *part, Header *h):
+        """The rest of a message whose first frame (the peer) is in `part`:
+        [peer, header, body].  Its body, with the header in `h`, if it is a
+        well-formed reply; else None (dropped)."""
+        cdef int nparts = 1
+        cdef int status = HDR_SHORT
+        body = None
+        while zmq_msg_more(part):
+            check(zmq_msg_recv(part, self.sock, 0))
+            nparts += 1
+            if nparts == 2:
+                status = parse_header(<const char *>zmq_msg_data(part), zmq_msg_size(part), h)
+            elif nparts == 3:
+                body = (<const char *>zmq_msg_data(part))[:zmq_msg_size(part)]
+        if nparts != 3 or status != HDR_OK or not is_reply(h.kind):
+            return None
+        return body
+
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline):
         """Wait for the next reply to `msg_id`: (kind, body bytes), or None
         at the deadline.  Replies for other open multicall streams are kept
         for them; stale ones (calls that already timed out) are dropped."""
         cdef zmq_msg_t part
         cdef Header h
-        cdef int nparts, status
         cdef bytes body
         cdef list pending = self.streams.get(msg_id)
         if pending:
@@ -455,19 +472,8 @@ cdef class Outbox:
             while True:
                 if not self.next_frame(&part, deadline):
                     return None
-                # [peer, header, body]
-                nparts = 1
-                status = HDR_SHORT
-                body = None
-                while zmq_msg_more(&part):
-                    check(zmq_msg_recv(&part, self.sock, 0))
-                    nparts += 1
-                    if nparts == 2:
-                        status = parse_header(<const char *>zmq_msg_data(&part),
-                                              zmq_msg_size(&part), &h)
-                    elif nparts == 3:
-                        body = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)]
-                if nparts != 3 or status != HDR_OK or not is_reply(h.kind):
+                body = self.read_reply(&part, &h)
+                if body is None:
                     continue
                 if h.msg_id == msg_id:
                     return (h.kind, body)
@@ -542,7 +548,6 @@ cdef class Outbox:
         arrival makes `fd` readable again."""
         cdef zmq_msg_t part
         cdef Header h
-        cdef int nparts, status
         cdef bytes body
         cdef Peer peer
         out = []
@@ -555,18 +560,8 @@ cdef class Outbox:
                     if zmq_errno() in (EAGAIN, EINTR):
                         return out
                     raise_zmq_error(zmq_errno())
-                nparts = 1
-                status = HDR_SHORT
-                body = None
-                while zmq_msg_more(&part):
-                    check(zmq_msg_recv(&part, self.sock, 0))
-                    nparts += 1
-                    if nparts == 2:
-                        status = parse_header(<const char *>zmq_msg_data(&part),
-                                              zmq_msg_size(&part), &h)
-                    elif nparts == 3:
-                        body = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)]
-                if nparts == 3 and status == HDR_OK and is_reply(h.kind):
+                body = self.read_reply(&part, &h)
+                if body is not None:
                     out.append((h.msg_id, h.kind, body))
                     mark = self.marks.pop(h.msg_id, None) if h.kind != KIND_CHUNK else None
                     if mark is not None:

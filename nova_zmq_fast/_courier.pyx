@@ -34,10 +34,9 @@ import time
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport check, fork_epoch, raise_zmq_error
+from nova_zmq_fast._zmq cimport check, fork_epoch, now as _now, raise_zmq_error
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox, pause
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
@@ -50,12 +49,6 @@ LOG = logging.getLogger("nova_zmq_fast.courier")
 THROTTLED = RateLimitedLog(LOG)
 PROBE_TOPIC = b"nova_zmq_fast.probe"
 cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 @cython.final
@@ -320,22 +313,13 @@ cdef class Courier:
         probe answers, and ACK, REFUSED or FAILURE for at-least-once casts."""
         cdef zmq_msg_t part
         cdef Header h
-        cdef int nparts, status
         cdef Parcel p
         zmq_msg_init(&part)
         try:
             while zmq_msg_recv(&part, self.ob.sock, ZMQ_DONTWAIT) != -1:
                 address = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)].decode(
                     "utf-8", "replace")
-                nparts = 1
-                status = HDR_SHORT
-                while zmq_msg_more(&part):
-                    check(zmq_msg_recv(&part, self.ob.sock, 0))
-                    nparts += 1
-                    if nparts == 2:
-                        status = parse_header(<const char *>zmq_msg_data(&part),
-                                              zmq_msg_size(&part), &h)
-                if nparts != 3 or status != HDR_OK or not is_reply(h.kind):
+                if self.ob.read_reply(&part, &h) is None:
                     continue
                 probed = self.probe_ids.pop(h.msg_id, None)
                 if probed is not None:

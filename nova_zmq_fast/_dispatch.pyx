@@ -23,20 +23,14 @@ import json
 
 cimport cython
 from cpython.object cimport PyObject_Call
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nova_zmq_fast._envelope cimport KIND_CAST, KIND_NOTIFY
+from nova_zmq_fast._zmq cimport now as _now
 
 from nova_zmq_fast.exceptions import InvalidMessage
 
 cdef object _json_loads = json.loads
 cdef object _json_dumps = json.dumps
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 @cython.final

@@ -106,7 +106,8 @@ class GreenHandoff:
         import eventlet.queue
         self._eventlet = eventlet
         self._os = unpatched("os")          # eventlet's os.read would wait, not fail
-        self._thread = unpatched("threading").get_ident()
+        self._ident = unpatched("threading").get_ident   # the OS thread's, not a greenlet's
+        self._thread = self._ident()
         self.items = collections.deque()
         self.pool = eventlet.greenpool.GreenPool(max(1, pool_size))
         self._read, self._write = self._os.pipe()
@@ -124,7 +125,7 @@ class GreenHandoff:
         """From any thread: queue a request; wake the hub if it sleeps.  In
         the hub's own turn, with room in the pool: spawn it now."""
         if self.server is not None and self.pool.free() and \
-                unpatched("threading").get_ident() == self._thread:
+                self._ident() == self._thread:
             self.pool.spawn_n(self._run_led, runner, ctxt, msg, replier)
             return
         self.items.append((runner, ctxt, msg, replier))
@@ -135,7 +136,7 @@ class GreenHandoff:
         """Lead `server` from this hub if it does not serve yet (on the
         hub's thread only): no receive threads, no hand-off."""
         if (self.server is not None or self._stopped or
-                unpatched("threading").get_ident() != self._thread or not server.lead_here()):
+                self._ident() != self._thread or not server.lead_here()):
             return
         self.server = server
         self._turns = self._eventlet.queue.LightQueue()
@@ -222,7 +223,7 @@ class GreenHandoff:
         handed over has finished, at most `timeout` seconds."""
         time = unpatched("time")
         deadline = time.monotonic() + max(0.0, timeout)
-        on_hub = unpatched("threading").get_ident() == self._thread
+        on_hub = self._ident() == self._thread
         while not self.idle() and time.monotonic() < deadline:
             if on_hub:
                 self._eventlet.sleep(0.002)
@@ -236,7 +237,7 @@ class GreenHandoff:
         if self._stopped:
             return
         self._stopped = True
-        if unpatched("threading").get_ident() != self._thread:
+        if self._ident() != self._thread:
             self._wake()
             return
         if self.server is not None:

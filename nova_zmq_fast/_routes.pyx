@@ -25,7 +25,7 @@ import logging
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcmp
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from nova_zmq_fast._zmq cimport now as _now
 
 
 from nova_zmq_fast._green import unpatched
@@ -34,12 +34,6 @@ from nova_zmq_fast.exceptions import DiscoveryUnavailable
 LOG = logging.getLogger("nova_zmq_fast.routes")
 
 DEAD_MAX = 4096                     # forgotten addresses remembered
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class Endpoint:

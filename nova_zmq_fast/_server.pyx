@@ -43,10 +43,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set_int
+from nova_zmq_fast._zmq cimport Context, check, fork_epoch, now as _now, raise_zmq_error, set_int
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._dispatch cimport PROXY_DEFERRED, Consumer, RpcContext, Subscription
 from nova_zmq_fast._routes cimport host_base_len
@@ -67,11 +66,6 @@ cdef extern from "Python.h":
 cdef object _monotonic = time.monotonic
 cdef object _control_names = itertools.count()
 
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 cdef enum:
     SECRET_LEN = 16

@@ -1,5 +1,6 @@
 # The libzmq context and the single place where libzmq errors become Python
 # exceptions.  Every other module cimports these.
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef class Context:
     cdef void *handle
@@ -14,3 +15,10 @@ cdef int raise_zmq_error(int err) except -1
 cdef int check(int rc) except -1
 cdef int set_int(void *sock, int option, int value) except -1
 cdef int fork_epoch() noexcept
+
+
+cdef inline double now() noexcept nogil:
+    """Monotonic seconds, without the GIL (time.monotonic's clock)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
