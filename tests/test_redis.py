@@ -56,6 +56,26 @@ def test_register_lookup_unregister(redis_server):
         assert wait_until(lambda: r.get("nzf:node:tcp://127.0.0.1:1002") is None, 5)
 
 
+def test_a_heartbeat_never_puts_back_what_was_unregistered_or_closed(redis_server):
+    # A heartbeat that read the registrations just before unregister() or
+    # close() must not write them back after: a topic left in Redis would be
+    # routed to this live process for as long as it heartbeats.
+    backend = RedisBackend(Options.from_conf(**dict(
+        options(redis_server), matchmaker_heartbeat_freq=0.001)))
+    me = Endpoint("h1", "tcp://127.0.0.1:1001")
+    with redis_server.client() as r:
+        try:
+            backend.register(me, "stays")
+            for _ in range(300):
+                backend.register(me, "goes")
+                backend.unregister(me, "goes")
+                assert not r.sismember("nzf:topic:d:goes", me.address)
+        finally:
+            backend.close()
+        assert r.get("nzf:node:tcp://127.0.0.1:1001") is None
+        assert not r.sismember("nzf:topic:d:stays", me.address)
+
+
 def test_calls_casts_fanout_and_topic_host(redis_server, tmp_path, client):
     services = [service(h, redis_server, tmp_path) for h in ("r1", "r2")]
     try:

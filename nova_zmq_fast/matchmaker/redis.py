@@ -115,6 +115,9 @@ class RedisBackend(Backend):
         self.ttl_ms = int(options.matchmaker_heartbeat_ttl * 1000)
         self.freq = options.matchmaker_heartbeat_freq
         self._own = {}                      # address -> (Endpoint, set of (topic, fanout))
+        # Held across a change to _own and its write to Redis, so writes
+        # reach Redis in the order _own changed: a heartbeat cannot put back
+        # what unregister() or close() just removed.
         self._lock = unpatched("threading").Lock()
         self._wake = unpatched("threading").Event()
         self._thread = None
@@ -182,6 +185,16 @@ class RedisBackend(Backend):
             self._wake.set()
         return results[2:]
 
+    def _write(self, build):
+        """_execute for a registration change: a failure is left to the
+        heartbeat thread to repair (or to the TTL).  Returns whether it
+        reached Redis."""
+        try:
+            self._execute(build)
+            return True
+        except DiscoveryUnavailable:
+            return False
+
     def _failed(self, exc):
         if self._failures == 0:
             self.outages += 1
@@ -205,10 +218,7 @@ class RedisBackend(Backend):
         with self._lock:
             entry = self._own.setdefault(node.address, (node, set()))
             entry[1].add((topic, fanout))
-        try:
-            self._execute(lambda pipe: self._write_node(pipe, node, [(topic, fanout)]))
-        except DiscoveryUnavailable:
-            pass                            # the heartbeat thread keeps trying
+            self._write(lambda pipe: self._write_node(pipe, node, [(topic, fanout)]))
         self._ensure_heartbeat()
         if self.routes is not None:
             self.routes.invalidate(topic)
@@ -223,14 +233,11 @@ class RedisBackend(Backend):
             if last:
                 del self._own[node.address]
 
-        def build(pipe):
-            pipe.srem(_topic_key(topic, fanout), node.address)
-            if last:
-                pipe.delete(_node_key(node.address))
-        try:
-            self._execute(build)
-        except DiscoveryUnavailable:
-            pass                            # its node key expires within the TTL
+            def build(pipe):
+                pipe.srem(_topic_key(topic, fanout), node.address)
+                if last:
+                    pipe.delete(_node_key(node.address))
+            self._write(build)              # on failure its node key expires within the TTL
         if self.routes is not None:
             self.routes.invalidate(topic)
 
@@ -244,14 +251,11 @@ class RedisBackend(Backend):
 
     def _heartbeat_loop(self):
         while not self._closed:
+            delay = self.freq
             with self._lock:
                 own = [(node, list(entries)) for node, entries in self._own.values()]
-            delay = self.freq
-            if own:
-                try:
-                    self._execute(lambda pipe: [self._write_node(pipe, node, entries)
-                                                for node, entries in own])
-                except DiscoveryUnavailable:
+                if own and not self._write(lambda pipe: [self._write_node(pipe, node, entries)
+                                                         for node, entries in own]):
                     delay = max(0.05, min(self.freq, self._retry_at - time.monotonic()))
             self._wake.wait(delay)
             self._wake.clear()
@@ -260,18 +264,15 @@ class RedisBackend(Backend):
         with self._lock:
             self._closed = True
             own, self._own = list(self._own.values()), {}
-        self._wake.set()
-        if own:
-            def build(pipe):
-                for node, entries in own:
-                    for topic, fanout in entries:
-                        pipe.srem(_topic_key(topic, fanout), node.address)
-                    pipe.delete(_node_key(node.address))
-            try:
+            if own:
+                def build(pipe):
+                    for node, entries in own:
+                        for topic, fanout in entries:
+                            pipe.srem(_topic_key(topic, fanout), node.address)
+                        pipe.delete(_node_key(node.address))
                 self._retry_at = 0.0        # one last try, even during a backoff
-                self._execute(build)
-            except DiscoveryUnavailable:
-                pass
+                self._write(build)
+        self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not unpatched("threading").current_thread():
             thread.join(5)
