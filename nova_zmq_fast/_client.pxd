@@ -98,6 +98,8 @@ cdef class Client:
                              bytes body, double deadline, list reached, bint one)
     cdef Py_ssize_t turn(self, object topic, Py_ssize_t n)
     cdef str unreachable(self, Outbox ob, list endpoints)
+    cdef int none_live(self, Outbox ob, tuple endpoints, object topic,
+                       object method) except -1
     cdef account(self, dict lost, str how)
     cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
                             int flags, double deadline, set refused) except? 0

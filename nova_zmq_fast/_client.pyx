@@ -739,12 +739,7 @@ cdef class Client:
         cdef tuple live = self.routes.live(endpoints)
         n = len(live)
         if n == 0:
-            if endpoints:
-                raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
-                                      f"last {DOWN_FOR:g}s" +
-                                      self.unreachable(ob, list(endpoints)), topic, method)
-            self.no_listeners += 1
-            raise NoListeners(None, topic, method)
+            self.none_live(ob, endpoints, topic, method)
         start = self.turn(topic, n) if n > 1 else 0
         for k in range(n):
             ep = <Endpoint>live[(start + k) % n]
@@ -842,6 +837,17 @@ cdef class Client:
                 known.append(f"{ep.address}: {why}")
         return f" ({'; '.join(known)})" if known else ""
 
+    cdef int none_live(self, Outbox ob, tuple endpoints, object topic,
+                       object method) except -1:
+        """Raise what a send with no live consumer to take it raises:
+        PeerUnreachable if discovery knows some, else NoListeners."""
+        if endpoints:
+            raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
+                                  f"last {DOWN_FOR:g}s" +
+                                  self.unreachable(ob, list(endpoints)), topic, method)
+        self.no_listeners += 1
+        raise NoListeners(None, topic, method)
+
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                            bytes body, double deadline, object topic, object method):
         """Send to one consumer: the first, round-robin, that is connected
@@ -851,12 +857,7 @@ cdef class Client:
         cdef Endpoint ep, full = None
         cdef int status
         if n == 0:
-            if endpoints:
-                raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
-                                      f"last {DOWN_FOR:g}s" +
-                                      self.unreachable(ob, list(endpoints)), topic, method)
-            self.no_listeners += 1
-            raise NoListeners(None, topic, method)
+            self.none_live(ob, endpoints, topic, method)
         cdef list reached = []
         cdef list waiting = []
         start = self.turn(topic, n) if n > 1 else 0

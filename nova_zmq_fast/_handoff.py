@@ -9,13 +9,18 @@ replier) to a `Deferred` proxy, which queues it for the other side and
 returns at once; that side calls into the service's proxy with the same
 rules as the receive loop (`Runner`) and answers through the Replier.
 
-`GreenHandoff` is the eventlet side: a GreenPool of rpc_thread_pool_size
-green threads.  When the process's server is not serving yet as its
-consumers start, the hub leads it itself (Server.lead_here): a green thread
-waits on the socket's ZMQ_FD and each turn (Server.serve_ready) spawns the
-requests' handlers, whose replies go straight out from the hub's thread.
-Otherwise the receive loop's threads fill a deque, and a pipe wakes the
-hub's dispatcher only while it sleeps.
+`GreenHandoff` is the eventlet side.  When the process's server is not
+serving yet as its consumers start, the hub leads it itself
+(Server.lead_here), as green leaders and followers: a green thread waits
+on the socket's ZMQ_FD, and a leader takes each turn (Server.serve_ready),
+running the requests' handlers itself, replies going straight out.  A
+handler that returns without waiting costs no green thread.  One that
+waits (green I/O, sleep, a nested call) parks its leader mid-turn; at the
+hub's next turn a check sees it and another leader takes the turns, up to
+rpc_thread_pool_size leaders, so a waiting handler holds up nothing
+queued behind it.  Otherwise (threads serve) the
+receive loop's threads fill a deque, a pipe wakes the hub's dispatcher
+only while it sleeps, and handlers run in a GreenPool of that size.
 """
 import collections
 import errno
@@ -44,14 +49,18 @@ class Runner:
         return self.target.run(ctxt, msg)
 
     def answer(self, replier, result):
-        """Send a result that is not awaitable (a generator streams)."""
+        """Send a result that is not awaitable (a generator streams).  A
+        cast has no replier, or one whose answer is its ACK (at least
+        once), sent once the handler is done."""
         if not inspect.isgenerator(result):
             if replier is not None:
                 replier.result(result)
             return
-        if replier is None:
+        if replier is None or replier.cast:
             for _ in result:
                 pass
+            if replier is not None:
+                replier.result(None)
         elif replier.multi:
             for value in result:
                 replier.chunk(value)
@@ -63,7 +72,7 @@ class Runner:
             replier.result(last)
 
     def fail(self, replier, msg, exc):
-        if replier is not None and not replier.done:
+        if replier is not None and not replier.done and not replier.cast:
             try:
                 replier.failure(serialize_remote_exception(exc))
             except Exception:
@@ -72,6 +81,8 @@ class Runner:
             return
         LOG.error("error handling %s on topic %s", msg.get("method", "<notification>"),
                   self.topic, exc_info=(type(exc), exc, exc.__traceback__))
+        if replier is not None:
+            replier.result(None)        # an at-least-once cast that raised was handled: ACK
 
     def run(self, ctxt, msg, replier):
         """The whole request, synchronously (a green thread's body)."""
@@ -103,6 +114,7 @@ class GreenHandoff:
     def __init__(self, pool_size):
         import eventlet
         import eventlet.greenpool
+        import eventlet.hubs
         import eventlet.queue
         self._eventlet = eventlet
         self._os = unpatched("os")          # eventlet's os.read would wait, not fail
@@ -116,6 +128,13 @@ class GreenHandoff:
         self._sleeping = False
         self._stopped = False
         self.server = None                  # the server this hub leads, if any
+        self._turns = eventlet.queue.LightQueue()
+        self._leaders = 0                   # leader green threads (hub-led server)
+        self._max_leaders = max(1, pool_size)
+        self._runs = 0                      # handlers run by leaders: the last one's number,
+        self._active = set()                # ... those not returned yet,
+        self._checking = False              # ... and a park check due at the hub's next turn
+        self._hub = eventlet.hubs.get_hub()
         self._dispatcher = eventlet.spawn(self._dispatch)
 
     def wrap(self, topic, proxy):
@@ -123,10 +142,17 @@ class GreenHandoff:
 
     def put(self, runner, ctxt, msg, replier):
         """From any thread: queue a request; wake the hub if it sleeps.  In
-        the hub's own turn, with room in the pool: spawn it now."""
-        if self.server is not None and self.pool.free() and \
-                self._ident() == self._thread:
-            self.pool.spawn_n(self._run_led, runner, ctxt, msg, replier)
+        a leader's turn (on the hub's thread): run it there and then."""
+        if self.server is not None and self._ident() == self._thread:
+            self._runs = run = self._runs + 1
+            self._active.add(run)
+            if not self._checking:
+                self._checking = True
+                self._hub.schedule_call_global(0, self._check_parked)
+            try:
+                runner.run(ctxt, msg, replier)
+            finally:
+                self._active.discard(run)
             return
         self.items.append((runner, ctxt, msg, replier))
         if self._sleeping:
@@ -139,21 +165,30 @@ class GreenHandoff:
                 self._ident() != self._thread or not server.lead_here()):
             return
         self.server = server
-        self._turns = self._eventlet.queue.LightQueue()
-        self._watcher = self._eventlet.spawn(self._watch, server.fd)
         self._dispatcher.kill()
-        self._dispatcher = self._eventlet.spawn(self._lead_turns)
+        self._watcher = self._eventlet.spawn(self._watch, server.fd)
+        self._turns.put(None)               # whatever came before the watch began
+        self._start_leader()
 
-    def _run_led(self, runner, ctxt, msg, replier):
-        try:
-            runner.run(ctxt, msg, replier)
-        finally:
-            # Its reply left outside a turn, and a send can consume the
-            # fd's edge: a turn is due.
+    def _start_leader(self):
+        self._leaders += 1
+        self._eventlet.spawn_n(self._lead_turns)
+
+    def _check_parked(self):
+        """In the hub, at its first turn after a leader ran a handler: if
+        the last handler started has not returned, it waits (green I/O,
+        sleep, a call), parking its leader mid-turn, with requests maybe
+        queued behind it.  Another leader takes over."""
+        self._checking = False
+        if self._runs in self._active:
             self.kick()
 
     def kick(self):
+        """A turn is due: to a leader waiting for one, or, with every
+        leader parked in a handler, to a new one."""
         if self.server is not None:
+            if not self._turns.getting() and self._leaders < self._max_leaders:
+                self._start_leader()
             self._turns.put(None)
 
     def _watch(self, fd):
@@ -164,26 +199,32 @@ class GreenHandoff:
             self.kick()
 
     def _lead_turns(self):
+        """One leader: a turn each time one is due, until the server stops.
+        The last leader out goes back to the pipe (a later server may serve
+        with threads)."""
         items, turns = self.items, self._turns
-        spawn = self.pool.spawn_n
-        self.kick()
-        while not self._stopped and self.server is not None:
-            turns.get()
-            while turns.qsize():
-                turns.get_nowait()
-            while items:
-                runner, ctxt, msg, replier = items.popleft()
-                spawn(self._run_led, runner, ctxt, msg, replier)  # waits while the pool is full
-            if not self.server.serve_ready():
-                # Stopped: stop watching before the socket (and its fd) closes.
-                self.server = None
-                self._watcher.kill()
-            elif items:
-                self.kick()                     # the pool was full: spawn them next
-        if not self._stopped:
-            # The server stopped; a later one may serve with threads, whose
-            # requests come through the deque and the pipe.
-            self._dispatch()
+        try:
+            while not self._stopped and self.server is not None:
+                turns.get()
+                server = self.server
+                if server is None or self._stopped:
+                    break                       # (its turn was the signal to go)
+                while turns.qsize():
+                    turns.get_nowait()
+                while items:                    # put() from another thread meanwhile
+                    runner, ctxt, msg, replier = items.popleft()
+                    self.pool.spawn_n(runner.run, ctxt, msg, replier)
+                if not server.serve_ready() and self.server is server:
+                    # Stopped: stop watching before the socket (and its fd)
+                    # closes, and let the other leaders go.
+                    self.server = None
+                    self._watcher.kill()
+                    for _ in range(self._leaders):
+                        turns.put(None)
+        finally:
+            self._leaders -= 1
+        if not self._stopped and self._leaders == 0:
+            self._dispatcher = self._eventlet.spawn(self._dispatch)
 
     def _wake(self):
         try:
@@ -216,7 +257,7 @@ class GreenHandoff:
             pass
 
     def idle(self):
-        return not self.items and self.pool.running() == 0
+        return not self.items and self.pool.running() == 0 and not self._active
 
     def wait_idle(self, timeout):
         """Wait (cooperatively on the hub's thread) until every request
@@ -243,6 +284,8 @@ class GreenHandoff:
         if self.server is not None:
             self.server = None
             self._watcher.kill()
+            for _ in range(self._leaders):      # each leader ends at its next turn
+                self._turns.put(None)
         self._dispatcher.kill()
         for fd in (self._read, self._write):
             self._os.close(fd)

@@ -96,6 +96,7 @@ cdef class Server:
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc)
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body)
+    cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id)
     cdef _close_sockets(self, int linger_ms)
 
 
@@ -105,10 +106,12 @@ cdef class Replier:
     cdef uint64_t msg_id
     cdef readonly bint done
     cdef readonly bint multi        # a multicall: values may stream (chunk, then end)
+    cdef readonly bint cast         # an at-least-once cast: its answer is the ACK
     cdef uint64_t gen               # with `thread`: a loop-led server's token, for
     cdef unsigned long thread       # replies sent straight from the loop's thread
 
     cdef uint64_t _gen(self)
 
     cdef _check(self)
+    cdef _acknowledge(self)
     cdef _send(self, int kind, bytes body)

@@ -100,11 +100,19 @@ cdef class Replier:
         raise TypeError("Replier is not supposed to be instantiated from Python")
 
     def result(self, value):
-        """The final value."""
+        """The final value (of an at-least-once cast: its handler is done,
+        and the ACK goes)."""
+        if self.cast:
+            self._acknowledge()
+            return
         self._send(KIND_RESULT, _packb(value))
 
     def failure(self, payload):
-        """The call failed; `payload` is the serialized exception."""
+        """The call failed; `payload` is the serialized exception.  (An
+        at-least-once cast whose handler raised counts as handled: ACK.)"""
+        if self.cast:
+            self._acknowledge()
+            return
         self._send(KIND_FAILURE, _packb(payload))
 
     def chunk(self, value):
@@ -119,6 +127,9 @@ cdef class Replier:
 
     def end(self):
         """The end of a multicall's stream."""
+        if self.cast:
+            self._acknowledge()
+            return
         self._send(KIND_END, b"")
 
     def heartbeat(self):
@@ -132,6 +143,12 @@ cdef class Replier:
     cdef _check(self):
         if self.server is None or self.identity is None:
             raise RuntimeError("this Replier is not bound to a call")
+
+    cdef _acknowledge(self):
+        self._check()
+        if not self.done:
+            self.done = True
+            self.server._ack(self._gen(), self.identity, self.msg_id)
 
     cdef _send(self, int kind, bytes body):
         self._check()
@@ -647,14 +664,15 @@ cdef class Server:
         has been quiet that long already stops at once."""
         cdef Header h
         cdef int got
-        cdef int quiet_ms = max(1, <int>(self.quiet * 1000))
-        cdef int wait_ms = max(0, <int>((self.quiet - (_now() - self.last_wake)) * 1000))
+        cdef double quiet_until = self.last_wake + self.quiet
         try:
             while True:
-                got = self._recv(parts, &h, wait_ms)
-                wait_ms = quiet_ms
+                got = self._recv(parts, &h, max(0, <int>((quiet_until - _now()) * 1000)))
                 if got == GOT_NOTHING:
                     break
+                if got == GOT_STOP or got == GOT_CONTROL:
+                    continue                # ours (stop() repeats STOP): not a peer's
+                quiet_until = _now() + self.quiet
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
                     self._handle(w, gen, parts, &h)
@@ -714,7 +732,7 @@ cdef class Server:
                                      zmq_msg_size(&parts[0]), KIND_ACK, msg_id, b"")
                 return                  # still running: its ACK comes when it ends
             self.seen[key] = False
-            if len(self.seen) > SEEN_MAX:
+            while len(self.seen) > SEEN_MAX:
                 self.seen.popitem(last=False)
         if kind == KIND_PING:
             self.counters[PINGS] += 1
@@ -735,23 +753,29 @@ cdef class Server:
     cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
               Consumer consumer, RpcContext ctxt, dict msg):
         cdef int kind = h.kind
-        cdef Replier replier
+        cdef bint acked = kind == KIND_CAST and h.flags & FLAG_ACK
+        cdef Replier replier = None
+        cdef bint handed_off = False
         consumer.begin()
         # Counted as it is dispatched, so a caller that got its reply never
         # sees the count without its own request.
         self.counters[HANDLED] += 1
         try:
-            if consumer.mode == PROXY_DEFERRED and kind == KIND_CALL:
+            if consumer.mode == PROXY_DEFERRED and (kind == KIND_CALL or acked):
+                # Answered later, from where the handler runs; an
+                # at-least-once cast's ACK too, once its handler is done.
                 replier = Replier.__new__(Replier)
                 replier.server = self
                 replier.identity = (<const char *>zmq_msg_data(identity))[
                     :zmq_msg_size(identity)]
                 replier.msg_id = h.msg_id
                 replier.multi = h.flags & FLAG_MULTI
+                replier.cast = acked
                 if gen == self.loop_gen:
                     replier.gen = gen
                     replier.thread = self.loop_thread
                 consumer.proxy(ctxt, msg, replier)
+                handed_off = True
             else:
                 result = consumer.invoke(ctxt, msg, kind)
                 if kind == KIND_CALL:
@@ -762,6 +786,13 @@ cdef class Server:
         except BaseException as exc:
             # BaseException too: a handler raising SystemExit or
             # KeyboardInterrupt must not stop the loop that serves everyone.
+            if replier is not None and acked:
+                acked = False
+                if not replier.done:
+                    # The hand-off failed and its handler never runs: no
+                    # ACK, and forgotten, so that the sender's resend runs it.
+                    replier.done = True
+                    self.seen.pop(_seen_key(identity, h.msg_id), None)
             if kind == KIND_CALL:
                 self._fail(w, gen, identity, h.msg_id, exc)
             else:
@@ -775,11 +806,9 @@ cdef class Server:
                                exc_info=(type(exc), exc, exc.__traceback__))
         finally:
             consumer.end()
-        if kind == KIND_CAST and h.flags & FLAG_ACK:
-            self.seen[_seen_key(identity, h.msg_id)] = True
-            self.counters[ACKS] += 1
-            self._send_reply(gen, <const char *>zmq_msg_data(identity), zmq_msg_size(identity),
-                             KIND_ACK, h.msg_id, b"")
+        if acked and not handed_off:
+            self._ack(gen, (<const char *>zmq_msg_data(identity))[:zmq_msg_size(identity)],
+                      h.msg_id)
 
     cdef _pong(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
                Subscription sub, dict msg):
@@ -795,7 +824,7 @@ cdef class Server:
                     if consumer.accepts(version, namespace):
                         ok = True
                         break
-            except Exception as exc:
+            except BaseException as exc:       # the service's code: never stops the loop
                 self._fail(w, gen, identity, h.msg_id, exc)
                 return
             if not ok:
@@ -836,6 +865,14 @@ cdef class Server:
                                   "the remote exception could not be encoded", [], ""])
         self._send_reply(gen, <const char *>zmq_msg_data(identity), zmq_msg_size(identity),
                          KIND_FAILURE, msg_id, body)
+
+    cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id):
+        """An at-least-once cast's handler is done: remember it as handled
+        (a resend is answered, not run) and tell its sender."""
+        self.seen[(identity, msg_id)] = True
+        self.counters[ACKS] += 1
+        self._send_reply(gen, PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
+                         KIND_ACK, msg_id, b"")
 
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body):
@@ -891,16 +928,23 @@ cdef class Server:
             self.sock = self.control = NULL
             return True
         self.stopping = True
-        with nogil:
-            lf_lock(&self.lf)
-            if not self.lf.closed:
-                zmq_send(self.control, b"STOP", 4, ZMQ_DONTWAIT)
-            lf_unlock(&self.lf)
         # The leader drains and closes the token; if nobody leads (never
         # started, or every worker is inside a handler) close it ourselves.
+        # STOP goes again every 50 ms: a draining leader whose handler
+        # outlasted `patience` has lost the token, and the STOP with it, to
+        # a follower now waiting for messages (and a full control pipe
+        # drops it).
         with self.threads_lock:
             started = self.started
+        next_stop = 0.0
         while not self.lf.closed:
+            if _monotonic() >= next_stop:
+                next_stop = _monotonic() + 0.05
+                with nogil:
+                    lf_lock(&self.lf)
+                    if not self.lf.closed:
+                        zmq_send(self.control, b"STOP", 4, ZMQ_DONTWAIT)
+                    lf_unlock(&self.lf)
             if not started or _monotonic() >= deadline:
                 if lf_try_close(&self.lf):
                     break

@@ -60,11 +60,12 @@ _get_ident = unpatched("threading").get_ident
 
 
 class _Waiter:
-    __slots__ = ("replies", "future")
+    __slots__ = ("replies", "future", "deadline")
 
-    def __init__(self):
+    def __init__(self, deadline):
         self.replies = collections.deque()
         self.future = None
+        self.deadline = deadline                # loop time
 
 
 class _Caller:
@@ -78,6 +79,11 @@ class _Caller:
         self.fd = self.outbox.fd
         self.waiters = {}                       # msg_id -> _Waiter
         self.watching = False
+        # One timer for every waiter, at the earliest deadline, rather than
+        # one a call: calls end long before their deadlines, which mostly
+        # come in order, so it is seldom moved.
+        self.timer = None
+        self.timer_at = None
 
     def readable(self):
         for msg_id, kind, body in self.outbox.replies():
@@ -89,8 +95,10 @@ class _Caller:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    def expect(self, msg_id):
-        waiter = self.waiters[msg_id] = _Waiter()
+    def expect(self, msg_id, deadline):
+        waiter = self.waiters[msg_id] = _Waiter(deadline)
+        if self.timer_at is None or deadline < self.timer_at:
+            self._arm(deadline)
         if not self.watching:
             self.loop.add_reader(self.fd, self.readable)
             self.watching = True
@@ -103,17 +111,40 @@ class _Caller:
         self.waiters.pop(msg_id, None)
         self.outbox.forget(msg_id)
 
+    def _arm(self, when):
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self):
+        """Wake every waiter past its deadline; the timer moves on to the
+        earliest of the others."""
+        self.timer = self.timer_at = None
+        now = self.loop.time()
+        earliest = None
+        for waiter in self.waiters.values():
+            if waiter.deadline <= now:
+                future = waiter.future
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif earliest is None or waiter.deadline < earliest:
+                earliest = waiter.deadline
+        if earliest is not None:
+            self._arm(earliest)
+
     async def next_reply(self, waiter, deadline):
         """The next reply for `waiter`, or None at `deadline` (loop time)."""
         while not waiter.replies:
             if self.loop.time() >= deadline:
                 return None
+            waiter.deadline = deadline
+            if self.timer_at is None or deadline < self.timer_at:
+                self._arm(deadline)
             future = waiter.future = self.loop.create_future()
-            timer = self.loop.call_at(deadline, _expire, future)
             try:
                 await future
             finally:
-                timer.cancel()
                 waiter.future = None
         return waiter.replies.popleft()
 
@@ -135,6 +166,9 @@ class _Caller:
             pause = min(pause * 2, PAUSE_MAX)
 
     def close(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = self.timer_at = None
         if self.watching:
             self.loop.remove_reader(self.fd)
             self.watching = False
@@ -142,11 +176,6 @@ class _Caller:
             if waiter.future is not None and not waiter.future.done():
                 waiter.future.set_result(None)
         self.waiters.clear()
-
-
-def _expire(future):
-    if not future.done():
-        future.set_result(None)
 
 
 def _caller():
@@ -184,10 +213,13 @@ async def call(context, topic, msg, timeout=None):
     caller = _caller()
     loop = caller.loop
     deadline = loop.time() + _wait_for(caller, timeout)
+    client = caller.client
     refused = set()
     while True:
-        msg_id = await caller.send(CALL, context, topic, msg, deadline, refused=refused)
-        waiter = caller.expect(msg_id)
+        msg_id = client.try_request(caller.outbox, CALL, context, topic, msg, False, refused)
+        if msg_id is None:                      # not connected yet, or full: wait and retry
+            msg_id = await caller.send(CALL, context, topic, msg, deadline, refused=refused)
+        waiter = caller.expect(msg_id, deadline)
         try:
             while True:
                 reply = await caller.next_reply(waiter, deadline)
@@ -213,7 +245,7 @@ async def multicall(context, topic, msg, timeout=None):
     wait = _wait_for(caller, timeout)
     msg_id = await caller.send(CALL, context, topic, msg, loop.time() + wait, multi=True,
                                refused=set())
-    waiter = caller.expect(msg_id)
+    waiter = caller.expect(msg_id, loop.time() + wait)
     try:
         while True:
             reply = await caller.next_reply(waiter, loop.time() + wait)
@@ -245,7 +277,9 @@ async def cast(context, topic, msg):
         # The courier carries it: handing it over never waits.
         caller.client.cast(context, topic, msg, True)
         return
-    await caller.send(CAST, context, topic, msg, caller.loop.time() + options.rpc_cast_timeout)
+    if caller.client.try_request(caller.outbox, CAST, context, topic, msg) is None:
+        await caller.send(CAST, context, topic, msg,
+                          caller.loop.time() + options.rpc_cast_timeout)
 
 
 async def fanout_cast(context, topic, msg):
@@ -309,9 +343,11 @@ class _LoopRunner(Runner):
         try:
             if not inspect.isasyncgen(result):
                 self.answer(replier, await result)
-            elif replier is None:
+            elif replier is None or replier.cast:
                 async for _ in result:
                     pass
+                if replier is not None:
+                    replier.result(None)        # the at-least-once cast's ACK
             elif replier.multi:
                 async for value in result:
                     replier.chunk(value)

@@ -86,8 +86,10 @@ def serve(host, ipc_dir):
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     print("READY", flush=True)
-    while not done.wait(0.2):
-        pass
+    # Never done.wait() here: a signal handler's done.set() would then run
+    # on this thread while it holds the event's lock, and wait for itself.
+    while not done.is_set():
+        time.sleep(0.2)
     rpc.cleanup()
 
 

@@ -168,9 +168,14 @@ class ZmqFastIncomingMessage(base.RpcIncomingMessage):
         pass                                    # RPC servers never requeue
 
     def reply(self, reply=None, failure=None):
+        # oslo's RPC server replies to every request once its method is
+        # done: for an at-least-once cast, that is when its ACK goes.
         if self._replier is None:               # a cast
             return
         try:
+            if self._replier.cast:
+                self._replier.result(None)
+                return
             if failure:
                 self._replier.failure(rpc_common.serialize_remote_exception(failure))
             else:
@@ -179,7 +184,7 @@ class ZmqFastIncomingMessage(base.RpcIncomingMessage):
             LOG.exception("could not send the reply to %s", self.message.get("method"))
 
     def heartbeat(self):
-        if self._replier is not None:
+        if self._replier is not None and not self._replier.cast:
             self._replier.heartbeat()
 
 
@@ -399,17 +404,14 @@ class ZmqFastDriver(base.BaseDriver):
 
     def send_notification(self, target, ctxt, message, version, retry=None):
         """One copy to each listener pool of the topic (round-robin within
-        a pool).  With no listener up, the notification is dropped and
-        counted: there is no broker to keep it."""
+        a pool).  With no listener up, it goes to the default pool, as a
+        broker's notifier declares that queue: held for its first listener
+        with rpc_zmq_hold_notifications, else dropped and counted."""
         client = self._runtime.client
         if version == 2.0:
             message = wrap(message)
         prefix = self._notification_topic(target)
-        pools = self._runtime.routes.topics(prefix)
-        if not pools:
-            client.notifications_dropped += 1
-            LOG.debug("notification to %s dropped: no listener", target.topic)
-        for topic in pools:
+        for topic in self._runtime.routes.topics(prefix) or (prefix,):
             client.notify(ctxt, topic, message)
 
     # -- listening -----------------------------------------------------------------

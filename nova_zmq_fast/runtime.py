@@ -353,9 +353,11 @@ class Connection:
             self._consuming = True
 
     def wait(self):
-        """Block until the connection is closed (by another thread)."""
-        while not self._closed.wait(0.5):
-            pass
+        """Block until the connection is closed (by another thread, or a
+        signal handler: this thread holds no lock while it waits, so a
+        handler that calls close() on it cannot wait for itself)."""
+        while not self._closed.is_set():
+            time.sleep(0.05)
 
     def close(self):
         """Stop consuming: withdraw from discovery, finish the queued work

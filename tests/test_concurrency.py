@@ -5,12 +5,19 @@ across models on the same wire and discovery."""
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from tests.conftest import ROOT, ChildProcess
+from tests.conftest import ROOT, ChildProcess, wait_until
 
 MODELS = ("threads", "eventlet", "asyncio")
+
+
+def model_service(model, host, topic, ipc_dir):
+    return ChildProcess(host, [
+        sys.executable, "-m", "tests.helpers.model_service", model, "--host", host,
+        "--topic", topic, "--ipc-dir", str(ipc_dir)])
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +25,7 @@ def model_services(ipc_dir):
     started = {}
     try:
         for model in MODELS:
-            started[model] = ChildProcess(
-                f"{model}-service",
-                [sys.executable, "-m", "tests.helpers.model_service", model, "--host",
-                 f"svc-{model}", "--topic", f"conc-{model}", "--ipc-dir", str(ipc_dir)])
+            started[model] = model_service(model, f"svc-{model}", f"conc-{model}", ipc_dir)
         yield started
     finally:
         codes = {m: s.stop() for m, s in started.items()}
@@ -53,3 +57,56 @@ def test_behaviour_suite(model_services, ipc_dir, client, service):
 def test_services_report_their_model(model_services, client):
     for model in MODELS:
         assert client.call({}, f"conc-{model}", {"method": "model"}) == model
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_at_least_once_cast_is_acknowledged_when_its_handler_ends(ipc_dir, client, model):
+    """Killed while its handler runs (a coroutine, a green thread, a
+    thread), the cast was never acknowledged: it goes to another server."""
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                rpc_zmq_heartbeat_interval=0.3, rpc_zmq_heartbeat_timeout=1.0,
+                rpc_zmq_ack_timeout=30)
+    topic, key = f"alo-hold-{model}", f"k-{model}"
+    victim = model_service(model, f"victim-{model}", topic, ipc_dir)
+    survivor = None
+    try:
+        client.cast({}, topic, {"method": "hold", "args": {"key": key, "on": victim.name}},
+                    at_least_once=True)
+        # Its handler has started (and stays busy on that host) ...
+        assert client.call({}, f"{topic}.{victim.name}", {
+            "method": "wait_for", "args": {"key": key, "n": 1}}) == 1
+        assert client.stats()["client"]["at_least_once_pending"] == 1
+        survivor = model_service("threads", f"survivor-{model}", topic, ipc_dir)
+        victim.kill()
+        # ... so the cast is sent again, and the other server runs it.
+        assert client.call({}, f"{topic}.{survivor.name}", {
+            "method": "wait_for", "args": {"key": key, "n": 1}}) == 1
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 1, 10)
+        assert client.stats()["client"]["at_least_once_resent"] >= 1
+    finally:
+        victim.kill()
+        if survivor is not None:
+            assert survivor.stop() == 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_waiting_handler_holds_up_no_request_queued_behind_it(ipc_dir, client, model):
+    """A cast right behind one whose handler waits, on the same connection,
+    with nothing else reaching the service meanwhile (probes far apart, a
+    service that calls nobody): handled while the first still waits."""
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                rpc_zmq_heartbeat_interval=30, rpc_zmq_heartbeat_timeout=90)
+    topic, pause = f"hold-up-{model}", 8
+    service = model_service(model, f"hold-up-{model}", topic, ipc_dir)
+    got = threading.Event()
+    conn = client.create_connection()
+    try:
+        conn.create_consumer(f"back-{model}", lambda ctxt, msg: got.set())
+        conn.consume_in_thread()
+        client.cast({}, topic, {"method": "pause", "args": {"seconds": pause}})
+        client.cast({}, topic, {"method": "cast_back",
+                                "args": {"topic": f"back-{model}", "value": 1}})
+        assert got.wait(pause / 2), "held up behind the waiting handler"
+    finally:
+        conn.close()
+        assert service.stop() == 0

@@ -170,6 +170,29 @@ def test_a_base_exception_in_a_handler_does_not_stop_the_loop(services, client, 
     assert wait_until(lambda: client.call(CTX, "svc.h1", msg("stats"))["handler_errors"] > 0, 10)
 
 
+def test_a_base_exception_from_a_version_check_does_not_stop_the_loop(client):
+    """A ping naming a version asks the consumer's accepts(), the service's
+    code, from the receive loop itself."""
+    class Strict:
+        def dispatch(self, ctxt, version, method, namespace, **args):
+            return method
+
+        def accepts(self, version, namespace):
+            if version == "9.9":
+                raise SystemExit("no")
+            return True
+    conn = client.create_connection()
+    try:
+        conn.create_consumer("strict", Strict())
+        conn.consume_in_thread()
+        answer, = client.ping("strict", version="9.9")
+        assert "SystemExit" in repr(answer["error"])
+        assert client.call(CTX, "strict", msg("still")) == "still"
+        assert "error" not in client.ping("strict", version="1.0")[0]
+    finally:
+        conn.close()
+
+
 # -- liveness -------------------------------------------------------------------------
 
 def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client):

@@ -187,6 +187,31 @@ def test_at_least_once_casts_are_acknowledged_by_the_server(servers, transport):
     assert sorted(got) == sorted(f"{key}-{i}" for i in range(20))
 
 
+def test_an_at_least_once_cast_is_acknowledged_once_its_method_returns(registry, transport):
+    """The ACK goes when the RPC server replies, after the endpoint's
+    method: a server killed while the method runs never acknowledged it,
+    and the cast runs on another server."""
+    url = zmqfast_url(registry)
+    victim, = start_all(service("rpc", "v1", url, topic="alo-hold"))
+    survivor = None
+    try:
+        rpc = client(transport, topic="alo-hold",
+                     transport_options=messaging.TransportOptions(at_least_once=True))
+        courier = transport._driver._runtime.courier
+        key = uuid.uuid4().hex
+        rpc.cast({}, "hold", value=key, on="v1")
+        assert wait_until(lambda: key in records(transport, "v1", topic="alo-hold"), 10)
+        assert courier.stats()["at_least_once_pending"] == 1     # still running: no ACK
+        survivor, = start_all(service("rpc", "v2", url, topic="alo-hold"))
+        victim.kill()
+        assert wait_until(lambda: key in records(transport, "v2", topic="alo-hold"), 30)
+        assert wait_until(lambda: courier.stats()["at_least_once_pending"] == 0, 10)
+    finally:
+        victim.kill()
+        if survivor is not None:
+            assert survivor.stop() == 0
+
+
 def test_concurrent_calls_time_out_each_on_its_own(servers, transport):
     results = {}
 
@@ -454,6 +479,31 @@ def test_a_notification_with_no_listener_is_dropped_and_counted(notifier):
                            publisher_id="t")
     n.info({}, "event", {})
     assert notifier._driver._runtime.client.stats()["notifications_dropped"] == 1
+
+
+def test_held_notifications_reach_the_default_pool_that_starts_later(registry, no_leaks,
+                                                                     transport):
+    notifier = messaging.get_notification_transport(
+        cfg.CONF, url=zmqfast_url(registry, rpc_zmq_hold_notifications=10))
+    topic = f"held-{uuid.uuid4().hex[:8]}"
+    listener = None
+    try:
+        n = messaging.Notifier(notifier, driver="messaging", topics=[topic], publisher_id="t")
+        for i in range(3):
+            n.info({}, "event", {"i": i})
+        courier = notifier._driver._runtime.courier
+        assert courier.stats()["notifications_held"] == 3
+        listener = service("notify", "late", zmqfast_url(registry), topic=topic).wait_ready()
+        assert wait_until(lambda: len(listener_records(transport, "late")) == 3, 15)
+        assert sorted(r["payload"]["i"] for r in listener_records(transport, "late")) == \
+            [0, 1, 2]
+        assert courier.stats()["notifications_held"] == 0
+        assert courier.stats()["notifications_held_delivered"] == 3
+        assert notifier._driver._runtime.client.stats()["notifications_dropped"] == 0
+    finally:
+        if listener is not None:
+            assert listener.stop() == 0
+        notifier.cleanup()
 
 
 # -- configuration and cleanup ----------------------------------------------------------

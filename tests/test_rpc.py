@@ -1,6 +1,7 @@
 """The Nova RPC API across processes: two services (h1, h2) on the embedded
 discovery, and this test process as the client."""
 import os
+import signal
 import threading
 import time
 import uuid
@@ -373,6 +374,23 @@ def test_wait_returns_when_closed_from_another_thread(ipc_dir, client):
     start = time.monotonic()
     conn.wait()
     assert time.monotonic() - start < 5
+
+
+def test_wait_returns_when_a_signal_handler_closes_the_connection(ipc_dir, client):
+    # The way a service stops on SIGTERM: the handler runs on the thread
+    # that waits.
+    conn = client.create_connection()
+    conn.create_consumer("waiter-signal", lambda ctxt, m: None)
+    conn.consume_in_thread()
+    old = signal.signal(signal.SIGALRM, lambda *_: conn.close())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        conn.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    with pytest.raises(client.NoListeners):
+        client.call(CTX, "waiter-signal", msg("anything"))
 
 
 def test_shared_connection(ipc_dir, client):

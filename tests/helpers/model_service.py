@@ -30,8 +30,9 @@ WAIT = 10           # every wait inside a handler is bounded
 class Base:
     """What every model answers alike."""
 
-    def __init__(self, topic):
+    def __init__(self, topic, host):
         self.topic = topic
+        self.host = host
         self.records = {}
 
     def echo(self, ctxt, value):
@@ -51,8 +52,8 @@ class Base:
 
 
 class Threads(Base):
-    def __init__(self, topic):
-        super().__init__(topic)
+    def __init__(self, topic, host):
+        super().__init__(topic, host)
         self.q = queue.Queue()
         self.changed = threading.Condition()
 
@@ -79,8 +80,17 @@ class Threads(Base):
         time.sleep(seconds)
         return seconds
 
+    def hold(self, ctxt, key, on):
+        """Record `key`; on host `on`, then stay busy (bounded)."""
+        self.record(ctxt, key)
+        if self.host == on:
+            self.pause(ctxt, WAIT)
+
     def relay(self, ctxt, topic, value):
         return rpc.call(ctxt, topic, {"method": "echo", "args": {"value": value}}, timeout=WAIT)
+
+    def cast_back(self, ctxt, topic, value):
+        rpc.cast(ctxt, topic, {"method": "got", "args": {"value": value}})
 
     def stream(self, ctxt, n):
         for i in range(n):
@@ -90,8 +100,8 @@ class Threads(Base):
 class Green(Threads):
     """Under eventlet: eventlet's own queue, events and spawn."""
 
-    def __init__(self, topic):
-        super().__init__(topic)
+    def __init__(self, topic, host):
+        super().__init__(topic, host)
         self.q = eventlet.queue.Queue()
         self.changed = None
         self.events = {}
@@ -137,8 +147,8 @@ class Green(Threads):
 class Async(Base):
     """Under asyncio: coroutines, tasks, asyncio queues."""
 
-    def __init__(self, topic):
-        super().__init__(topic)
+    def __init__(self, topic, host):
+        super().__init__(topic, host)
         self.q = asyncio.Queue()
         self.changed = asyncio.Condition()
 
@@ -172,10 +182,19 @@ class Async(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    async def hold(self, ctxt, key, on):
+        await self.record(ctxt, key)
+        if self.host == on:
+            await self.pause(ctxt, WAIT)
+
     async def relay(self, ctxt, topic, value):
         from nova_zmq_fast import aio
         return await aio.call(ctxt, topic, {"method": "echo", "args": {"value": value}},
                               timeout=WAIT)
+
+    async def cast_back(self, ctxt, topic, value):
+        from nova_zmq_fast import aio
+        await aio.cast(ctxt, topic, {"method": "got", "args": {"value": value}})
 
     async def stream(self, ctxt, n):
         for i in range(n):
@@ -200,7 +219,7 @@ def main():
 
 def serve_sync(args):
     conn = rpc.create_connection()
-    service = (Green if MODEL == "eventlet" else Threads)(args.topic)
+    service = (Green if MODEL == "eventlet" else Threads)(args.topic, args.host)
     conn.create_consumer(args.topic, service)
     conn.create_consumer(args.topic, service, fanout=True)
     conn.consume_in_thread()
@@ -217,8 +236,10 @@ def serve_sync(args):
     else:
         threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     print("READY", conn.address, flush=True)
-    while not done.wait(0.2):
-        pass
+    # Never done.wait() here: a signal handler's done.set() would then run
+    # on this thread while it holds the event's lock, and wait for itself.
+    while not done.is_set():
+        time.sleep(0.2)
     conn.close()                        # from a green thread, under eventlet
     rpc.cleanup()
 
@@ -227,7 +248,7 @@ async def serve_async(args):
     from nova_zmq_fast import aio
     loop = asyncio.get_running_loop()
     conn = aio.create_connection()
-    service = Async(args.topic)
+    service = Async(args.topic, args.host)
     conn.create_consumer(args.topic, service)
     conn.create_consumer(args.topic, service, fanout=True)
     conn.consume_in_thread()

@@ -72,6 +72,12 @@ def main():
             with lock:
                 received.append(value)
 
+        def hold(self, ctxt, value, on):
+            """Record `value`; on server `on`, then stay busy (bounded)."""
+            self.record(ctxt, value)
+            if args.name == on:
+                time.sleep(10)
+
         def records(self, ctxt):
             with lock:
                 return list(received)

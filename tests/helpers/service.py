@@ -172,8 +172,10 @@ def main():
     # The test process holds our stdin: if it dies, stdin closes and we go.
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     print("READY", conn.address, flush=True)
-    while not done.wait(0.2):
-        pass
+    # Never done.wait() here: a signal handler's done.set() would then run
+    # on this thread while it holds the event's lock, and wait for itself.
+    while not done.is_set():
+        time.sleep(0.2)
     rpc.cleanup()
     sys.exit(0)
 

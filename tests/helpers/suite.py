@@ -237,6 +237,21 @@ async def async_checks(topic):
         raise AssertionError("no Timeout")
     yield "a call times out", timeout
 
+    async def timeouts_each_on_its_own():
+        # A short timeout started after a long one expires first: each
+        # call's deadline holds, whatever the others'.
+        done = []
+
+        async def one(name, seconds, timeout):
+            try:
+                await call(CTX, topic, m("pause", seconds=seconds), timeout=timeout)
+                done.append(name)
+            except rpc.Timeout:
+                done.append(f"{name} timed out")
+        await asyncio.gather(one("long", 1.5, 20), one("short", 3, 0.3))
+        expect(done, ["short timed out", "long"])
+    yield "concurrent calls time out each on its own", timeouts_each_on_its_own
+
     async def bad_arguments():
         for bad in ({"args": {}}, "not a dict"):
             try:
