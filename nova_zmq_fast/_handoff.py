@@ -25,18 +25,20 @@ only while it sleeps, and handlers run in a GreenPool of that size.
 import collections
 import errno
 import inspect
-import logging
 import sys
 
 from nova_zmq_fast._dispatch import consumer as _standalone
 from nova_zmq_fast._green import unpatched
+from nova_zmq_fast._server import log_handler_error
 from nova_zmq_fast.exceptions import serialize_remote_exception
-
-LOG = logging.getLogger("nova_zmq_fast.server")
 
 
 class Runner:
     """Calls into a proxy as the receive loop does, and answers."""
+
+    # Told of an error no caller sees: the serving Server's handler_error()
+    # once the runtime attached this runner to it (it counts too).
+    errors = staticmethod(log_handler_error)
 
     def __init__(self, topic, proxy):
         self.topic = topic
@@ -79,8 +81,7 @@ class Runner:
                 replier.failure(["builtins", "RuntimeError",
                                  "the remote exception could not be encoded", [], ""])
             return
-        LOG.error("error handling %s on topic %s", msg.get("method", "<notification>"),
-                  self.topic, exc_info=(type(exc), exc, exc.__traceback__))
+        self.errors(self.topic, msg.get("method", "<notification>"), exc)
         if replier is not None:
             replier.result(None)        # an at-least-once cast that raised was handled: ACK
 

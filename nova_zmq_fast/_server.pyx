@@ -60,6 +60,14 @@ from nova_zmq_fast.exceptions import (
 LOG = logging.getLogger("nova_zmq_fast.server")
 PEERS_LOG = RateLimitedLog(LOG)
 
+
+def log_handler_error(topic, method, exc):
+    """Log the error of a handler that no caller is told of (a cast's, a
+    notification's).  Peers can cause these by the thousand: at a bounded
+    rate per topic, with the traceback of the first of each interval."""
+    PEERS_LOG.error(("handler", topic), "error handling %s on topic %s", method, topic,
+                    exc_info=(type(exc), exc, exc.__traceback__))
+
 cdef extern from "Python.h":
     bint PyGen_Check(object o)
 
@@ -797,13 +805,8 @@ cdef class Server:
                 self._fail(w, gen, identity, h.msg_id, exc)
             else:
                 # (An at-least-once cast whose handler raised counts as
-                # handled: its ACK follows.)  Peers can cause these by the
-                # thousand: rate-limited, with the traceback of the first of
-                # each interval.
-                self.counters[HANDLER_ERRORS] += 1
-                self.log.error(("handler", consumer.topic), "error handling %s on topic %s",
-                               msg.get("method", "<notification>"), consumer.topic,
-                               exc_info=(type(exc), exc, exc.__traceback__))
+                # handled: its ACK follows.)
+                self.handler_error(consumer.topic, msg.get("method", "<notification>"), exc)
         finally:
             consumer.end()
         if acked and not handed_off:
@@ -911,6 +914,13 @@ cdef class Server:
 
     def stats(self):
         return {name: self.counters[i] for i, name in enumerate(_COUNTER_NAMES)}
+
+    def handler_error(self, topic, method, exc):
+        """A handler of `topic` raised and no caller is told: counted in
+        stats() and logged at a bounded rate.  From any thread (the
+        receive loop, or wherever a deferred consumer runs handlers)."""
+        self.counters[HANDLER_ERRORS] += 1
+        log_handler_error(topic, method, exc)
 
     @property
     def running(self):

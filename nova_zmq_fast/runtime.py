@@ -15,6 +15,7 @@ from nova_zmq_fast._client import Client
 from nova_zmq_fast._courier import Courier
 from nova_zmq_fast._curve import AllowList, Authenticator
 from nova_zmq_fast._envelope import check_topic
+from nova_zmq_fast._handoff import Deferred, GreenHandoff, ThreadHandoff
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._routes import Endpoint, RouteTable
 from nova_zmq_fast._server import PEERS_LOG, serve
@@ -162,6 +163,8 @@ class Runtime:
         with self.lock:
             server = self.serve()
             consumer = server.add_consumer(topic, fanout, proxy, deferred, conn)
+            if isinstance(proxy, Deferred):
+                proxy.runner.errors = server.handler_error
             if start:
                 server.start()
             return consumer
@@ -175,10 +178,8 @@ class Runtime:
         with self.lock:
             if self.handoff is None:
                 if self.client.green:
-                    from nova_zmq_fast._handoff import GreenHandoff
                     self.handoff = GreenHandoff(self.options.rpc_thread_pool_size)
                 elif self.server is not None and self.server.loop_led:
-                    from nova_zmq_fast._handoff import ThreadHandoff
                     self.handoff = ThreadHandoff(self.options.rpc_thread_pool_size)
             return self.handoff
 

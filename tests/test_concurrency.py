@@ -110,3 +110,24 @@ def test_a_waiting_handler_holds_up_no_request_queued_behind_it(ipc_dir, client,
     finally:
         conn.close()
         assert service.stop() == 0
+
+
+def test_errors_of_cast_handlers_are_counted_and_logged_at_a_bounded_rate(
+        model_services, client):
+    """Under every model, not only where the receive loop runs handlers:
+    a peer that makes a cast handler raise by the hundred cannot flood the
+    service's log, and stats() counts every error."""
+    n = 200
+    topics = {model: f"conc-{model}.svc-{model}" for model in MODELS}
+    before = {m: client.call({}, t, {"method": "handler_errors"}) for m, t in topics.items()}
+    for topic in topics.values():
+        for _ in range(n):
+            client.cast({}, topic, {"method": "fail", "args": {"text": "x"}})
+    for model, topic in topics.items():
+        def counted():
+            return client.call({}, topic, {"method": "handler_errors"})["counted"]
+        assert wait_until(lambda: counted() >= before[model]["counted"] + n, 20), model
+        seen = client.call({}, topic, {"method": "handler_errors"})
+        assert seen["counted"] == before[model]["counted"] + n, (model, seen)
+        # At most one record per 10 s interval, the rest held back.
+        assert seen["logged"] - before[model]["logged"] <= 3, (model, before[model], seen)

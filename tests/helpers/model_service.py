@@ -16,6 +16,7 @@ if MODEL == "eventlet":
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
 import signal  # noqa: E402
@@ -25,6 +26,21 @@ import time  # noqa: E402
 from nova_zmq_fast import rpc  # noqa: E402
 
 WAIT = 10           # every wait inside a handler is bounded
+
+
+class CountHandlerErrors(logging.Handler):
+    """Counts the log records of handler errors this process writes."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record):
+        if record.getMessage().startswith("error handling"):
+            self.count += 1
+
+
+LOGGED = CountHandlerErrors()
 
 
 class Base:
@@ -49,6 +65,10 @@ class Base:
 
     def record(self, ctxt, key):
         self.records[key] = self.records.get(key, 0) + 1
+
+    def handler_errors(self, ctxt):
+        """How many handler errors the server counted, and how many it logged."""
+        return {"counted": self.conn.stats()["handler_errors"], "logged": LOGGED.count}
 
 
 class Threads(Base):
@@ -210,6 +230,7 @@ def main():
     parser.add_argument("--ipc-dir", required=True)
     args = parser.parse_args()
     rpc.init(rpc_zmq_host=args.host, rpc_zmq_ipc_dir=args.ipc_dir, rpc_zmq_linger=2)
+    logging.getLogger("nova_zmq_fast").addHandler(LOGGED)
     if args.model == "asyncio":
         asyncio.run(serve_async(args))
     else:
@@ -220,6 +241,7 @@ def main():
 def serve_sync(args):
     conn = rpc.create_connection()
     service = (Green if MODEL == "eventlet" else Threads)(args.topic, args.host)
+    service.conn = conn
     conn.create_consumer(args.topic, service)
     conn.create_consumer(args.topic, service, fanout=True)
     conn.consume_in_thread()
@@ -249,6 +271,7 @@ async def serve_async(args):
     loop = asyncio.get_running_loop()
     conn = aio.create_connection()
     service = Async(args.topic, args.host)
+    service.conn = conn
     conn.create_consumer(args.topic, service)
     conn.create_consumer(args.topic, service, fanout=True)
     conn.consume_in_thread()
