@@ -5,6 +5,7 @@ sockets, this test process as the client."""
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from tests.helpers.ledger import balanced
 from tests.conftest import (
-    ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
+    ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
 
 CTX = {"user_id": "u"}
 
@@ -191,6 +192,64 @@ def test_a_base_exception_from_a_version_check_does_not_stop_the_loop(client):
         assert "error" not in client.ping("strict", version="1.0")[0]
     finally:
         conn.close()
+
+
+# A service whose logging configuration raises, once, on the first handler
+# error it sees: the one thing left that can break the receive loop.
+FRAGILE = """
+import logging, signal, sys, threading, time
+from nova_zmq_fast import rpc
+
+class RaiseOnce(logging.Filter):
+    fired = False
+    def filter(self, record):
+        if not self.fired and record.getMessage().startswith("error handling"):
+            self.fired = True
+            raise SystemExit("a logging filter that raises")
+        return True
+
+class Service:
+    def echo(self, ctxt, value):
+        return value
+    def boom(self, ctxt):
+        raise ValueError("boom")
+
+logging.getLogger("nova_zmq_fast.server").addFilter(RaiseOnce())
+rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="fragile")
+conn = rpc.create_connection()
+conn.create_consumer("fragile", Service())
+conn.consume_in_thread()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("READY", conn.address, flush=True)
+while not done.is_set():
+    time.sleep(0.05)
+rpc.cleanup()
+"""
+
+
+def test_a_receive_loop_that_dies_withdraws_its_process_at_once(ipc_dir, client):
+    """The process lives on, but nobody is sent work it can no longer
+    take: calls fail at once with NoListeners instead of timing out."""
+    fragile = ChildProcess("fragile", [sys.executable, "-c", FRAGILE, str(ipc_dir)])
+    try:
+        assert client.call(CTX, "fragile", msg("echo", value=1)) == 1
+        client.cast(CTX, "fragile", msg("boom"))
+
+        def withdrawn():
+            try:
+                client.call(CTX, "fragile", msg("echo", value=2), timeout=1)
+            except client.NoListeners:
+                return True
+            except client.Timeout:          # sent before the withdrawal reached us
+                return False
+            return False
+        assert wait_until(withdrawn, 10)
+        assert fragile.proc.poll() is None
+    finally:
+        code = fragile.stop()
+    assert code == 0
 
 
 # -- liveness -------------------------------------------------------------------------
