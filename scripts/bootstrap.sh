@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this checkout on a Debian/Ubuntu machine: the system packages that
 # are missing (libzmq3-dev, pkg-config, C compilers, venv; mount for
-# scripts/wheel.sh's namespace; redis-server and iproute2 for the tests' own
-# Redis and network namespaces), a virtualenv in
+# scripts/wheel.sh's namespace; redis-server, iproute2 and openssl for the tests' own
+# Redis (with TLS) and network namespaces), a virtualenv in
 # .venv and an in-place build of the Cython core with the test extras.
 # Safe to run again: it rebuilds only when a source or build file changed.
 set -euo pipefail
@@ -16,7 +16,7 @@ as_root() {
 }
 
 missing=()
-for pkg in libzmq3-dev pkg-config gcc clang mount redis-server iproute2; do
+for pkg in libzmq3-dev pkg-config gcc clang mount redis-server iproute2 openssl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)

@@ -173,29 +173,70 @@ def count_on(rpc_mod, service_topic, key):
     return rpc_mod.call({}, service_topic, {"method": "count", "args": {"key": key}})
 
 
+def make_certificates(directory):
+    """A CA, a certificate for 127.0.0.1 and a client certificate signed by
+    it, and a second CA that signed nothing here (openssl; EC keys)."""
+    d = str(directory)
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-days", "2", "-subj", f"/CN={ca}")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+                *(["-extfile", "san.ext"] if name == "server" else []))
+    return {name: os.path.join(d, name) for name in (
+        "ca.crt", "other-ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
 class RedisServer:
     """A redis-server of the test's own on a free loopback port, without
     persistence, that can be stopped and started again on the same port
-    (a Redis outage)."""
+    (a Redis outage).  With `certificates` (make_certificates()), it
+    speaks only TLS and requires a client certificate."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, certificates=None):
         self.dir = str(directory)
         self.port = free_port()
         self.proc = None
+        self.certs = certificates
 
     @property
     def options(self):
         """rpc.init() options for discovery through this server."""
-        return {"rpc_zmq_matchmaker": "redis", "matchmaker_redis_host": "127.0.0.1",
-                "matchmaker_redis_port": self.port}
+        options = {"rpc_zmq_matchmaker": "redis", "matchmaker_redis_host": "127.0.0.1",
+                   "matchmaker_redis_port": self.port}
+        if self.certs:
+            options.update(matchmaker_redis_ssl=True,
+                           matchmaker_redis_ssl_ca_certs=self.certs["ca.crt"],
+                           matchmaker_redis_ssl_certfile=self.certs["client.crt"],
+                           matchmaker_redis_ssl_keyfile=self.certs["client.key"])
+        return options
 
     def client(self):
         import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        tls = {} if not self.certs else {
+            "ssl": True, "ssl_ca_certs": self.certs["ca.crt"],
+            "ssl_certfile": self.certs["client.crt"], "ssl_keyfile": self.certs["client.key"]}
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **tls)
 
     def start(self):
+        ports = ["--port", str(self.port)]
+        if self.certs:
+            ports = ["--port", "0", "--tls-port", str(self.port),
+                     "--tls-cert-file", self.certs["server.crt"],
+                     "--tls-key-file", self.certs["server.key"],
+                     "--tls-ca-cert-file", self.certs["ca.crt"], "--tls-auth-clients", "yes"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            ["redis-server", *ports, "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with self.client() as r:

@@ -538,10 +538,20 @@ def test_the_backend_is_named_in_the_scheme(tmp_path):
                 options.matchmaker_redis_db) == ("redis", "10.0.0.5", 6380, "s3cret", 3)
     finally:
         transport.cleanup()
+    transport = messaging.get_rpc_transport(
+        cfg.CONF, url=f"zmqfast+redis://127.0.0.1:6380/?matchmaker_redis_ssl=true"
+                      f"&matchmaker_redis_ssl_ca_certs={__file__}")
+    try:
+        options = transport._driver._options
+        assert (options.matchmaker_redis_ssl, options.matchmaker_redis_ssl_ca_certs) == \
+            (True, __file__)
+    finally:
+        transport.cleanup()
 
 
 @pytest.mark.parametrize("url", ["zmqfast+zookeeper://127.0.0.1:2181/",
                                  "zmqfast+redis://127.0.0.1:6379/not-a-db",
+                                 "zmqfast+redis://127.0.0.1:6379/?matchmaker_redis_ssl_certfile=x",
                                  "zmqfast://?rpc_zmq_port=not-a-port",
                                  "zmqfast://?rpc_zmq_matchmaker=bogus",
                                  "zmqfast://?rpc_cast_timeout=-1",

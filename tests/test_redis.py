@@ -2,6 +2,7 @@
 processes and this test process as the client.  The same scenarios across
 hosts run in network namespaces (test_cluster.py)."""
 import logging
+import shutil
 import subprocess
 import time
 
@@ -11,7 +12,7 @@ from nova_zmq_fast._routes import Endpoint, RouteTable
 from nova_zmq_fast.exceptions import DiscoveryUnavailable
 from nova_zmq_fast.matchmaker.redis import RedisBackend
 from nova_zmq_fast.options import Options
-from tests.conftest import ServiceProcess, free_port, wait_until
+from tests.conftest import RedisServer, ServiceProcess, free_port, make_certificates, wait_until
 
 CTX = {"user_id": "u"}
 TTL = {"matchmaker_heartbeat_freq": 0.25, "matchmaker_heartbeat_ttl": 1.5}
@@ -214,3 +215,62 @@ def test_url_options():
     with pytest.raises(ValueError, match="ttl"):
         Options.from_conf(rpc_zmq_matchmaker="redis", matchmaker_heartbeat_freq=5,
                           matchmaker_heartbeat_ttl=2)
+
+
+# -- TLS ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A redis-server that speaks only TLS and requires a client certificate."""
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip("redis-server and openssl are needed (scripts/bootstrap.sh installs them)")
+    (tmp_path / "certs").mkdir()
+    server = RedisServer(tmp_path, make_certificates(tmp_path / "certs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_discovery_over_tls(tls_redis, tmp_path, client):
+    svc = service("t1", tls_redis, tmp_path, topic="sealed")
+    try:
+        client.init(rpc_zmq_host="client", **options(tls_redis))
+        assert client.call(CTX, "sealed", msg("whoami")) == "t1"
+        with tls_redis.client() as r:
+            assert r.sismember("nzf:topic:d:sealed", svc.address)
+    finally:
+        assert svc.stop() == 0
+
+
+@pytest.mark.parametrize("change", [
+    "plaintext", "a CA that did not sign Redis's certificate", "no client certificate"])
+def test_discovery_refuses_a_tls_redis_it_cannot_verify_or_is_refused_by(tls_redis, change):
+    certs = tls_redis.certs
+    opts = options(tls_redis, matchmaker_redis_ssl=True, matchmaker_redis_ssl_ca_certs="",
+                   matchmaker_redis_ssl_certfile="", matchmaker_redis_ssl_keyfile="")
+    opts.update({
+        "plaintext": {"matchmaker_redis_ssl": False},
+        "a CA that did not sign Redis's certificate": {
+            "matchmaker_redis_ssl_ca_certs": certs["other-ca.crt"],
+            "matchmaker_redis_ssl_certfile": certs["client.crt"],
+            "matchmaker_redis_ssl_keyfile": certs["client.key"]},
+        "no client certificate": {"matchmaker_redis_ssl_ca_certs": certs["ca.crt"]},
+    }[change])
+    backend = RedisBackend(Options.from_conf(**opts))
+    try:
+        with pytest.raises(DiscoveryUnavailable):
+            backend.fetch("sealed", False)
+    finally:
+        backend.close()
+
+
+def test_tls_options_are_checked_before_anything_is_sent(tmp_path, client):
+    with pytest.raises(ValueError, match="matchmaker_redis_ssl is not"):
+        client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl_ca_certs=str(tmp_path))
+    with pytest.raises(ValueError, match="cannot be read"):
+        client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl=True,
+                    matchmaker_redis_ssl_ca_certs=str(tmp_path / "missing.crt"))
+    with pytest.raises(ValueError, match="needs matchmaker_redis_ssl_certfile"):
+        client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl=True,
+                    matchmaker_redis_ssl_keyfile=str(tmp_path))

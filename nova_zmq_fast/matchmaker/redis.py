@@ -24,6 +24,10 @@ on the socket each time, the cached routes stay in use, and registrations
 are retried with backoff.  The outage is logged once, and the recovery once.
 For `matchmaker_heartbeat_ttl` seconds after Redis lost its data, an empty
 answer is not believed, because servers are still registering again.
+
+With `matchmaker_redis_ssl`, every connection (to Redis and to Sentinels)
+is TLS with Redis's certificate and host name verified; a Redis that fails
+verification is unreachable, like any other outage, never used in clear.
 """
 import json
 import logging
@@ -76,6 +80,16 @@ class RedisBackend(Backend):
                "name (matchmaker_redis_sentinel_service) instead of matchmaker_redis_host."),
         Option("matchmaker_redis_sentinel_service", "str", "mymaster",
                "Name of the Redis master the Sentinels monitor."),
+        Option("matchmaker_redis_ssl", "bool", False,
+               "Talk to Redis (and its Sentinels) over TLS, verifying its certificate "
+               "and host name."),
+        Option("matchmaker_redis_ssl_ca_certs", "str", "",
+               "CA bundle that signed Redis's certificate (empty: the system's)."),
+        Option("matchmaker_redis_ssl_certfile", "str", "",
+               "This process's client certificate, for a Redis that requires one "
+               "(tls-auth-clients)."),
+        Option("matchmaker_redis_ssl_keyfile", "str", "",
+               "The private key of matchmaker_redis_ssl_certfile (empty: in that file)."),
         Option("matchmaker_heartbeat_freq", "float", 1,
                "Seconds between a server's registration heartbeats."),
         Option("matchmaker_heartbeat_ttl", "float", 5,
@@ -94,16 +108,17 @@ class RedisBackend(Backend):
         timeout = SOCKET_TIMEOUT
         # Retries and backoff are ours (see _execute): redis-py's own would
         # make every lookup during an outage wait seconds.
+        tls = _tls_options(options)
         common = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                   "retry": Retry(NoBackoff(), 0),
                   "password": options.matchmaker_redis_password or None,
-                  "db": options.matchmaker_redis_db}
+                  "db": options.matchmaker_redis_db, **tls}
         if options.matchmaker_redis_sentinels:
             from redis.sentinel import Sentinel
             sentinels = [_parse_host_port(s, 26379) for s in options.matchmaker_redis_sentinels]
             sentinel = Sentinel(sentinels, sentinel_kwargs={
                 "socket_timeout": timeout, "socket_connect_timeout": timeout,
-                "retry": Retry(NoBackoff(), 0)})
+                "retry": Retry(NoBackoff(), 0), **tls})
             self._sentinels = sentinel.sentinels
             self.redis = sentinel.master_for(options.matchmaker_redis_sentinel_service, **common)
             self._where = f"sentinels {', '.join(options.matchmaker_redis_sentinels)}"
@@ -132,6 +147,7 @@ class RedisBackend(Backend):
     def validate(cls, options):
         if options.matchmaker_heartbeat_ttl <= options.matchmaker_heartbeat_freq:
             raise ValueError("matchmaker_heartbeat_ttl must exceed matchmaker_heartbeat_freq")
+        _tls_options(options)
 
     @classmethod
     def url_options(cls, hosts, virtual_host):
@@ -340,6 +356,26 @@ class RedisBackend(Backend):
                 if cursor == 0:
                     break
         return sorted(found.values(), key=lambda n: n["address"])
+
+
+def _tls_options(options):
+    """redis-py's keyword arguments for TLS, with Redis's certificate and
+    host name verified.  ValueError for a file that cannot be read, or for
+    TLS files without matchmaker_redis_ssl (they would go unused)."""
+    files = {arg: getattr(options, "matchmaker_redis_" + arg)
+             for arg in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")}
+    if not options.matchmaker_redis_ssl:
+        for arg, path in files.items():
+            if path:
+                raise ValueError(f"matchmaker_redis_{arg} is set but matchmaker_redis_ssl is not")
+        return {}
+    if files["ssl_keyfile"] and not files["ssl_certfile"]:
+        raise ValueError("matchmaker_redis_ssl_keyfile needs matchmaker_redis_ssl_certfile")
+    for arg, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"matchmaker_redis_{arg} {path!r} cannot be read")
+    return dict({arg: path for arg, path in files.items() if path}, ssl=True,
+                ssl_cert_reqs="required", ssl_check_hostname=True)
 
 
 def _endpoint(value):
