@@ -16,7 +16,7 @@ messaging = pytest.importorskip("oslo_messaging")
 from oslo_config import cfg  # noqa: E402
 
 from tests.conftest import (  # noqa: E402
-    ROOT, ChildProcess, no_new_threads, open_fds, os_threads, wait_until)
+    ROOT, ChildProcess, make_certificates, no_new_threads, open_fds, os_threads, wait_until)
 from tests.helpers.errors import CustomError  # noqa: E402
 
 RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -538,13 +538,14 @@ def test_the_backend_is_named_in_the_scheme(tmp_path):
                 options.matchmaker_redis_db) == ("redis", "10.0.0.5", 6380, "s3cret", 3)
     finally:
         transport.cleanup()
+    ca = make_certificates(tmp_path)["ca.crt"]
     transport = messaging.get_rpc_transport(
         cfg.CONF, url=f"zmqfast+redis://127.0.0.1:6380/?matchmaker_redis_ssl=true"
-                      f"&matchmaker_redis_ssl_ca_certs={__file__}")
+                      f"&matchmaker_redis_ssl_ca_certs={ca}")
     try:
         options = transport._driver._options
         assert (options.matchmaker_redis_ssl, options.matchmaker_redis_ssl_ca_certs) == \
-            (True, __file__)
+            (True, ca)
     finally:
         transport.cleanup()
 

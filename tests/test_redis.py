@@ -4,6 +4,7 @@ hosts run in network namespaces (test_cluster.py)."""
 import logging
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +13,8 @@ from nova_zmq_fast._routes import Endpoint, RouteTable
 from nova_zmq_fast.exceptions import DiscoveryUnavailable
 from nova_zmq_fast.matchmaker.redis import RedisBackend
 from nova_zmq_fast.options import Options
-from tests.conftest import RedisServer, ServiceProcess, free_port, make_certificates, wait_until
+from tests.conftest import (
+    ROOT, RedisServer, ServiceProcess, free_port, make_certificates, wait_until)
 
 CTX = {"user_id": "u"}
 TTL = {"matchmaker_heartbeat_freq": 0.25, "matchmaker_heartbeat_ttl": 1.5}
@@ -75,6 +77,55 @@ def test_a_heartbeat_never_puts_back_what_was_unregistered_or_closed(redis_serve
             backend.close()
         assert r.get("nzf:node:tcp://127.0.0.1:1001") is None
         assert not r.sismember("nzf:topic:d:stays", me.address)
+
+
+# Two green threads change registrations while Redis stalls (it accepts
+# and never answers): the second must wait without blocking the hub, or
+# the first, waiting on its green socket, never runs again.
+GREEN_CONTENTION = """
+import eventlet
+eventlet.monkey_patch()
+import sys
+from nova_zmq_fast._green import unpatched
+from nova_zmq_fast._routes import Endpoint
+from nova_zmq_fast.matchmaker.redis import RedisBackend
+from nova_zmq_fast.options import Options
+
+stalled = unpatched("socket").socket()
+stalled.bind(("127.0.0.1", 0))
+stalled.listen(8)
+held = []
+def accept():
+    while True:
+        held.append(stalled.accept()[0])
+unpatched("threading").Thread(target=accept, daemon=True).start()
+backend = RedisBackend(Options.from_conf(
+    rpc_zmq_matchmaker="redis", matchmaker_redis_host="127.0.0.1",
+    matchmaker_redis_port=stalled.getsockname()[1]))
+me = Endpoint("h", "tcp://127.0.0.1:1")
+ticks = [0]
+def tick():
+    while True:
+        eventlet.sleep(0.01)
+        ticks[0] += 1
+ticker = eventlet.spawn(tick)
+first = eventlet.spawn(backend.register, me, "a")
+eventlet.sleep(0.1)                     # first now waits on Redis, holding the lock
+second = eventlet.spawn(backend.unregister, me, "a")
+first.wait()
+print("hub ran while the first waited:", ticks[0] > 0, flush=True)
+second.wait()
+ticker.kill()
+backend.close()
+print("done", flush=True)
+"""
+
+
+def test_green_threads_changing_registrations_never_block_the_hub():
+    out = subprocess.run([sys.executable, "-c", GREEN_CONTENTION], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["hub ran while the first waited: True", "done"]
 
 
 def test_calls_casts_fanout_and_topic_host(redis_server, tmp_path, client):
@@ -170,18 +221,30 @@ def _answers(client, topic):
 
 
 def test_redis_through_sentinel(redis_server, tmp_path, client):
+    through_sentinel(redis_server, tmp_path, client)
+
+
+def through_sentinel(redis_server, tmp_path, client):
+    """A Sentinel monitoring `redis_server` (over TLS too if it speaks TLS),
+    and a service and a client that find Redis through it."""
     sentinel_port = free_port()
+    tls_options = {k: v for k, v in redis_server.options.items() if "_ssl" in k}
+    certs = redis_server.certs
     conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor nzf 127.0.0.1 {redis_server.port} 1\n")
+    conf.write_text(
+        (f"port 0\ntls-port {sentinel_port}\ntls-replication yes\ntls-auth-clients yes\n"
+         f"tls-cert-file {certs['server.crt']}\ntls-key-file {certs['server.key']}\n"
+         f"tls-ca-cert-file {certs['ca.crt']}\n" if certs else f"port {sentinel_port}\n") +
+        f"bind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor nzf 127.0.0.1 {redis_server.port} 1\n")
     sentinel = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     svc = None
     try:
         via_sentinel = {"rpc_zmq_matchmaker": "redis", "rpc_zmq_bind_address": "127.0.0.1",
                         "matchmaker_redis_sentinels": [f"127.0.0.1:{sentinel_port}"],
-                        "matchmaker_redis_sentinel_service": "nzf", **TTL}
-        assert wait_until(lambda: _sentinel_knows(sentinel_port), 10)
+                        "matchmaker_redis_sentinel_service": "nzf", **tls_options, **TTL}
+        assert wait_until(lambda: _sentinel_knows(sentinel_port, certs), 10)
         svc = ServiceProcess("s1", tmp_path, topic="guarded", options=via_sentinel)
         client.init(rpc_zmq_host="client", **via_sentinel)
         assert client.call(CTX, "guarded", msg("whoami")) == "s1"
@@ -194,10 +257,13 @@ def test_redis_through_sentinel(redis_server, tmp_path, client):
         sentinel.wait(10)
 
 
-def _sentinel_knows(port):
+def _sentinel_knows(port, certs):
     import redis
+    tls = {} if not certs else {
+        "ssl": True, "ssl_ca_certs": certs["ca.crt"],
+        "ssl_certfile": certs["client.crt"], "ssl_keyfile": certs["client.key"]}
     try:
-        with redis.Redis(port=port, socket_timeout=1) as s:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **tls) as s:
             return bool(s.sentinel_get_master_addr_by_name("nzf"))
     except (redis.RedisError, OSError):
         return False
@@ -244,7 +310,8 @@ def test_discovery_over_tls(tls_redis, tmp_path, client):
 
 
 @pytest.mark.parametrize("change", [
-    "plaintext", "a CA that did not sign Redis's certificate", "no client certificate"])
+    "plaintext", "a CA that did not sign Redis's certificate", "no client certificate",
+    "a host name the certificate does not name"])
 def test_discovery_refuses_a_tls_redis_it_cannot_verify_or_is_refused_by(tls_redis, change):
     certs = tls_redis.certs
     opts = options(tls_redis, matchmaker_redis_ssl=True, matchmaker_redis_ssl_ca_certs="",
@@ -256,6 +323,11 @@ def test_discovery_refuses_a_tls_redis_it_cannot_verify_or_is_refused_by(tls_red
             "matchmaker_redis_ssl_certfile": certs["client.crt"],
             "matchmaker_redis_ssl_keyfile": certs["client.key"]},
         "no client certificate": {"matchmaker_redis_ssl_ca_certs": certs["ca.crt"]},
+        "a host name the certificate does not name": {      # it names 127.0.0.1 only
+            "matchmaker_redis_host": "localhost",
+            "matchmaker_redis_ssl_ca_certs": certs["ca.crt"],
+            "matchmaker_redis_ssl_certfile": certs["client.crt"],
+            "matchmaker_redis_ssl_keyfile": certs["client.key"]},
     }[change])
     backend = RedisBackend(Options.from_conf(**opts))
     try:
@@ -265,12 +337,27 @@ def test_discovery_refuses_a_tls_redis_it_cannot_verify_or_is_refused_by(tls_red
         backend.close()
 
 
+def test_a_client_key_that_is_not_the_certificates_is_refused_at_init(tls_redis, client):
+    certs = tls_redis.certs
+    with pytest.raises(ValueError, match="matchmaker_redis_ssl files"):
+        client.init(**dict(tls_redis.options, matchmaker_redis_ssl_keyfile=certs["server.key"]))
+
+
 def test_tls_options_are_checked_before_anything_is_sent(tmp_path, client):
     with pytest.raises(ValueError, match="matchmaker_redis_ssl is not"):
         client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl_ca_certs=str(tmp_path))
-    with pytest.raises(ValueError, match="cannot be read"):
+    for path in (tmp_path / "missing.crt", tmp_path):
+        with pytest.raises(ValueError, match="not a readable file"):
+            client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl=True,
+                        matchmaker_redis_ssl_ca_certs=str(path))
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="matchmaker_redis_ssl files"):
         client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl=True,
-                    matchmaker_redis_ssl_ca_certs=str(tmp_path / "missing.crt"))
+                    matchmaker_redis_ssl_ca_certs=str(tmp_path / "garbage.pem"))
     with pytest.raises(ValueError, match="needs matchmaker_redis_ssl_certfile"):
         client.init(rpc_zmq_matchmaker="redis", matchmaker_redis_ssl=True,
                     matchmaker_redis_ssl_keyfile=str(tmp_path))
+
+
+def test_redis_through_sentinel_over_tls(tls_redis, tmp_path, client):
+    through_sentinel(tls_redis, tmp_path, client)

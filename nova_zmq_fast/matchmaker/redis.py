@@ -29,10 +29,12 @@ With `matchmaker_redis_ssl`, every connection (to Redis and to Sentinels)
 is TLS with Redis's certificate and host name verified; a Redis that fails
 verification is unreachable, like any other outage, never used in clear.
 """
+import contextlib
 import json
 import logging
 import os
 import secrets
+import ssl
 import threading
 import time
 
@@ -132,7 +134,7 @@ class RedisBackend(Backend):
         self._own = {}                      # address -> (Endpoint, set of (topic, fanout))
         # Held across a change to _own and its write to Redis, so writes
         # reach Redis in the order _own changed: a heartbeat cannot put back
-        # what unregister() or close() just removed.
+        # what unregister() or close() just removed.  Taken with _locked().
         self._lock = unpatched("threading").Lock()
         self._wake = unpatched("threading").Event()
         self._thread = None
@@ -201,6 +203,20 @@ class RedisBackend(Backend):
             self._wake.set()
         return results[2:]
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """self._lock, taken without blocking an eventlet hub: the green
+        thread that holds it may be waiting on Redis, and it can only go on
+        if the hub runs.  So a contender polls (time.sleep yields under
+        eventlet) rather than block its OS thread.  Registrations are rare;
+        the message path never takes this lock."""
+        while not self._lock.acquire(False):
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _write(self, build):
         """_execute for a registration change: a failure is left to the
         heartbeat thread to repair (or to the TTL).  Returns whether it
@@ -231,7 +247,9 @@ class RedisBackend(Backend):
             pipe.sadd(_topic_key(topic, fanout), node.address)
 
     def register(self, node, topic, fanout=False):
-        with self._lock:
+        with self._locked():
+            if self._closed:
+                return
             entry = self._own.setdefault(node.address, (node, set()))
             entry[1].add((topic, fanout))
             self._write(lambda pipe: self._write_node(pipe, node, [(topic, fanout)]))
@@ -240,7 +258,7 @@ class RedisBackend(Backend):
             self.routes.invalidate(topic)
 
     def unregister(self, node, topic, fanout=False):
-        with self._lock:
+        with self._locked():
             entry = self._own.get(node.address)
             if entry is None or (topic, fanout) not in entry[1]:
                 return
@@ -258,7 +276,7 @@ class RedisBackend(Backend):
             self.routes.invalidate(topic)
 
     def _ensure_heartbeat(self):
-        with self._lock:
+        with self._locked():
             if self._thread is not None or self._closed:
                 return
             self._thread = unpatched("threading").Thread(
@@ -268,7 +286,7 @@ class RedisBackend(Backend):
     def _heartbeat_loop(self):
         while not self._closed:
             delay = self.freq
-            with self._lock:
+            with self._locked():
                 own = [(node, list(entries)) for node, entries in self._own.values()]
                 if own and not self._write(lambda pipe: [self._write_node(pipe, node, entries)
                                                          for node, entries in own]):
@@ -277,7 +295,7 @@ class RedisBackend(Backend):
             self._wake.clear()
 
     def close(self):
-        with self._lock:
+        with self._locked():
             self._closed = True
             own, self._own = list(self._own.values()), {}
             if own:
@@ -372,10 +390,24 @@ def _tls_options(options):
     if files["ssl_keyfile"] and not files["ssl_certfile"]:
         raise ValueError("matchmaker_redis_ssl_keyfile needs matchmaker_redis_ssl_certfile")
     for arg, path in files.items():
-        if path and not os.access(path, os.R_OK):
-            raise ValueError(f"matchmaker_redis_{arg} {path!r} cannot be read")
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ValueError(f"matchmaker_redis_{arg} {path!r} is not a readable file")
+    # Load them once here, so that a file that is not PEM, or a key that is
+    # not the certificate's, is an error now rather than an endless outage.
+    try:
+        context = ssl.create_default_context(cafile=files["ssl_ca_certs"] or None)
+        if files["ssl_certfile"]:
+            context.load_cert_chain(files["ssl_certfile"], files["ssl_keyfile"] or None,
+                                    password=_no_passphrase)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValueError(f"matchmaker_redis_ssl files: {exc}") from None
     return dict({arg: path for arg, path in files.items() if path}, ssl=True,
                 ssl_cert_reqs="required", ssl_check_hostname=True)
+
+
+def _no_passphrase():
+    raise ValueError("the key of matchmaker_redis_ssl_certfile is encrypted: give it in clear "
+                     "(a file readable by this service only)")
 
 
 def _endpoint(value):
