@@ -11,12 +11,13 @@ rules as the receive loop (`Runner`) and answers through the Replier.
 
 `GreenHandoff` is the eventlet side.  When the process's server is not
 serving yet as its consumers start, the hub leads it itself
-(Server.lead_here), as green leaders and followers: a green thread waits
-on the socket's ZMQ_FD, and a leader takes each turn (Server.serve_ready),
-running the requests' handlers itself, replies going straight out.  A
-handler that returns without waiting costs no green thread.  One that
-waits (green I/O, sleep, a nested call) parks its leader mid-turn; at the
-hub's next turn a check sees it and another leader takes the turns, up to
+(Server.lead_here), as green leaders and followers: one leader, the
+owner, waits on the socket's ZMQ_FD and takes a turn (Server.serve_ready)
+each time it signals, running the requests' handlers itself, replies
+going straight out.  A handler that returns without waiting costs no
+green thread and no hand-off.  One that waits (green I/O, sleep, a nested
+call) parks its leader mid-turn; at the hub's next turn a check sees it
+and another leader takes the turns and the fd, up to
 rpc_thread_pool_size leaders, so a waiting handler holds up nothing
 queued behind it.  Otherwise (threads serve) the
 receive loop's threads fill a deque, a pipe wakes the hub's dispatcher
@@ -132,10 +133,14 @@ class GreenHandoff:
         self._turns = eventlet.queue.LightQueue()
         self._leaders = 0                   # leader green threads (hub-led server)
         self._max_leaders = max(1, pool_size)
+        self._owner = None                  # the leader that waits on the socket's fd,
+        self._fd_waiter = None              # ... while it waits there,
+        self._wake_due = False              # ... and a wake for it is scheduled
         self._runs = 0                      # handlers run by leaders: the last one's number,
-        self._active = set()                # ... those not returned yet,
+        self._active = {}                   # ... those not returned yet (their leaders),
         self._checking = False              # ... and a park check due at the hub's next turn
         self._hub = eventlet.hubs.get_hub()
+        self._current = eventlet.getcurrent
         self._dispatcher = eventlet.spawn(self._dispatch)
 
     def wrap(self, topic, proxy):
@@ -146,14 +151,14 @@ class GreenHandoff:
         a leader's turn (on the hub's thread): run it there and then."""
         if self.server is not None and self._ident() == self._thread:
             self._runs = run = self._runs + 1
-            self._active.add(run)
+            self._active[run] = self._current()
             if not self._checking:
                 self._checking = True
                 self._hub.schedule_call_global(0, self._check_parked)
             try:
                 runner.run(ctxt, msg, replier)
             finally:
-                self._active.discard(run)
+                del self._active[run]
             return
         self.items.append((runner, ctxt, msg, replier))
         if self._sleeping:
@@ -166,8 +171,8 @@ class GreenHandoff:
                 self._ident() != self._thread or not server.lead_here()):
             return
         self.server = server
+        self._fd = server.fd
         self._dispatcher.kill()
-        self._watcher = self._eventlet.spawn(self._watch, server.fd)
         self._turns.put(None)               # whatever came before the watch began
         self._start_leader()
 
@@ -179,53 +184,102 @@ class GreenHandoff:
         """In the hub, at its first turn after a leader ran a handler: if
         the last handler started has not returned, it waits (green I/O,
         sleep, a call), parking its leader mid-turn, with requests maybe
-        queued behind it.  Another leader takes over."""
+        queued behind it.  Another leader takes over, the socket's fd too."""
         self._checking = False
-        if self._runs in self._active:
+        parked = self._active.get(self._runs)
+        if parked is not None:
+            if self._owner is parked:
+                self._owner = None
             self.kick()
 
     def kick(self):
-        """A turn is due: to a leader waiting for one, or, with every
-        leader parked in a handler, to a new one."""
-        if self.server is not None:
-            if not self._turns.getting() and self._leaders < self._max_leaders:
-                self._start_leader()
-            self._turns.put(None)
+        """A turn is due: to the owner waiting on the fd, else to a leader
+        waiting for one, or, with every leader parked in a handler, to a
+        new one."""
+        if self.server is None:
+            return
+        if self._fd_waiter is not None:
+            self._wake_owner()
+            return
+        if not self._turns.getting() and self._leaders < self._max_leaders:
+            self._start_leader()
+        self._turns.put(None)
 
-    def _watch(self, fd):
-        """Turn whenever the socket's ZMQ_FD signals, until the server stops."""
-        from eventlet.hubs import trampoline
-        while self.server is not None:
-            trampoline(fd, read=True)
-            self.kick()
+    def _wait_fd(self, me):
+        """The owner's wait: until the socket's fd signals, or a wake."""
+        hub = self._hub
+        self._fd_waiter = me
+        listener = hub.add(hub.READ, self._fd, self._fd_ready, me.throw, lambda: None)
+        try:
+            hub.switch()
+        finally:
+            self._fd_waiter = None
+            hub.remove(listener)
+
+    def _fd_ready(self, _=None):
+        """The fd signalled (or a wake is due): the owner takes a turn."""
+        self._wake_due = False
+        waiter, self._fd_waiter = self._fd_waiter, None
+        if waiter is not None:
+            waiter.switch()
+
+    def _wake_owner(self, now=False):
+        """The owner waiting on the fd takes a turn at the hub's next turn,
+        or with `now`, runs at once (until it next yields) and is off the
+        fd when this returns: the socket, and its fd, may close next."""
+        if self._fd_waiter is None:
+            return
+        if not now:
+            if not self._wake_due:
+                self._wake_due = True
+                self._hub.schedule_call_global(0, self._fd_ready)
+            return
+        waiter, self._fd_waiter = self._fd_waiter, None
+        current = self._current()
+        if current is not self._hub.greenlet:
+            self._hub.schedule_call_global(0, current.switch)
+        waiter.switch()
 
     def _lead_turns(self):
         """One leader: a turn each time one is due, until the server stops.
-        The last leader out goes back to the pipe (a later server may serve
-        with threads)."""
+        One leader at a time owns the socket's fd and takes a turn whenever
+        it signals; the others wait for a kick.  The last leader out goes
+        back to the pipe (a later server may serve with threads)."""
         items, turns = self.items, self._turns
+        me = self._current()
         try:
             while not self._stopped and self.server is not None:
-                turns.get()
+                if turns.qsize():
+                    while turns.qsize():        # a kick: a turn now
+                        turns.get_nowait()
+                elif self._owner is None or self._owner is me:
+                    self._owner = me
+                    self._wait_fd(me)
+                else:
+                    turns.get()
                 server = self.server
                 if server is None or self._stopped:
                     break                       # (its turn was the signal to go)
-                while turns.qsize():
-                    turns.get_nowait()
                 while items:                    # put() from another thread meanwhile
                     runner, ctxt, msg, replier = items.popleft()
                     self.pool.spawn_n(runner.run, ctxt, msg, replier)
                 if not server.serve_ready() and self.server is server:
-                    # Stopped: stop watching before the socket (and its fd)
-                    # closes, and let the other leaders go.
-                    self.server = None
-                    self._watcher.kill()
-                    for _ in range(self._leaders):
-                        turns.put(None)
+                    # Stopped: let the owner and the other leaders go.
+                    self._release_leaders()
         finally:
             self._leaders -= 1
+            if self._owner is me:
+                self._owner = None
         if not self._stopped and self._leaders == 0:
             self._dispatcher = self._eventlet.spawn(self._dispatch)
+
+    def _release_leaders(self):
+        """The server stopped (or this handoff closes): every leader ends,
+        the owner first, off the socket's fd before the socket closes."""
+        self.server = None
+        self._wake_owner(now=True)
+        for _ in range(self._leaders):
+            self._turns.put(None)
 
     def _wake(self):
         try:
@@ -283,10 +337,7 @@ class GreenHandoff:
             self._wake()
             return
         if self.server is not None:
-            self.server = None
-            self._watcher.kill()
-            for _ in range(self._leaders):      # each leader ends at its next turn
-                self._turns.put(None)
+            self._release_leaders()             # each leader ends at its next turn
         self._dispatcher.kill()
         for fd in (self._read, self._write):
             self._os.close(fd)
