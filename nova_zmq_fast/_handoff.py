@@ -172,6 +172,7 @@ class GreenHandoff:
             return
         self.server = server
         self._fd = server.fd
+        server.before_close = self._server_closing
         self._dispatcher.kill()
         self._turns.put(None)               # whatever came before the watch began
         self._start_leader()
@@ -181,15 +182,17 @@ class GreenHandoff:
         self._eventlet.spawn_n(self._lead_turns)
 
     def _check_parked(self):
-        """In the hub, at its first turn after a leader ran a handler: if
-        the last handler started has not returned, it waits (green I/O,
-        sleep, a call), parking its leader mid-turn, with requests maybe
-        queued behind it.  Another leader takes over, the socket's fd too."""
+        """In the hub, at its first turn after a leader ran a handler.
+        Every handler not returned by now waits (green I/O, sleep, a call),
+        parking its leader mid-turn.  If the last one started is parked,
+        requests may be queued behind it: another leader takes a turn.  If
+        the owner is parked (whichever handler it ran), it gives up the fd,
+        which another leader takes, so that the socket is always read."""
         self._checking = False
-        parked = self._active.get(self._runs)
-        if parked is not None:
-            if self._owner is parked:
-                self._owner = None
+        owner = self._owner
+        if owner is not None and owner in self._active.values():
+            self._owner = None
+        if self._runs in self._active or self._owner is None:
             self.kick()
 
     def kick(self):
@@ -208,9 +211,9 @@ class GreenHandoff:
     def _wait_fd(self, me):
         """The owner's wait: until the socket's fd signals, or a wake."""
         hub = self._hub
-        self._fd_waiter = me
         listener = hub.add(hub.READ, self._fd, self._fd_ready, me.throw, lambda: None)
         try:
+            self._fd_waiter = me
             hub.switch()
         finally:
             self._fd_waiter = None
@@ -270,8 +273,15 @@ class GreenHandoff:
             self._leaders -= 1
             if self._owner is me:
                 self._owner = None
-        if not self._stopped and self._leaders == 0:
-            self._dispatcher = self._eventlet.spawn(self._dispatch)
+            if not self._stopped and self._leaders == 0:
+                self._dispatcher = self._eventlet.spawn(self._dispatch)
+
+    def _server_closing(self, server):
+        """Server.stop() closes the sockets next, its deadline passed with
+        no leader having read the STOP (a leader that reads it releases the
+        others itself): release them now, so that none stays on the fd."""
+        if self.server is server and self._ident() == self._thread:
+            self._release_leaders()
 
     def _release_leaders(self):
         """The server stopped (or this handoff closes): every leader ends,

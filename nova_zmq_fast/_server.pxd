@@ -65,6 +65,7 @@ cdef class Server:
     cdef int epoch
     cdef object serialize_failure   # exception -> msgpack-able failure
     cdef object on_failure          # called once if the receive loop dies
+    cdef public object before_close # called by stop() just before the sockets close
     cdef AllowList allow            # with CURVE: the keys accepted, and those revoked
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with

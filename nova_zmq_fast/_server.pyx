@@ -967,6 +967,9 @@ cdef class Server:
         if not closed:
             LOG.error("server %s did not stop; leaving its sockets open", self.bound)
             return False
+        hook, self.before_close = self.before_close, None
+        if hook is not None:
+            hook(self)          # an event loop that leads: off the socket's fd now
         linger = max(0, <int>((deadline - _monotonic()) * 1000))
         self._close_sockets(linger)
         if self.workers:
