@@ -969,7 +969,10 @@ cdef class Server:
             return False
         hook, self.before_close = self.before_close, None
         if hook is not None:
-            hook(self)          # an event loop that leads: off the socket's fd now
+            try:
+                hook(self)      # an event loop that leads: off the socket's fd now
+            except Exception:
+                LOG.exception("server %s: before_close failed", self.bound)
         linger = max(0, <int>((deadline - _monotonic()) * 1000))
         self._close_sockets(linger)
         if self.workers:
