@@ -55,7 +55,7 @@ cdef class Server:
     cdef readonly int max_threads
     cdef readonly int workers       # worker threads running
     cdef bint started
-    cdef bint stopping
+    cdef readonly bint stopping
     cdef object threads_lock
     cdef set spawn_tokens           # tokens of worker threads about to start
     cdef double quiet

@@ -159,6 +159,56 @@ def test_create_and_close_from_many_threads_at_once(ipc_dir, client):
     assert errors == []
 
 
+def test_stop_is_not_lost_when_the_draining_leader_hands_on_its_turn(ipc_dir, client):
+    """The leader that took STOP drains; a handler it runs there blocks, so
+    a follower takes the turn and serves on, never having seen STOP.  The
+    server must still close (stop() repeats STOP), not stay open."""
+    release, blocking = threading.Event(), threading.Event()
+    noops = [0]
+
+    class Service:
+        def block(self, ctxt):
+            blocking.set()
+            release.wait(10)
+
+        def noop(self, ctxt):
+            noops[0] += 1
+    conn = client.create_connection()
+    conn.create_consumer("stop-loss", Service())
+    conn.consume_in_thread()
+    server = client._runtime().server
+    sending = threading.Event()
+    sending.set()
+
+    def stream():                       # keeps the drain busy (quiet: 50 ms)
+        for _ in range(2000):
+            if not sending.is_set():
+                return
+            client.cast(CTX, "stop-loss", msg("noop"))
+            time.sleep(0.002)
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        assert client.call(CTX, "stop-loss", msg("noop")) is None
+        stopper = threading.Thread(target=server.stop, args=(1.0,))
+        stopper.start()
+        assert wait_until(lambda: server.stopping, 5, 0.001)
+        client.cast(CTX, "stop-loss", msg("block"))
+        assert blocking.wait(5)
+        # Someone else serves the stream while `block` holds its leader.
+        served = noops[0]
+        assert wait_until(lambda: noops[0] >= served + 20, 5, 0.001)
+        sending.clear()
+        stopper.join(10)
+        assert not stopper.is_alive()
+        assert server.closed, "the server did not stop"
+    finally:
+        sending.clear()
+        release.set()
+        sender.join(10)
+        conn.close()
+
+
 # -- a handler cannot stop the loop ---------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
