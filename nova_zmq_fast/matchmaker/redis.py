@@ -378,8 +378,9 @@ class RedisBackend(Backend):
 
 def _tls_options(options):
     """redis-py's keyword arguments for TLS, with Redis's certificate and
-    host name verified.  ValueError for a file that cannot be read, or for
-    TLS files without matchmaker_redis_ssl (they would go unused)."""
+    host name verified.  ValueError for a file that cannot be read or
+    loaded, or for TLS files without matchmaker_redis_ssl (they would go
+    unused)."""
     files = {arg: getattr(options, "matchmaker_redis_" + arg)
              for arg in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")}
     if not options.matchmaker_redis_ssl:
