@@ -330,6 +330,10 @@ class _LoopRunner(Runner):
     def start(self, runner, ctxt, msg, replier):
         try:
             result = self.invoke(ctxt, msg)
+            if result is None:                  # most casts: nothing to await
+                if replier is not None:
+                    replier.result(None)
+                return
             if inspect.isawaitable(result) or inspect.isasyncgen(result):
                 task = self.loop.create_task(self.finish(replier, msg, result))
                 self.tasks.add(task)
