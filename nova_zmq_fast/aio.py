@@ -396,6 +396,7 @@ class _LoopHandoff:
         if self.server is None and server.lead_here():
             self.server = server
             self.fd = server.fd
+            server.before_close = self._server_closing
             self.loop.add_reader(self.fd, self.turn)
             self.kick()
 
@@ -403,8 +404,27 @@ class _LoopHandoff:
         self.turn_due = False
         server = self.server
         if server is not None and not server.serve_ready():
+            self._unlead(server)
+
+    def _unlead(self, server):
+        if self.server is server:
             self.loop.remove_reader(self.fd)
             self.server = None
+
+    def _server_closing(self, server):
+        """Server.stop() closes the sockets next, with no turn having read
+        its STOP: off the fd first, or a later fd of the same number would
+        call turn().  stop() usually runs in an executor thread (close()),
+        while this loop runs: it waits, briefly, for the loop to do it."""
+        if _get_ident() == self.thread:
+            self._unlead(server)
+            return
+        done = unpatched("threading").Event()
+        try:
+            self.loop.call_soon_threadsafe(lambda: (self._unlead(server), done.set()))
+        except RuntimeError:                # the loop is closed: nothing watches the fd
+            return
+        done.wait(1.0)
 
     def kick(self):
         """A reply left outside a turn (from a task): the send may have

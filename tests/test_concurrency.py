@@ -133,23 +133,23 @@ def test_errors_of_cast_handlers_are_counted_and_logged_at_a_bounded_rate(
         assert seen["logged"] - before[model]["logged"] <= 3, (model, before[model], seen)
 
 
-def green_scenario(*args):
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.green_leaders", *args],
+def leader_scenario(*args):
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.leaders", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_an_eventlet_hub_leads_again_after_a_close_with_no_linger(tmp_path):
+@pytest.mark.parametrize("model", ["eventlet", "asyncio"])
+def test_a_loop_leads_again_after_a_close_with_no_linger(tmp_path, model):
     """stop() closes the sockets without a leader having read its STOP:
-    the leaders must leave the socket's fd first, and the next server be
-    led by the hub again."""
-    assert green_scenario("linger0", str(tmp_path)) == {"answers": [0, 1, 2]}
+    the loop must leave the socket's fd first, and lead the next server."""
+    assert leader_scenario(model, "linger0", str(tmp_path)) == {"answers": list(range(10))}
 
 
 def test_the_socket_is_read_while_the_leader_that_owned_it_is_parked(tmp_path):
     """The owner of the fd parks in a nested call into its own process
     while another leader wakes in the same hub turn: the nested call is
     still answered."""
-    result = green_scenario("parked-owner", str(tmp_path), "8")
+    result = leader_scenario("eventlet", "parked-owner", str(tmp_path), "8")
     assert result["nested"] == ["ok"] * 8, result

@@ -1,25 +1,28 @@
-"""Scenarios for an eventlet hub that leads its server (_handoff.GreenHandoff),
-run in a monkey-patched process of their own:
+"""Scenarios for an event loop that leads its process's server (an
+eventlet hub: _handoff.GreenHandoff; an asyncio loop: aio._LoopHandoff),
+run in a process of their own (monkey-patched for eventlet):
 
-    python -m tests.helpers.green_leaders linger0 IPC_DIR
-    python -m tests.helpers.green_leaders parked-owner IPC_DIR TRIALS
+    python -m tests.helpers.leaders eventlet|asyncio linger0 IPC_DIR
+    python -m tests.helpers.leaders eventlet parked-owner IPC_DIR TRIALS
 
 Prints one JSON line of results.
 """
-import eventlet
-eventlet.monkey_patch()
+import sys
 
+MODEL = sys.argv[1]
+if MODEL == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+    from eventlet.hubs import trampoline
+
+import asyncio  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-
-from eventlet.hubs import trampoline  # noqa: E402
 
 from nova_zmq_fast import rpc  # noqa: E402
 
 CTX = {"user_id": "u"}
-raw_os = eventlet.patcher.original("os")
-raw_time = eventlet.patcher.original("time")
+ROUNDS = 10
 
 
 def msg(method, **args):
@@ -34,21 +37,43 @@ class Echo:
 def linger0(ipc_dir):
     """Connections closed with no linger left, so that stop() closes the
     sockets without a leader reading its STOP: each round's server must
-    be led by the hub again, and answer."""
+    be led by the loop again, and answer."""
     rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_zmq_host="g", rpc_zmq_linger=0,
              rpc_thread_pool_size=4)
+    if MODEL == "asyncio":
+        return asyncio.run(linger0_async())
     answers = []
-    for i in range(3):
+    for i in range(ROUNDS):
         conn = rpc.create_connection()
         conn.create_consumer("linger0", Echo())
         conn.consume_in_thread()
-        try:
-            answers.append(rpc.call(CTX, "linger0", msg("echo", v=i), timeout=3))
-        except Exception as exc:
-            answers.append(f"{type(exc).__name__}: {exc}")
+        answers.append(outcome(lambda: rpc.call(CTX, "linger0", msg("echo", v=i), timeout=3)))
         conn.close()
     rpc.cleanup()
     return {"answers": answers}
+
+
+async def linger0_async():
+    from nova_zmq_fast import aio
+    answers = []
+    for i in range(ROUNDS):
+        conn = aio.create_connection()
+        conn.create_consumer("linger0", Echo())
+        conn.consume_in_thread()
+        try:
+            answers.append(await aio.call(CTX, "linger0", msg("echo", v=i), timeout=3))
+        except Exception as exc:
+            answers.append(f"{type(exc).__name__}: {exc}")
+        await conn.close()
+    await aio.cleanup()
+    return {"answers": answers}
+
+
+def outcome(call):
+    try:
+        return call()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def parked_owner(ipc_dir, trials):
@@ -58,6 +83,8 @@ def parked_owner(ipc_dir, trials):
     nested call is answered and a later cast is handled at once."""
     rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_zmq_host="g", rpc_thread_pool_size=4,
              rpc_zmq_linger=1)
+    raw_os = eventlet.patcher.original("os")
+    raw_time = eventlet.patcher.original("time")
     pipe = raw_os.pipe()
     seen = {}
     nested = []
@@ -103,9 +130,9 @@ def parked_owner(ipc_dir, trials):
 
 
 if __name__ == "__main__":
-    scenario, ipc_dir = sys.argv[1], sys.argv[2]
+    scenario, ipc_dir = sys.argv[2], sys.argv[3]
     if scenario == "linger0":
         result = linger0(ipc_dir)
     else:
-        result = parked_owner(ipc_dir, int(sys.argv[3]))
+        result = parked_owner(ipc_dir, int(sys.argv[4]))
     print(json.dumps(result), flush=True)
