@@ -68,6 +68,7 @@ def log_handler_error(topic, method, exc):
     PEERS_LOG.error(("handler", topic), "error handling %s on topic %s", method, topic,
                     exc_info=(type(exc), exc, exc.__traceback__))
 
+
 cdef extern from "Python.h":
     bint PyGen_Check(object o)
 
@@ -141,9 +142,10 @@ cdef class Replier:
         self._send(KIND_END, b"")
 
     def heartbeat(self):
-        """The call is still running (restarts the caller's call monitor)."""
+        """The call is still running (restarts the caller's call monitor).
+        Nothing for an at-least-once cast: its sender waits for the ACK."""
         self._check()
-        if not self.done:
+        if not self.done and not self.cast:
             self.server._send_reply(self._gen(), PyBytes_AS_STRING(self.identity),
                                     PyBytes_GET_SIZE(self.identity), KIND_HEARTBEAT,
                                     self.msg_id, b"")

@@ -57,15 +57,16 @@ PAUSE_MIN, PAUSE_MAX = 0.0002, 0.005
 
 _callers = weakref.WeakKeyDictionary()          # event loop -> _Caller
 _get_ident = unpatched("threading").get_ident
+_NEVER = float("inf")
 
 
 class _Waiter:
     __slots__ = ("replies", "future", "deadline")
 
-    def __init__(self, deadline):
+    def __init__(self):
         self.replies = collections.deque()
         self.future = None
-        self.deadline = deadline                # loop time
+        self.deadline = _NEVER                  # loop time, while it awaits a reply
 
 
 class _Caller:
@@ -95,10 +96,8 @@ class _Caller:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    def expect(self, msg_id, deadline):
-        waiter = self.waiters[msg_id] = _Waiter(deadline)
-        if self.timer_at is None or deadline < self.timer_at:
-            self._arm(deadline)
+    def expect(self, msg_id):
+        waiter = self.waiters[msg_id] = _Waiter()
         if not self.watching:
             self.loop.add_reader(self.fd, self.readable)
             self.watching = True
@@ -122,15 +121,15 @@ class _Caller:
         earliest of the others."""
         self.timer = self.timer_at = None
         now = self.loop.time()
-        earliest = None
+        earliest = _NEVER
         for waiter in self.waiters.values():
             if waiter.deadline <= now:
                 future = waiter.future
                 if future is not None and not future.done():
                     future.set_result(None)
-            elif earliest is None or waiter.deadline < earliest:
+            elif waiter.deadline < earliest:
                 earliest = waiter.deadline
-        if earliest is not None:
+        if earliest < _NEVER:
             self._arm(earliest)
 
     async def next_reply(self, waiter, deadline):
@@ -219,7 +218,7 @@ async def call(context, topic, msg, timeout=None):
         msg_id = client.try_request(caller.outbox, CALL, context, topic, msg, False, refused)
         if msg_id is None:                      # not connected yet, or full: wait and retry
             msg_id = await caller.send(CALL, context, topic, msg, deadline, refused=refused)
-        waiter = caller.expect(msg_id, deadline)
+        waiter = caller.expect(msg_id)
         try:
             while True:
                 reply = await caller.next_reply(waiter, deadline)
@@ -245,7 +244,7 @@ async def multicall(context, topic, msg, timeout=None):
     wait = _wait_for(caller, timeout)
     msg_id = await caller.send(CALL, context, topic, msg, loop.time() + wait, multi=True,
                                refused=set())
-    waiter = caller.expect(msg_id, loop.time() + wait)
+    waiter = caller.expect(msg_id)
     try:
         while True:
             reply = await caller.next_reply(waiter, loop.time() + wait)
@@ -330,11 +329,9 @@ class _LoopRunner(Runner):
     def start(self, runner, ctxt, msg, replier):
         try:
             result = self.invoke(ctxt, msg)
-            if result is None:                  # most casts: nothing to await
-                if replier is not None:
-                    replier.result(None)
-                return
-            if inspect.isawaitable(result) or inspect.isasyncgen(result):
+            # (None, what most casts return, skips the costlier checks.)
+            if result is not None and (inspect.isawaitable(result) or
+                                       inspect.isasyncgen(result)):
                 task = self.loop.create_task(self.finish(replier, msg, result))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)

@@ -169,13 +169,11 @@ class ZmqFastIncomingMessage(base.RpcIncomingMessage):
 
     def reply(self, reply=None, failure=None):
         # oslo's RPC server replies to every request once its method is
-        # done: for an at-least-once cast, that is when its ACK goes.
+        # done: for an at-least-once cast, that is when its ACK goes (the
+        # Replier's answer to such a cast is its ACK).
         if self._replier is None:               # a cast
             return
         try:
-            if self._replier.cast:
-                self._replier.result(None)
-                return
             if failure:
                 self._replier.failure(rpc_common.serialize_remote_exception(failure))
             else:
@@ -184,7 +182,7 @@ class ZmqFastIncomingMessage(base.RpcIncomingMessage):
             LOG.exception("could not send the reply to %s", self.message.get("method"))
 
     def heartbeat(self):
-        if self._replier is not None and not self._replier.cast:
+        if self._replier is not None:
             self._replier.heartbeat()
 
 

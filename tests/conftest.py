@@ -221,12 +221,17 @@ class RedisServer:
                            matchmaker_redis_ssl_keyfile=self.certs["client.key"])
         return options
 
-    def client(self):
-        import redis
-        tls = {} if not self.certs else {
+    @property
+    def tls(self):
+        """redis-py's keyword arguments to talk to this server (and its
+        Sentinels) as a client."""
+        return {} if not self.certs else {
             "ssl": True, "ssl_ca_certs": self.certs["ca.crt"],
             "ssl_certfile": self.certs["client.crt"], "ssl_keyfile": self.certs["client.key"]}
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **tls)
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **self.tls)
 
     def start(self):
         ports = ["--port", str(self.port)]

@@ -244,7 +244,7 @@ def through_sentinel(redis_server, tmp_path, client):
         via_sentinel = {"rpc_zmq_matchmaker": "redis", "rpc_zmq_bind_address": "127.0.0.1",
                         "matchmaker_redis_sentinels": [f"127.0.0.1:{sentinel_port}"],
                         "matchmaker_redis_sentinel_service": "nzf", **tls_options, **TTL}
-        assert wait_until(lambda: _sentinel_knows(sentinel_port, certs), 10)
+        assert wait_until(lambda: _sentinel_knows(sentinel_port, redis_server.tls), 10)
         svc = ServiceProcess("s1", tmp_path, topic="guarded", options=via_sentinel)
         client.init(rpc_zmq_host="client", **via_sentinel)
         assert client.call(CTX, "guarded", msg("whoami")) == "s1"
@@ -257,11 +257,8 @@ def through_sentinel(redis_server, tmp_path, client):
         sentinel.wait(10)
 
 
-def _sentinel_knows(port, certs):
+def _sentinel_knows(port, tls):
     import redis
-    tls = {} if not certs else {
-        "ssl": True, "ssl_ca_certs": certs["ca.crt"],
-        "ssl_certfile": certs["client.crt"], "ssl_keyfile": certs["client.key"]}
     try:
         with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **tls) as s:
             return bool(s.sentinel_get_master_addr_by_name("nzf"))
