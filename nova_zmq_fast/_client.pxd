@@ -20,6 +20,7 @@ cdef long pause(long pause_ns, bint green)
 
 cdef class Peer:
     cdef double dialled             # when the outbox first dialled it
+    cdef bytes key                  # the CURVE key it was dialled with, or None
     cdef unsigned long long total   # messages handed over to it
     cdef unsigned long long confirmed   # of which it confirmed arrival (a reply, a PING)
     cdef unsigned long long seen    # `total` when the outbox last tidied
@@ -54,6 +55,7 @@ cdef class Outbox:
     cdef dict flush(self, double deadline)
     cdef tidy(self, RouteTable routes)
     cdef dict forget_peers(self, RouteTable routes)
+    cdef Peer vouched(self, Endpoint ep)
     cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,
                       bytes body) except -1
     cdef int send_blocking(self, Endpoint ep, const char *header, size_t hlen,

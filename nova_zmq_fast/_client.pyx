@@ -169,6 +169,10 @@ cdef class Outbox:
                 check(zmq_setsockopt(self.sock, ZMQ_MAXMSGSIZE, &limit, sizeof(int64_t)))
             if curve is not None:
                 self.curve_public, self.curve_secret = curve
+                if self.curve_public is None or self.curve_secret is None or \
+                        PyBytes_GET_SIZE(self.curve_public) != 40 or \
+                        PyBytes_GET_SIZE(self.curve_secret) != 40:
+                    raise ValueError("CURVE keys are 40 characters of Z85")
                 # Z85 keys with their terminating NUL: 41 bytes.
                 check(zmq_setsockopt(self.sock, ZMQ_CURVE_PUBLICKEY,
                                      PyBytes_AS_STRING(self.curve_public), 41))
@@ -223,18 +227,19 @@ cdef class Outbox:
             self.reasons[ep.address] = ("it requires CURVE, and this process has no key "
                                         "(rpc_zmq_secret_key_file)")
             return False
-        if key is not None:
-            if PyBytes_GET_SIZE(key) != 40:
-                self.reasons[ep.address] = "discovery published a malformed CURVE key for it"
-                return False
-            # For this connection only: options are copied at connect time.
-            check(zmq_setsockopt(self.sock, ZMQ_CURVE_SERVERKEY, PyBytes_AS_STRING(key), 41))
+        # For this connection only: options are copied at connect time.
+        # libzmq decodes the key, and refuses one that is not Z85.
+        if key is not None and (PyBytes_GET_SIZE(key) != 40 or zmq_setsockopt(
+                self.sock, ZMQ_CURVE_SERVERKEY, PyBytes_AS_STRING(key), 41) != 0):
+            self.reasons[ep.address] = "discovery published a malformed CURVE key for it"
+            return False
         # (ZMQ_CONNECT_ROUTING_ID cannot name the connection: with
         # ZMQ_IMMEDIATE libzmq ignores it, so servers announce their address
         # as their routing id instead.)
         check(zmq_connect(self.sock, rid))
         cdef Peer peer = Peer.__new__(Peer)
         peer.dialled = _monotonic()
+        peer.key = key
         self.peers[rid] = peer
         return True
 
@@ -356,12 +361,29 @@ cdef class Outbox:
             zmq_disconnect(self.sock, rid)
             del self.peers[rid]
 
+    cdef Peer vouched(self, Endpoint ep):
+        """The peer `ep` names, if connected with the key discovery gives
+        for it now.  When discovery has since published another key, the
+        server this connection authenticated is no longer vouched for: it
+        is hung up on, and the next send dials with the new key."""
+        cdef Peer peer = self.peers.get(ep.rid)
+        if peer is None or peer.key is ep.key or peer.key == ep.key:
+            return peer
+        zmq_disconnect(self.sock, ep.rid)
+        del self.peers[ep.rid]
+        if peer.total != peer.confirmed:
+            LOG.warning("%s has a new CURVE key in discovery: %d message(s) queued to the "
+                        "server with the old key may be lost", ep.address,
+                        peer.total - peer.confirmed)
+        return None
+
     cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,
                       bytes body) except -1:
         """Hand the message to `ep` if that can be done without waiting.
         A peer not connected yet is dialled for next time."""
         cdef bytes rid = ep.rid
         cdef int rc, err
+        cdef Peer peer = self.vouched(ep)
         while True:
             rc = zmq_send(self.sock, PyBytes_AS_STRING(rid), PyBytes_GET_SIZE(rid),
                           ZMQ_SNDMORE | ZMQ_DONTWAIT)
@@ -380,7 +402,6 @@ cdef class Outbox:
         # block or fail on the high-water mark.
         check(zmq_send(self.sock, header, hlen, ZMQ_SNDMORE))
         check(zmq_send(self.sock, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0))
-        cdef Peer peer = self.peers.get(rid)
         if peer is not None:
             peer.total += 1                 # unconfirmed until a reply or flush() hears back
         self.last_peer = peer
@@ -390,12 +411,12 @@ cdef class Outbox:
                            bytes body, double deadline) except -1:
         """Wait for room in `ep`'s full queue, up to `deadline` (Timeout),
         then send."""
+        cdef Peer peer = self.vouched(ep)
         cdef int status = self.send_waiting(ep.rid, header, hlen, body, deadline)
         if status == FULL:
             raise Timeout(f"send queue to {ep.address} is full", None, None)
         if status != SENT:
             raise PeerUnreachable(f"connection to {ep.address} was lost")
-        cdef Peer peer = self.peers.get(ep.rid)
         if peer is not None:
             peer.total += 1
         self.last_peer = peer

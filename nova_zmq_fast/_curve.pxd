@@ -8,7 +8,7 @@ cdef class AllowList:
     cdef readonly frozenset revoked_keys   # allowed once, since taken away
     cdef readonly bint revoked             # revoked_keys is not empty: the receive
                                            # loop checks each message's User-Id
-    cdef object stamp                      # the files' names, mtimes and sizes
+    cdef object stamp                      # the files' names, times and sizes
     cdef readonly double checked           # monotonic time of the last look
 
 
@@ -18,6 +18,7 @@ cdef class Authenticator:
     cdef object log
     cdef void *sock                 # REP at inproc://zeromq.zap.01
     cdef object thread
+    cdef object serving             # the token start() gave its thread
     cdef bint stopping
     cdef readonly unsigned long long accepted, refused
 

@@ -75,19 +75,23 @@ cdef bint _is_z85(bytes text):
     return PyBytes_GET_SIZE(text) == KEY_LEN and all(c in _Z85 for c in text)
 
 
-def _key_lines(data, where):
-    """The Z85 keys in a key file's text: one per line.  Blank lines, and
-    lines starting with '#' that are not keys ('#' is a Z85 character, but
-    a key is exactly 40 of them), are comments."""
-    keys = []
-    for line in data.splitlines():
+def _parse_keys(data, where):
+    """(keys, problems) in a key file's text: one key per line, optionally
+    followed by a '#' comment.  Blank lines, and lines starting with '#'
+    that are not keys ('#' is a Z85 character, but a key is exactly 40 of
+    them), are comments.  A line that is neither is a problem, and
+    contributes nothing."""
+    keys, problems = [], []
+    for number, line in enumerate(data.splitlines(), 1):
         line = line.strip()
         if not line or (line.startswith(b"#") and not _is_z85(line)):
             continue
-        if not _is_z85(line):
-            raise ValueError(f"{where}: {line[:50]!r} is not a Z85 CURVE key")
-        keys.append(line)
-    return keys
+        first, _, rest = line.partition(b" ")
+        if _is_z85(first) and (not rest.strip() or rest.strip().startswith(b"#")):
+            keys.append(first)
+        else:
+            problems.append(f"{where}:{number}: {line[:50]!r} is not a Z85 CURVE key")
+    return keys, problems
 
 
 def write_keypair(prefix):
@@ -120,7 +124,9 @@ def load_secret_key(path):
         raise ValueError(f"rpc_zmq_secret_key_file {path} is readable by others "
                          f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
     with open(path, "rb") as f:
-        keys = _key_lines(f.read(), path)
+        keys, problems = _parse_keys(f.read(), path)
+    if problems:
+        raise ValueError(f"rpc_zmq_secret_key_file {problems[0]}")
     if len(keys) != 1:
         raise ValueError(f"rpc_zmq_secret_key_file {path} must hold exactly one key")
     public_key(keys[0])                 # proves it is one
@@ -128,8 +134,15 @@ def load_secret_key(path):
 
 
 cdef class AllowList:
-    """The public keys a server accepts: a directory (every file in it
-    holds keys) or a file, one key per line.  None: nobody."""
+    """The public keys a server accepts: a directory of `.pub` files, or
+    one file; one key per line.  None: nobody.
+
+    It fails closed.  A line that is not a key, a file that cannot be read
+    or that others may write (any local user could add a key), a directory
+    others may write: none of it allows anything.  At start each is a
+    ValueError, for the operator to see at once; when the files change
+    they are logged once and skipped, and every key no longer listed is
+    revoked at once."""
 
     def __init__(self, path=None):
         # os.fspath: an int would be taken for a file descriptor.
@@ -139,43 +152,73 @@ cdef class AllowList:
         self.revoked = False
         self.stamp = None
         self.checked = 0.0
-        self.reload()
+        problems = self._load()
+        if problems:
+            raise ValueError(f"rpc_zmq_allowed_keys {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     def _files(self):
-        if os.path.isdir(self.path):
-            return sorted(os.path.join(self.path, n) for n in os.listdir(self.path)
-                          if not n.startswith("."))
-        return [self.path]
-
-    def _stamp(self, files):
-        stamp = []
+        """The allow-list's files and a stamp that changes when any does."""
+        st = os.stat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            files = [self.path]
+        else:
+            if st.st_mode & 0o002:
+                raise ValueError(f"{self.path}: the directory is writable by others "
+                                 f"(mode {stat.S_IMODE(st.st_mode):o})")
+            files = sorted(os.path.join(self.path, name) for name in os.listdir(self.path)
+                           if name.endswith(".pub") and not name.startswith("."))
+        # ctime: a chmod changes it too.
+        stamp = [(self.path, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)]
         for name in files:
             try:
                 st = os.stat(name)
             except OSError:
                 continue
-            stamp.append((name, st.st_mtime_ns, st.st_size))
-        return tuple(stamp)
+            stamp.append((name, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+        return files, tuple(stamp)
 
-    def reload(self):
-        """Read the keys again if a file changed; True if they did."""
+    def _read(self, files):
+        """(keys, problems) from the allow-list's files as they are now."""
+        keys, problems = set(), []
+        for name in files:
+            try:
+                with open(name, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    if st.st_mode & 0o002:
+                        problems.append(f"{name}: writable by others "
+                                        f"(mode {stat.S_IMODE(st.st_mode):o}); ignored")
+                        continue
+                    found, bad = _parse_keys(f.read(), name)
+            except OSError as exc:
+                problems.append(f"{name}: {exc.strerror}")
+                continue
+            keys.update(found)
+            problems.extend(bad)
+        return keys, problems
+
+    def _load(self):
+        """Read the files again if any changed; the problems found."""
         self.checked = time.monotonic()
         if self.path is None:
-            return False
+            return []
         try:
-            files = self._files()
-            stamp = self._stamp(files)
-            if stamp == self.stamp:
-                return False
-            keys = set()
-            for name, _, _ in stamp:
-                if not os.path.isfile(name):
-                    continue
-                with open(name, "rb") as f:
-                    keys.update(_key_lines(f.read(), name))
+            files, stamp = self._files()
         except (OSError, ValueError) as exc:
-            LOG.error("allow-list %s not reloaded: %s", self.path, exc)
-            return False
+            # Gone, unreadable or open to others: nobody is allowed.
+            files, stamp = [], (str(exc),)
+            problem = str(exc) if isinstance(exc, ValueError) else f"{self.path}: {exc.strerror}"
+            problems = [problem]
+        else:
+            problems = None
+        if stamp == self.stamp:
+            return []
+        if problems is None:
+            keys, problems = self._read(files)
+        else:
+            keys = set()
         gone = self.keys - keys
         self.keys = frozenset(keys)
         # Keys taken away stay refused, even if they come back, until the
@@ -183,10 +226,16 @@ cdef class AllowList:
         self.revoked_keys = frozenset((self.revoked_keys | gone) - keys)
         self.revoked = bool(self.revoked_keys)
         if self.stamp is not None:
+            for problem in problems:
+                LOG.error("allow-list: %s", problem)
             LOG.warning("allow-list %s reloaded: %d key(s), %d revoked", self.path,
                         len(self.keys), len(gone))
         self.stamp = stamp
-        return True
+        return problems
+
+    def reload(self):
+        """Read the keys again if a file changed."""
+        self._load()
 
     def allows(self, bytes key not None):
         """Is the Z85 public key `key` allowed?  Re-reads the files at
@@ -209,6 +258,7 @@ cdef class Authenticator:
         self.log = logger               # a RateLimitedLog for refusals
         self.sock = NULL
         self.thread = None
+        self.serving = None
         self.stopping = False
         self.accepted = self.refused = 0
 
@@ -226,11 +276,15 @@ cdef class Authenticator:
             self.ctx.close_socket(self.sock, 0)
             self.sock = NULL
             raise
-        self.thread = unpatched("threading").Thread(target=self._serve, daemon=True,
-                                                    name="nova_zmq_fast-zap")
+        self.serving = object()
+        self.thread = unpatched("threading").Thread(target=self._serve, args=(self.serving,),
+                                                    daemon=True, name="nova_zmq_fast-zap")
         self.thread.start()
 
-    def _serve(self):
+    def _serve(self, token):
+        # Only the thread start() made may use the socket.
+        if token is not self.serving or self.serving is None:
+            raise RuntimeError("the ZAP handler's loop runs on the thread start() makes")
         while not self.stopping:
             request = self._receive()
             if request is None:

@@ -71,6 +71,10 @@ cdef class Endpoint:
 
 # -- the 'topic.host' rule ----------------------------------------------------
 
+cdef tuple _keys(endpoints):
+    return tuple([(<Endpoint>ep).key for ep in endpoints])
+
+
 def host_candidates(str topic not None):
     """The (base topic, host) pairs a name such as 'compute.node7' may mean,
     most likely first.  oslo.messaging's 'exchange:topic@server' splits at
@@ -310,7 +314,8 @@ cdef class RouteTable:
                 # we knew.  Marked used so it is tried again next pass.
                 route.used = True
                 continue
-            if endpoints != route.endpoints:
+            # (Endpoints are equal by address: a new key is a change too.)
+            if endpoints != route.endpoints or _keys(endpoints) != _keys(route.endpoints):
                 self.generation += 1
             if endpoints:
                 route.endpoints = endpoints

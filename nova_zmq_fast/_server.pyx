@@ -282,6 +282,8 @@ cdef class Server:
             # IPv4 where the host has no IPv6).
             set_int(self.sock, ZMQ_IPV6, 1)
             if curve_secret is not None:
+                if PyBytes_GET_SIZE(curve_secret) != 40:
+                    raise ValueError("a CURVE key is 40 characters of Z85")
                 set_int(self.sock, ZMQ_CURVE_SERVER, 1)
                 # Z85 with its terminating NUL: 41 bytes.
                 check(zmq_setsockopt(self.sock, ZMQ_CURVE_SECRETKEY,

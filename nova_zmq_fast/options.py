@@ -129,8 +129,9 @@ CORE = [
            "encrypted, and both ends authenticated, with CURVE."),
     Option("rpc_zmq_allowed_keys", "str", None,
            "With CURVE: the clients a server accepts: a directory of public key "
-           "files, or a file with one key per line. Re-read when it changes. Unset "
-           "or empty: nobody."),
+           "files (`*.pub`), or a file with one key per line. Re-read when it "
+           "changes; a key no longer listed is revoked at once. Unset or empty: "
+           "nobody. Neither it nor its files may be writable by others."),
     Option("rpc_zmq_topic_backlog", "int", 1000,
            "Most messages queued on one connection, each way: a faster sender then "
            "waits (up to rpc_cast_timeout) instead of queueing minutes of work. It "
@@ -210,6 +211,8 @@ class Options:
         backend.validate(opts)
         if opts.rpc_zmq_secret_key_file:
             opts.curve_keys()
+            if opts.rpc_zmq_allowed_keys:
+                opts.allow_list()
         return opts
 
     # -- derived values: the backend's policy --------------------------------
@@ -249,6 +252,12 @@ class Options:
             raise ValueError(f"CURVE (rpc_zmq_secret_key_file) cannot be used: {why}")
         secret = _curve.load_secret_key(self.rpc_zmq_secret_key_file)
         return _curve.public_key(secret), secret
+
+    def allow_list(self):
+        """The AllowList of rpc_zmq_allowed_keys; ValueError if it is
+        missing, malformed or open to others."""
+        from nova_zmq_fast import _curve
+        return _curve.AllowList(self.rpc_zmq_allowed_keys)
 
 
 def tcp_endpoint(host, port):

@@ -13,7 +13,7 @@ import time
 
 from nova_zmq_fast._client import Client
 from nova_zmq_fast._courier import Courier
-from nova_zmq_fast._curve import AllowList, Authenticator
+from nova_zmq_fast._curve import Authenticator
 from nova_zmq_fast._envelope import check_topic
 from nova_zmq_fast._handoff import Deferred, GreenHandoff, ThreadHandoff
 from nova_zmq_fast._green import unpatched
@@ -116,7 +116,12 @@ class Runtime:
             # The context's ZAP handler: without it a CURVE server refuses
             # everyone (it has a ZAP domain), which is what we want if it
             # cannot start.
-            allow = AllowList(opts.rpc_zmq_allowed_keys)
+            allow = opts.allow_list()
+            if not allow.keys:
+                LOG.warning("CURVE server with %s: it refuses every client until a key "
+                            "is added", f"an empty allow-list {opts.rpc_zmq_allowed_keys}"
+                            if opts.rpc_zmq_allowed_keys else "no allow-list "
+                            "(rpc_zmq_allowed_keys)")
             self.zap = Authenticator(self.context, allow, PEERS_LOG)
             self.zap.start()
         elif opts.bind_address.strip("[]") not in LOOPBACK and not _warned_plaintext:

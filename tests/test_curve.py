@@ -203,6 +203,49 @@ def test_an_impostor_at_the_address_is_refused(keys, tmp_path, client):
         assert impostor.stop() == 0
 
 
+def test_a_key_withdrawn_from_discovery_is_not_trusted_on_open_connections(
+        keys, tmp_path, client):
+    """The connection a client holds was authenticated with the key
+    discovery gave then.  When discovery publishes another key for that
+    address (the old one withdrawn), the client hangs up and dials with
+    the new one, which the server at that address cannot answer to."""
+    port = free_port()
+    ring = tmp_path / "ring.json"
+
+    def publish(key):
+        entry = {"host": f"127.0.0.1:{port}", "key": key}
+        (tmp_path / "ring.new").write_text(json.dumps({"svc": [entry]}))
+        os.replace(tmp_path / "ring.new", ring)
+    with open(keys["server"][1]) as f:
+        publish(f.read().strip())
+    common = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(ring)}
+    svc = ServiceProcess("127.0.0.1", tmp_path, options=dict(
+        common, rpc_zmq_port=port, rpc_zmq_bind_address="127.0.0.1",
+        rpc_zmq_secret_key_file=keys["server"][0], rpc_zmq_allowed_keys=keys["allowed"]))
+    try:
+        client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1,
+                    rpc_zmq_secret_key_file=keys["client"][0], **common)
+        assert client.call(CTX, "svc", msg("whoami"), timeout=5) == "127.0.0.1"
+        with open(keys["impostor"][1]) as f:
+            publish(f.read().strip())
+        assert wait_until(lambda: _unreachable(client, "CURVE handshake failed"), 15)
+        # A key that is not Z85 is refused before anything is dialled.
+        publish("~" * 40)
+        assert wait_until(lambda: _unreachable(client, "malformed CURVE key"), 15)
+    finally:
+        assert svc.stop() == 0
+
+
+def _unreachable(client, why):
+    try:
+        client.call(CTX, "svc", msg("whoami"), timeout=2)
+    except client.PeerUnreachable as exc:
+        return why in str(exc)
+    except client.Timeout:
+        pass
+    return False
+
+
 def test_curve_with_redis_discovery(keys, redis_server, tmp_path, client):
     """The server's public key travels with its address through Redis: a
     CURVE client dials only with the key discovery gave it, so the call
@@ -263,6 +306,61 @@ def test_keys_added_and_revoked_without_a_restart(keys, ipc_dir, client):
     finally:
         assert svc.stop() == 0
     assert before == 0
+
+
+def test_the_allow_list_fails_closed_however_it_is_edited(keys, tmp_path, caplog):
+    """Whatever an operator does to the files, a key stays allowed only
+    while a well-formed line of a `.pub` file lists it."""
+    pub = {name: open(keys[name][1], "rb").read().strip() for name in ("client", "stranger")}
+    allowed = keys["allowed"]
+    shutil.copy(keys["stranger"][1], os.path.join(allowed, "operator.pub"))
+    allow = _curve.AllowList(allowed)
+    assert allow.keys == {pub["client"], pub["stranger"]}
+
+    def reread():
+        allow.reload()
+        return allow.keys
+
+    # Renamed away from .pub: revoked, and other files are not keys.
+    os.rename(os.path.join(allowed, "client.pub"), os.path.join(allowed, "client.pub.revoked"))
+    with open(os.path.join(allowed, "README"), "w") as f:
+        f.write("the keys of the api nodes\n")
+    assert reread() == {pub["stranger"]} and allow.revoked_keys == {pub["client"]}
+
+    # A malformed line is skipped, logged once however often the list is
+    # read, and never keeps a removed key alive; a trailing comment is fine.
+    with caplog.at_level("ERROR", logger="nova_zmq_fast.curve"):
+        with open(os.path.join(allowed, "operator.pub"), "wb") as f:
+            f.write(pub["stranger"] + b"  # ops team\nnot a key at all\n")
+        for _ in range(3):
+            assert reread() == {pub["stranger"]}
+    assert [r.getMessage() for r in caplog.records].count(
+        f"allow-list: {allowed}/operator.pub:2: b'not a key at all' is not a Z85 CURVE key") == 1
+
+    # Opened to others: ignored, so nobody is allowed through it.
+    os.chmod(os.path.join(allowed, "operator.pub"), 0o666)
+    assert reread() == set()
+    os.chmod(os.path.join(allowed, "operator.pub"), 0o644)
+    assert reread() == {pub["stranger"]}
+    os.chmod(allowed, 0o777)
+    assert reread() == set()
+    os.chmod(allowed, 0o755)
+    assert reread() == {pub["stranger"]}
+    shutil.rmtree(allowed)
+    assert reread() == set()
+
+    # At start the same problems are errors the operator sees at once.
+    os.mkdir(allowed)
+    with open(os.path.join(allowed, "bad.pub"), "w") as f:
+        f.write("x" * 41 + "\n")
+    with pytest.raises(ValueError, match="bad.pub:1: .* is not a Z85 CURVE key"):
+        _curve.AllowList(allowed)
+    os.unlink(os.path.join(allowed, "bad.pub"))
+    os.chmod(allowed, 0o777)
+    with pytest.raises(ValueError, match="writable by others"):
+        _curve.AllowList(allowed)
+    with pytest.raises(ValueError, match="No such file"):
+        _curve.AllowList(str(tmp_path / "nowhere"))
 
 
 def test_secret_keys_others_can_read_are_refused(keys, ipc_dir):

@@ -199,6 +199,34 @@ def test_ipc_dir_fallback(tmp_path):
     assert os.path.isdir(ipc_dir(str(blocked / "sub")))
 
 
+def test_a_registry_others_can_write_is_refused(tmp_path, monkeypatch):
+    """Whoever can write the registry can publish an address (and a CURVE
+    key) for any topic and receive its calls."""
+    from nova_zmq_fast.matchmaker.local import REGISTRY
+    shared = tmp_path / "shared"
+    (shared / REGISTRY).mkdir(parents=True)
+    os.chmod(shared / REGISTRY, 0o777)
+    with pytest.raises(ValueError, match="writable by every user"):
+        local(shared)
+    # The per-user fallback in a shared directory, made first by someone
+    # else (or with the wrong mode), is refused too.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    squatted = tmp_path / f"nova_zmq_fast-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chmod(squatted, 0o777)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(ValueError, match="not a directory private to this user"):
+        local(blocked / "sub")
+    os.chmod(squatted, 0o700)
+    routes, backend = local(blocked / "sub")
+    try:
+        assert backend.root.startswith(str(squatted))
+    finally:
+        routes.close()
+        backend.close()
+
+
 def test_topics_by_prefix(tables, tmp_path):
     routes, server = tables()
     other, _ = tables()
@@ -344,6 +372,20 @@ def test_ring_lookups(tmp_path):
     assert addresses(routes.route("compute.h2")) == ["tcp://h2:9600", "tcp://h2:9601"]
     assert addresses(routes.route("compute.h7")) == ["tcp://h7:9501"]   # straight to the host
     assert routes.route("unknown") == ()
+    routes.close()
+
+
+def test_a_bare_ring_entry_means_the_same_port_in_every_process(tmp_path):
+    """A second service on a host listens on its own port; the ring it
+    reads must not change meaning for it (it would dial itself)."""
+    data = {"a": ["h1:9502"], "b": ["h2"]}
+    for kw in ({}, {"rpc_zmq_port": 9502}):
+        routes, _ = ring(tmp_path, data, **kw)
+        assert addresses(routes.route("b")) == ["tcp://h2:9501"]
+        assert addresses(routes.route("b.h9")) == ["tcp://h9:9501"]
+        routes.close()
+    routes, _ = ring(tmp_path, data, matchmaker_ring_port=9600, rpc_zmq_port=9502)
+    assert addresses(routes.route("b")) == ["tcp://h2:9600"]
     routes.close()
 
 

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import threading
 import weakref
 
@@ -54,7 +55,24 @@ def ipc_dir(path):
     fallback = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
                             f"nova_zmq_fast-{os.getuid()}")
     os.makedirs(fallback, mode=0o700, exist_ok=True)
+    # In a shared /tmp someone else may have made it first.
+    st = os.lstat(fallback)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{fallback} is not a directory private to this user (owner uid "
+                         f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user "
+                         f"could publish addresses in it; remove it, or set rpc_zmq_ipc_dir")
     return fallback
+
+
+def _closed_to_others(path):
+    """Refuse a registry directory every local user can write: any of them
+    could publish an address, and key, and receive this service's calls."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is not a directory")
+    if st.st_mode & 0o002:
+        raise ValueError(f"{path} is writable by every user (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}): the registry must be closed to others")
 
 
 class _OwnNode:
@@ -84,6 +102,8 @@ class LocalBackend(Backend):
         self.topics_dir = os.path.join(self.root, "topics")
         os.makedirs(self.nodes_dir, exist_ok=True)
         os.makedirs(self.topics_dir, exist_ok=True)
+        for path in (self.root, self.nodes_dir, self.topics_dir):
+            _closed_to_others(path)
         self._own = {}                  # address -> _OwnNode
         self._own_ids = {}              # node id -> _OwnNode
         self._known = {}                # node id -> Endpoint (files never change)

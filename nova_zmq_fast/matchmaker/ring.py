@@ -4,10 +4,12 @@
 
 With CURVE, an entry carries the server's public key too:
 {"host": "host2:9600", "key": "<Z85>"}.  Each entry names a host (its logical name and network address at once, as
-in the original driver) with an optional port; the default port is
-rpc_zmq_port (9501).  Several services on one host each listen on their own
-port and are listed as host:port.  'topic.host' goes to that host's entries
-for 'topic', or straight to host:9501 when the ring does not list it.  Every
+in the original driver) with an optional port; an entry without one means
+matchmaker_ring_port (9501), the same for every process reading the ring,
+whatever port it listens on itself.  Several services on one host each
+listen on their own port (rpc_zmq_port) and are listed as host:port.
+'topic.host' goes to that host's entries for 'topic', or straight to
+host:matchmaker_ring_port when the ring does not list it.  Every
 entry of a topic receives its fanouts.  The file is re-read when it changes.
 
 The ring says who may serve a topic, not who is up.  Liveness comes from
@@ -75,6 +77,10 @@ class RingBackend(Backend):
     OPTIONS = (
         Option("matchmaker_ringfile", "str", "/etc/oslo/matchmaker_ring.json",
                'Ring file for the ring discovery: {"topic": ["host", "host:port"]}.'),
+        Option("matchmaker_ring_port", "int", 9501,
+               "The port of a ring entry that names none (and of 'topic.host' for a "
+               "host the ring does not list). The same in every process: a service "
+               "listening on another rpc_zmq_port is listed as host:port."),
     )
     BIND_ADDRESS = "*"
     PORT = 9501
@@ -82,7 +88,7 @@ class RingBackend(Backend):
     def __init__(self, options):
         super().__init__(options)
         self.path = options.matchmaker_ringfile
-        self.default_port = options.port
+        self.default_port = options.matchmaker_ring_port
         self._load_lock = threading.Lock()
         self._mtime = None
         self._ring = {}

@@ -1,7 +1,7 @@
 """Try to break a compiled module from Python: `python -m tests.helpers.probe
 _server`.  Builds every class it exports in every way Python allows
-(calling it, and __new__ without __init__, with a few kinds of argument),
-calls every method of what comes out and every function of the module with
+(calling it, and __new__ without __init__, with a few kinds of argument,
+alone and after a real libzmq context and allow-list), calls every method of what comes out and every function of the module with
 the same arguments, and prints how many calls it made.  Exceptions are
 expected; the process must not die of a signal (tests/test_hardening.py).
 Run it in a scratch directory: some functions write files."""
@@ -28,9 +28,21 @@ def calls(function):
     return made
 
 
+def with_real_objects():
+    """ARGS again, after the live objects constructors want first: a real
+    context (its sockets are real), and an allow-list."""
+    from nova_zmq_fast import _curve, _zmq
+    ctx = _zmq.Context()
+    allow = _curve.AllowList(None)
+    return ([(ctx,) + args for args in ARGS]
+            + [(ctx, allow, None), (ctx, allow, None, None), (ctx, 0, 1, False, (None, None)),
+               (ctx, 0, 1, False, (b"x", b"y")), (ctx, 0, 1, False, (b"x" * 40, b"y" * 40))])
+
+
 def main():
     module = importlib.import_module("nova_zmq_fast." + sys.argv[1])
     made = 0
+    ARGS.extend(with_real_objects())
     for name, value in sorted(vars(module).items()):
         if getattr(value, "__module__", None) != module.__name__:
             continue
