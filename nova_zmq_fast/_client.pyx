@@ -266,10 +266,7 @@ cdef class Outbox:
                     # libzmq ends a session whose handshake failed and never
                     # dials that address again: forget it, so that the next
                     # send dials afresh (the key may be allowed by then).
-                    rid = where.encode()
-                    if rid in self.peers:
-                        zmq_disconnect(self.sock, rid)
-                        del self.peers[rid]
+                    self.hang_up(where.encode())
                     if event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
                         self.reasons[where] = (f"it refused this process's CURVE key "
                                                f"(ZAP status {value}: not in its allow-list)")
@@ -298,10 +295,8 @@ cdef class Outbox:
         lost = {}
         self.dead_seen = routes.dead_count
         for address in routes.forgotten():
-            rid = address.encode()
-            peer = self.peers.pop(rid, None)
+            peer = self.hang_up(address.encode())
             if peer is not None:
-                zmq_disconnect(self.sock, rid)
                 if peer.total != peer.confirmed:
                     lost[address] = peer.total - peer.confirmed
         return lost
@@ -358,8 +353,15 @@ cdef class Outbox:
             peer.seen = peer.total
             if used or peer.confirmed != peer.total or rid.decode() in known:
                 continue
+            self.hang_up(rid)
+
+    cdef Peer hang_up(self, bytes rid):
+        """Disconnect from `rid`, dropping what is queued to it; the next
+        send dials afresh.  Returns the Peer it was, or None."""
+        cdef Peer peer = self.peers.pop(rid, None)
+        if peer is not None:
             zmq_disconnect(self.sock, rid)
-            del self.peers[rid]
+        return peer
 
     cdef Peer vouched(self, Endpoint ep):
         """The peer `ep` names, if connected with the key discovery gives
@@ -369,8 +371,7 @@ cdef class Outbox:
         cdef Peer peer = self.peers.get(ep.rid)
         if peer is None or peer.key is ep.key or peer.key == ep.key:
             return peer
-        zmq_disconnect(self.sock, ep.rid)
-        del self.peers[ep.rid]
+        self.hang_up(ep.rid)
         if peer.total != peer.confirmed:
             LOG.warning("%s has a new CURVE key in discovery: %d message(s) queued to the "
                         "server with the old key may be lost", ep.address,

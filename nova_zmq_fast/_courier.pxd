@@ -17,6 +17,14 @@ cdef class Parcel:
     cdef set refused                # addresses that refused it or went silent
 
 
+cdef class Probe:
+    cdef Endpoint ep
+    cdef uint64_t ping_id           # the PING awaiting an answer, or 0
+    cdef double sent                # when it was sent
+    cdef double answered            # when the server last answered (or was first probed)
+    cdef double wanted              # when a route in use last held it
+
+
 cdef class Courier:
     cdef Client client
     cdef RouteTable routes
@@ -35,7 +43,7 @@ cdef class Courier:
     cdef double next_probe, next_refresh
     # liveness
     cdef double probe_every, probe_timeout
-    cdef dict probes                # address -> [sent msg_id, sent at, last answer]
+    cdef dict probes                # address -> Probe
     cdef dict probe_ids             # msg_id -> address
     # at-least-once casts
     cdef dict pending               # msg_id -> Parcel sent, not yet acknowledged
@@ -58,6 +66,7 @@ cdef class Courier:
     cdef _send_unsent(self, double now)
     cdef bint _send(self, Parcel p, double now) except -1
     cdef _probe(self, double now)
+    cdef Probe _probe_of(self, Endpoint ep, double now)
     cdef _resend_from(self, str address, double now)
     cdef _check_acks(self, double now)
     cdef _deliver_held(self, double now)

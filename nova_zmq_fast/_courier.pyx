@@ -48,7 +48,13 @@ from nova_zmq_fast.logs import RateLimitedLog
 LOG = logging.getLogger("nova_zmq_fast.courier")
 THROTTLED = RateLimitedLog(LOG)
 PROBE_TOPIC = b"nova_zmq_fast.probe"
+SILENT_KEPT = 600.0     # seconds a silent server no route holds is still probed
 cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
+
+
+@cython.final
+cdef class Probe:
+    """What the courier knows of one server's liveness."""
 
 
 @cython.final
@@ -323,10 +329,10 @@ cdef class Courier:
                     continue
                 probed = self.probe_ids.pop(h.msg_id, None)
                 if probed is not None:
-                    state = self.probes.get(probed)
-                    if state is not None and state[0] == h.msg_id:
-                        state[0] = 0
-                        state[2] = _now()
+                    probe = self.probes.get(probed)
+                    if probe is not None and (<Probe>probe).ping_id == h.msg_id:
+                        (<Probe>probe).ping_id = 0
+                        (<Probe>probe).answered = _now()
                     self.routes.mark_up(probed)
                     continue
                 p = self.pending.pop(h.msg_id, None)
@@ -386,25 +392,37 @@ cdef class Courier:
 
     cdef _probe(self, double now):
         """PING each server in use; mark down those whose last PING stayed
-        unanswered for the probe timeout, and move their casts elsewhere."""
+        unanswered for the probe timeout, and move their casts elsewhere.
+
+        A server stays probed after the routes that held it are dropped: a
+        caller blocked on it for longer than a refresh interval leaves its
+        route unused, and the server must not come back as new, and
+        trusted, on the caller's next call.  A silent one is probed until it
+        answers (or for SILENT_KEPT); one that answers, for a few probe
+        timeouts more."""
         cdef Endpoint ep
         cdef Parcel p
+        cdef Probe probe
         cdef char header[MAX_HEADER]
         cdef size_t hlen
         cdef int status
-        targets = {(<Endpoint>ep).address: ep for ep in self.routes.endpoints()}
+        for ep in self.routes.endpoints():
+            self._probe_of(ep, now).wanted = now
         for p in self.pending.values():
-            targets.setdefault(p.endpoint.address, p.endpoint)
-        for address in list(self.probes):
-            if address not in targets:
+            self._probe_of(p.endpoint, now).wanted = now
+        gone = set(self.routes.forgotten())
+        for address, probe in list(self.probes.items()):
+            if address in gone:
+                # Discovery knows it is dead: what it never acknowledged
+                # goes elsewhere now, and there is nobody left to probe.
+                self._resend_from(address, now)
                 del self.probes[address]
-        for address, ep in targets.items():
-            # [msg_id of the PING awaiting an answer, when it was sent, when
-            # the server last answered (or was first probed)]
-            state = self.probes.get(address)
-            if state is None:
-                state = self.probes[address] = [0, 0.0, now]
-            if now - state[2] >= self.probe_timeout:
+                continue
+            silent = probe.ping_id != 0 or self.routes.is_down(address)
+            if now - probe.wanted >= (SILENT_KEPT if silent else 3 * self.probe_timeout):
+                del self.probes[address]
+                continue
+            if now - probe.answered >= self.probe_timeout:
                 # Not heard from for the timeout, whatever the reason: frozen,
                 # cut off, every worker stuck, or never even connected.
                 if not self.routes.is_down(address):
@@ -412,25 +430,38 @@ cdef class Courier:
                                 "answers", address, self.probe_timeout)
                 self.routes.mark_down(address, self.probe_timeout + 2 * self.probe_every)
                 self._resend_from(address, now)
-            if state[0] and now - state[1] >= self.probe_timeout:
-                self.probe_ids.pop(state[0], None)      # lost with a connection: ask again
-                state[0] = 0
-            if state[0]:
+            if probe.ping_id and now - probe.sent >= self.probe_timeout:
+                # Unanswered: ask again on a new connection.  The old one may
+                # be stale (a link that was cut), and TCP would take seconds
+                # to retransmit on it once the link is back.
+                self.probe_ids.pop(probe.ping_id, None)
+                probe.ping_id = 0
+                self.ob.hang_up(probe.ep.rid)
+            if probe.ping_id:
                 continue                    # still waiting for the last one
             self.next_id += 1
             hlen = write_header(header, KIND_PING, 0, self.next_id, PyBytes_AS_STRING(PROBE_TOPIC),
                                 PyBytes_GET_SIZE(PROBE_TOPIC))
-            status = self.ob.try_send(ep, header, hlen, EMPTY_REQUEST)
+            status = self.ob.try_send(probe.ep, header, hlen, EMPTY_REQUEST)
             if status == SENT:
-                state[0] = self.next_id
-                state[1] = now
+                probe.ping_id = self.next_id
+                probe.sent = now
                 self.probe_ids[self.next_id] = address
             elif status == UNCONNECTED and any(
                     (<Parcel>p).endpoint.address == address for p in self.pending.values()):
                 self._resend_from(address, now)     # its connection was lost
         if len(self.probe_ids) > 4 * len(self.probes) + 64:
-            live = {state[0] for state in self.probes.values()}
+            live = {(<Probe>probe).ping_id for probe in self.probes.values()}
             self.probe_ids = {k: v for k, v in self.probe_ids.items() if k in live}
+
+    cdef Probe _probe_of(self, Endpoint ep, double now):
+        cdef Probe probe = self.probes.get(ep.address)
+        if probe is None:
+            probe = Probe.__new__(Probe)
+            probe.answered = now
+            self.probes[ep.address] = probe
+        probe.ep = ep                       # the latest, with the key discovery gives now
+        return probe
 
     cdef _resend_from(self, str address, double now):
         cdef Parcel p

@@ -304,10 +304,16 @@ def test_a_receive_loop_that_dies_withdraws_its_process_at_once(ipc_dir, client)
 
 # -- liveness -------------------------------------------------------------------------
 
-def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client):
+@pytest.mark.parametrize("heartbeat_timeout, call_timeout", [(1.0, 0.5), (3.0, 2.5)],
+                         ids=["short-calls", "calls-longer-than-a-route-refresh"])
+def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client, heartbeat_timeout,
+                                                           call_timeout):
     """SIGSTOP one of three: calls keep succeeding on the other two within
-    the heartbeat timeout; SIGCONT brings it back."""
-    opts = {"rpc_zmq_heartbeat_interval": 0.3, "rpc_zmq_heartbeat_timeout": 1.0}
+    the heartbeat timeout; SIGCONT brings it back.  Also for a caller that
+    waits on the frozen server longer than a route stays cached unused (the
+    default heartbeats): it must not come back as new on the next call."""
+    opts = {"rpc_zmq_heartbeat_interval": heartbeat_timeout / 3,
+            "rpc_zmq_heartbeat_timeout": heartbeat_timeout}
     servers = [ServiceProcess(f"f{i}", ipc_dir, topic="freeze", options=opts) for i in range(3)]
     frozen = servers[2]
     try:
@@ -321,15 +327,15 @@ def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client):
             # Nine calls in a row answered by the two live servers.
             for _ in range(9):
                 try:
-                    who = client.call(CTX, "freeze", msg("whoami"), timeout=0.5)
+                    who = client.call(CTX, "freeze", msg("whoami"), timeout=call_timeout)
                 except client.Timeout:
                     failures.append(time.monotonic() - stopped)
                     return False
                 assert who in ("f0", "f1")
             return True
-        assert wait_until(settled, 15)
+        assert wait_until(settled, 20)
         # Only calls made before the heartbeat timeout went to the frozen one.
-        assert all(t < 1.0 + 0.5 + 1.0 for t in failures), failures
+        assert all(t < heartbeat_timeout + call_timeout + 1.0 for t in failures), failures
         os.kill(frozen.proc.pid, signal.SIGCONT)
         assert wait_until(lambda: "f2" in {client.call(CTX, "freeze", msg("whoami"))
                                            for _ in range(9)}, 15)
