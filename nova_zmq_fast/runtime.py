@@ -388,8 +388,13 @@ class Connection:
     def _stop(self, consumers, deadline):
         if not consumers:
             return
+        with self._lock:
+            kept = {(c.topic, c.fanout) for c in self._consumers}
         for consumer in consumers:
-            self._rt.withdraw(self, consumer.topic, consumer.fanout)
+            # Nova consumes 'compute' and 'compute.<host>' (which also serves
+            # 'compute'): removing the second must not withdraw the first.
+            if (consumer.topic, consumer.fanout) not in kept:
+                self._rt.withdraw(self, consumer.topic, consumer.fanout)
         server = self._rt.server
         if server is not None:
             server.drain(consumers, max(0.0, deadline - time.monotonic()))

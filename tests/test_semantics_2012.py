@@ -84,6 +84,23 @@ def test_a_consumer_of_topic_dot_this_host_serves_topic_too(client):
         conn.close()
 
 
+def test_removing_the_host_consumer_keeps_the_topic_consumer_nova_made(client):
+    """Nova's Service.start() consumes 'compute' and 'compute.<host>' on one
+    connection; removing the second leaves 'compute' served and announced."""
+    proxy = Direct()
+    conn = client.create_connection()
+    try:
+        conn.create_consumer("nova2012", proxy)
+        conn.create_consumer("nova2012.client", proxy)
+        conn.consume_in_thread()
+        conn.remove_consumer("nova2012.client")
+        assert conn.stats()["topics"] == ["nova2012"]
+        for i in range(4):          # each time: still found in discovery
+            assert client.call(CTX, "nova2012", msg("where", via=i), timeout=5) == i
+    finally:
+        conn.close()
+
+
 def test_a_consumer_of_another_hosts_topic_is_not_widened(client):
     conn = client.create_connection()
     try:
