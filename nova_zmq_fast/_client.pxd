@@ -72,7 +72,9 @@ cdef class Client:
     cdef Context ctx
     cdef readonly RouteTable routes
     cdef object tls
-    cdef object outboxes
+    cdef object outboxes            # every live outbox (weak)
+    cdef list spare                 # outboxes of ended threads, for the next ones
+    cdef object spare_lock
     cdef dict rr                    # topic -> round-robin position
     cdef int linger_ms
     cdef int backlog
@@ -89,9 +91,11 @@ cdef class Client:
     cdef public unsigned long long casts, calls, fanouts, notifies, timeouts, refused
     cdef public unsigned long long no_listeners, notifications_dropped, fanout_unreachable
     cdef public unsigned long long discarded
+    cdef public unsigned long long outboxes_made    # sockets opened for callers, ever
     cdef dict lost                  # address -> messages it never confirmed, that died with it
 
     cdef Outbox outbox(self)
+    cdef Outbox lease(self)
     cdef bytes encode(self, Outbox ob, object context, object msg)
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                            bytes body, double deadline, object topic, object method)

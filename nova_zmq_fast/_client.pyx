@@ -5,8 +5,12 @@ peer that thread has talked to.  A server announces its advertised address
 as its ZeroMQ routing id, so a request goes out as [peer address, header,
 body]; the server answers on the same connection, so the reply comes back to the very thread
 that waits for it: no reply-dispatcher thread and no hand-off, and the
-round trip has the same hops as a raw REQ/REP exchange.  Sockets live as
-long as their thread (or until cleanup()), never one per message.
+round trip has the same hops as a raw REQ/REP exchange.  Sockets are never
+one per message: when a thread (or green thread) ends, its outbox goes to a
+pool of spares, connections and all, and the next new thread takes it.  So a
+service that runs each request in a new green thread does not pay a socket
+and a connection per request, and what an ended thread sent is still
+confirmed, or counted, at cleanup().
 
 Where a message goes: the route table (_routes.pyx) gives the consumers of
 the topic; round-robin picks where to start, and the message goes to the
@@ -41,6 +45,7 @@ from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
+from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, NoListeners,
     PeerUnreachable, RPCException, SerializationError, Timeout)
@@ -662,6 +667,25 @@ cdef class ReplyStream:
         self.close()
 
 
+SPARE_MAX = 256         # outboxes of ended threads kept for the next ones
+
+
+class _Lease:
+    """Held in a thread's locals beside its outbox: when the thread ends
+    and its locals go, the outbox goes back to the client's spares."""
+    __slots__ = ("client", "outbox")
+
+    def __init__(self, client, outbox):
+        self.client = client
+        self.outbox = outbox
+
+    def __del__(self):
+        try:
+            self.client.give_back(self.outbox)
+        except Exception:                   # at interpreter exit: nothing to do
+            pass
+
+
 cdef class Client:
     """Everything a process needs to send: the route table, the per-thread
     outboxes and the counters.  One per Runtime."""
@@ -674,6 +698,8 @@ cdef class Client:
         self.routes = routes
         self.tls = threading.local()
         self.outboxes = weakref.WeakSet()
+        self.spare = []
+        self.spare_lock = unpatched("threading").Lock()
         self.rr = {}
         self.send_timeout = send_timeout
         self.response_timeout = response_timeout
@@ -688,24 +714,56 @@ cdef class Client:
         self.lost = {}
 
     cdef Outbox outbox(self):
-        """This thread's outbox; it is closed when the thread ends."""
+        """This thread's outbox: a spare one, or a new one, the first time;
+        it goes back to the spares when the thread ends."""
         cdef Outbox ob = getattr(self.tls, "outbox", None)
         if ob is None or ob.epoch != fork_epoch() or ob.sock == NULL:
+            ob = self.lease()
+        if ob.dead_seen != self.routes.dead_count:
+            self.account(ob.forget_peers(self.routes),
+                         "sent to a server that died were never confirmed, so may be lost")
+        if ob.routes_seen != self.routes.generation:
+            ob.tidy(self.routes)
+        return ob
+
+    cdef Outbox lease(self):
+        cdef Outbox ob = None
+        with self.spare_lock:
             if self.closed:
                 raise RPCException("this RPC client was cleaned up")
+            while self.spare and ob is None:
+                ob = self.spare.pop()
+                if ob.sock == NULL or ob.epoch != fork_epoch():
+                    ob = None
+        if ob is None:
             ob = Outbox(self.ctx, self.linger_ms, self.backlog, self.green, self.curve,
                         self.max_message_size, self.socket_buffer)
             ob.dead_seen = self.routes.dead_count
             ob.routes_seen = self.routes.generation
-            self.tls.outbox = ob
             self.outboxes.add(ob)
-        else:
-            if ob.dead_seen != self.routes.dead_count:
-                self.account(ob.forget_peers(self.routes),
-                             "sent to a server that died were never confirmed, so may be lost")
-            if ob.routes_seen != self.routes.generation:
-                ob.tidy(self.routes)
+            self.outboxes_made += 1
+        self.tls.outbox = ob
+        self.tls.lease = _Lease(self, ob)
         return ob
+
+    def give_back(self, Outbox ob not None):
+        """A thread that used `ob` ended (its _Lease is collected)."""
+        if ob.sock == NULL or ob.epoch != fork_epoch():
+            return
+        ob.streams.clear()                  # replies nobody waits for any more
+        ob.last_peer = None
+        with self.spare_lock:
+            if not self.closed and len(self.spare) < SPARE_MAX:
+                self.spare.append(ob)
+                return
+        # Never more spares than SPARE_MAX: this one closes, what it
+        # queued leaving within the linger; what no peer confirmed is
+        # counted as maybe lost.
+        self.account({address: peer.total - peer.confirmed
+                      for address, peer in ((rid.decode(), p) for rid, p in ob.peers.items())
+                      if peer.total != peer.confirmed},
+                     "sent by a thread that ended were never confirmed, so may be lost")
+        ob.close(self.linger_ms)
 
     def new_outbox(self):
         """An outbox of its own, for an event loop's thread (aio): it is
@@ -717,6 +775,7 @@ cdef class Client:
         ob.dead_seen = self.routes.dead_count
         ob.routes_seen = self.routes.generation
         self.outboxes.add(ob)
+        self.outboxes_made += 1
         return ob
 
     def try_request(self, Outbox ob not None, int kind, context, topic, msg, bint multi=False,
@@ -1220,7 +1279,7 @@ cdef class Client:
             "notifications_dropped": self.notifications_dropped,
             "fanout_unreachable": self.fanout_unreachable,
             "discarded": self.discarded,
-            "outboxes": len(self.outboxes),
+            "outboxes": len(self.outboxes), "outboxes_made": self.outboxes_made,
         }
 
     def close(self, double linger=0.0):
@@ -1229,7 +1288,9 @@ cdef class Client:
         Returns {address: messages not confirmed, so maybe lost}; they are
         counted in stats() and named in one warning.  Must not race with
         calls still in progress."""
-        self.closed = True
+        with self.spare_lock:
+            self.closed = True
+            spare, self.spare = self.spare, []      # kept alive until flushed below
         cdef Outbox ob
         cdef double deadline = _monotonic() + linger
         lost = {}
@@ -1240,7 +1301,8 @@ cdef class Client:
                 lost[address] = lost.get(address, 0) + n
             ob.close(0)
         self.tls = threading.local()
-        self.account(lost, f"not confirmed by their peers within {linger:g}s were dropped at "
-                           f"cleanup")
+        del spare
+        self.account(lost, f"not confirmed by their peers within {linger:g}s at cleanup may "
+                           f"be lost")
         # Everything this client could not vouch for, since it started.
         return dict(self.lost)

@@ -36,16 +36,23 @@ def flood(client, topic, key, n, seconds):
         client.cast(CTX, topic, msg("slow_record", key=key, value=i, seconds=seconds))
 
 
-def test_cleanup_reports_what_it_had_to_drop(ipc_dir, client, caplog):
+@pytest.mark.parametrize("sender", ["this thread", "a thread that ended"])
+def test_cleanup_reports_what_it_had_to_drop(ipc_dir, client, caplog, sender):
     """A fast sender, a slow server (1 ms per cast), a short linger: the
     casts still queued when cleanup() gives up are counted, named in one
-    warning and returned, never dropped in silence."""
+    warning and returned, never dropped in silence; also when the thread
+    that sent them has ended."""
     svc = ServiceProcess("slow1", ipc_dir, topic="slow")
     try:
         client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_linger=0.5,
                     rpc_cast_timeout=60)
         key, n = unique(), 4000
-        flood(client, "slow", key, n, 0.001)
+        if sender == "this thread":
+            flood(client, "slow", key, n, 0.001)
+        else:
+            thread = threading.Thread(target=flood, args=(client, "slow", key, n, 0.001))
+            thread.start()
+            thread.join()
         caplog.set_level(logging.WARNING, logger="nova_zmq_fast")
         lost = client.cleanup()
         assert set(lost) == {svc.address} and lost[svc.address] > 0, lost
@@ -58,6 +65,23 @@ def test_cleanup_reports_what_it_had_to_drop(ipc_dir, client, caplog):
                           n - lost[svc.address], 60)
     finally:
         assert svc.stop() == 0
+
+
+def test_threads_that_call_once_and_end_share_their_sockets(services, client):
+    """One thread per request, as a WSGI server runs them: an ended
+    thread's outbox, connections and all, serves the next new thread."""
+    client.call(CTX, "svc", msg("echo", value=-1))
+    before = client.stats()["client"]
+    answers = []
+    for i in range(50):
+        thread = threading.Thread(target=lambda i=i: answers.append(
+            client.call(CTX, "svc", msg("echo", value=i))))
+        thread.start()
+        thread.join()
+    assert sorted(answers) == list(range(50))
+    after = client.stats()["client"]
+    assert after["outboxes_made"] <= before["outboxes_made"] + 1, (before, after)
+    assert after["outboxes"] <= before["outboxes"] + 1
 
 
 def test_with_a_long_enough_linger_nothing_is_lost(ipc_dir, client):
