@@ -10,6 +10,7 @@ cdef class RpcContext:
 
 cdef enum ProxyKind:
     PROXY_DISPATCHER                # has dispatch(): version/namespace rules
+    PROXY_DISPATCHER_2012           # ... Folsom's, without the namespace argument
     PROXY_CALLABLE                  # called as proxy(ctxt, msg) with raw messages
     PROXY_METHODS                   # its public method msg['method'] is called
     PROXY_DEFERRED                  # called as proxy(ctxt, msg, replier); replies later

@@ -19,6 +19,7 @@ accepts as a proxy, and how it is called:
 Notifications sent with notify(..., envelope=True) travel as
 {'oslo.version': '2.0', 'oslo.message': <json>}; consumers get them unwrapped.
 """
+import inspect
 import json
 
 cimport cython
@@ -100,7 +101,7 @@ cdef class Consumer:
         if deferred:
             c.mode = PROXY_DEFERRED
         elif callable(c.dispatch):
-            c.mode = PROXY_DISPATCHER
+            c.mode = PROXY_DISPATCHER if _takes_namespace(c.dispatch) else PROXY_DISPATCHER_2012
         elif callable(proxy):
             c.mode = PROXY_CALLABLE
         else:
@@ -125,6 +126,11 @@ cdef class Consumer:
         if self.mode == PROXY_DISPATCHER:
             return self.dispatch(ctxt, msg.get("version"), method, msg.get("namespace"),
                                  **args)
+        if self.mode == PROXY_DISPATCHER_2012:
+            if msg.get("namespace") is not None:
+                raise InvalidMessage(f"namespace {msg.get('namespace')!r}: this consumer's "
+                                     f"dispatcher (Folsom's) has no namespaces")
+            return self.dispatch(ctxt, msg.get("version"), method, **args)
         target = None
         if (<str>method)[0] != "_":
             target = getattr(self.proxy, method, None)
@@ -139,7 +145,7 @@ cdef class Consumer:
         if self.mode == PROXY_DEFERRED:
             accepts = getattr(self.proxy, "accepts", None)
             return True if accepts is None else bool(accepts(version, namespace))
-        if self.mode != PROXY_DISPATCHER:
+        if self.mode != PROXY_DISPATCHER and self.mode != PROXY_DISPATCHER_2012:
             return True
         accepts = getattr(self.proxy, "accepts", None)
         return True if accepts is None else bool(accepts(version, namespace))
@@ -154,6 +160,22 @@ cdef class Consumer:
 
     cdef void end(self) noexcept:
         self.active -= 1
+
+
+def _takes_namespace(dispatch):
+    """Does an RpcDispatcher's dispatch() take the namespace (Grizzly and
+    later: dispatch(ctxt, version, method, namespace, **kwargs)), or is it
+    Folsom's dispatch(ctxt, version, method, **kwargs)?"""
+    try:
+        parameters = inspect.signature(dispatch).parameters
+    except (TypeError, ValueError):             # no signature to read: the newer API
+        return True
+    if "namespace" in parameters:
+        return True
+    positional = [p for p in parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL
+                                       for p in parameters.values())
 
 
 def consumer(str topic not None, bint fanout, proxy):

@@ -1,9 +1,13 @@
 """What the 2012 driver's callers relied on: remote exceptions that show
 the remote traceback in str(), the transport's own exceptions keeping
 their detail across a call, and direct topics ('topic.<host>')."""
+import json
+import sys
+
 import pytest
 
 from nova_zmq_fast.exceptions import remote_message, remote_type_name
+from tests.conftest import ChildProcess, wait_until
 from tests.helpers.errors import CustomError
 
 CTX = {"user_id": "u1"}
@@ -109,3 +113,32 @@ def test_a_consumer_of_another_hosts_topic_is_not_widened(client):
         assert conn.stats()["topics"] == ["direct2012.elsewhere"]
     finally:
         conn.close()
+
+
+def test_a_folsom_service_runs_unchanged_under_eventlet(ipc_dir, client):
+    """Folsom Nova's shape (tests/helpers/folsom_service.py): monkey-patched,
+    its manager behind rpc.dispatcher, a client API on rpc.proxy, errors
+    from rpc.common; handlers and callers alike, and its own dispatcher
+    with Folsom's signature."""
+    from nova_zmq_fast.rpc import common as rpc_common
+    from nova_zmq_fast.rpc import proxy as rpc_proxy
+    svc = ChildProcess("folsom", [sys.executable, "-m", "tests.helpers.folsom_service",
+                                  "--host", "node1", "--options",
+                                  json.dumps({"rpc_zmq_ipc_dir": str(ipc_dir)})])
+    try:
+        api = rpc_proxy.RpcProxy(topic="compute", default_version="2.0")
+        assert api.call(CTX, api.make_msg("ping", x=7)) == 7
+        assert api.call(CTX, api.make_msg("ping", x=8), topic="compute.node1") == 8
+        assert api.call(CTX, api.make_msg("relay", x=9)) == 9           # nested, green
+        assert api.call(CTX, api.make_msg("hand_over", x=10)) == 10     # spawn_n + queue
+        api.fanout_cast(CTX, api.make_msg("refresh", n=1))
+        assert wait_until(lambda: api.call(CTX, api.make_msg("fanouts_seen")) == [1], 10)
+        assert list(api.multicall(CTX, api.make_msg("ping", x=11))) == [11]
+        with pytest.raises(rpc_common.RPCException, match="refused by policy"):
+            api.call(CTX, api.make_msg("refuse"))
+        with pytest.raises(rpc_common.UnsupportedRpcVersion, match="3.0, not supported"):
+            api.call(CTX, api.make_msg("ping", x=1), version="3.0")
+        # Folsom's own dispatcher: dispatch(ctxt, version, method, **kwargs).
+        assert api.call(CTX, api.make_msg("whoami"), topic="compute_folsom") == "node1"
+    finally:
+        assert svc.stop() == 0
