@@ -140,6 +140,11 @@ cdef class Courier:
             except (BlockingIOError, OSError):
                 pass                        # already woken
 
+    def has_room(self):
+        """Would cast() take one more without waiting?  (An event loop
+        waits for room itself, by awaiting.)"""
+        return len(self.pending) + len(self.unsent) + len(self.jobs) < self.max_pending
+
     def cast(self, str topic not None, method, bytes body not None):
         """Carry an encoded cast until a consumer of `topic` acknowledges
         it.  Waits (up to rpc_cast_timeout) while 10 x rpc_zmq_topic_backlog
@@ -148,7 +153,7 @@ cdef class Courier:
         cdef long pause_ns = 20000
         if self.closed:
             raise RPCException("the transport was cleaned up; this cast was not sent")
-        while len(self.pending) + len(self.unsent) + len(self.jobs) >= self.max_pending:
+        while not self.has_room():
             if _now() >= deadline:
                 raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
                               f"for acknowledgement", topic, method)

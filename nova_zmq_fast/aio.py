@@ -268,12 +268,25 @@ async def multicall(context, topic, msg, timeout=None):
         caller.forget(msg_id)
 
 
-async def cast(context, topic, msg):
-    """Invoke a method on one consumer of `topic`; no result."""
+async def cast(context, topic, msg, at_least_once=None):
+    """Invoke a method on one consumer of `topic`; no result.  With
+    at_least_once (default: rpc_zmq_at_least_once) the runtime's courier
+    carries it until a consumer has handled it."""
     caller = _caller()
     options = caller.runtime.options
-    if options.rpc_zmq_at_least_once:
-        # The courier carries it: handing it over never waits.
+    if options.rpc_zmq_at_least_once if at_least_once is None else at_least_once:
+        # Backpressure as for any cast, awaited: the courier takes it once
+        # its window has room, and then handing it over does not wait.
+        courier = caller.client.courier
+        deadline = caller.loop.time() + options.rpc_cast_timeout
+        pause = PAUSE_MIN
+        while not courier.has_room():
+            if caller.loop.time() >= deadline:
+                raise Timeout("at-least-once casts already waiting for acknowledgement "
+                              "fill the window", topic,
+                              msg.get("method") if isinstance(msg, dict) else None)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PAUSE_MAX)
         caller.client.cast(context, topic, msg, True)
         return
     if caller.client.try_request(caller.outbox, CAST, context, topic, msg) is None:

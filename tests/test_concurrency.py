@@ -89,6 +89,46 @@ def test_an_at_least_once_cast_is_acknowledged_when_its_handler_ends(ipc_dir, cl
             assert survivor.stop() == 0
 
 
+def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc_dir, client):
+    """A full at-least-once window (10 x rpc_zmq_topic_backlog casts not yet
+    acknowledged) holds the next cast back: awaited, so other tasks run,
+    and bounded by rpc_cast_timeout."""
+    import asyncio
+
+    from nova_zmq_fast import aio
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60)
+    service = model_service("threads", "alo-window", "alo-window", ipc_dir)
+
+    async def scenario():
+        for _ in range(10):                 # handlers that hold their acks back
+            await aio.cast({}, "alo-window", {"method": "pause", "args": {"seconds": 30}},
+                           at_least_once=True)
+        ticks = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            while not stop.is_set():
+                ticks.append(1)
+                await asyncio.sleep(0.01)
+        task = asyncio.ensure_future(ticker())
+        try:
+            with pytest.raises(aio.Timeout, match="fill the window"):
+                await aio.cast({}, "alo-window", {"method": "pause", "args": {"seconds": 0}},
+                               at_least_once=True)
+        finally:
+            stop.set()
+            await task
+        return len(ticks)
+    try:
+        ticks = asyncio.run(scenario())
+        # A loop blocked for the second of waiting would have ticked once.
+        assert ticks >= 10, ticks
+        assert client.stats()["client"]["at_least_once_pending"] == 10
+    finally:
+        service.kill()
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_waiting_handler_holds_up_no_request_queued_behind_it(ipc_dir, client, model):
     """A cast right behind one whose handler waits, on the same connection,
