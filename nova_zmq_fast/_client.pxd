@@ -55,6 +55,7 @@ cdef class Outbox:
     cdef dict flush(self, double deadline)
     cdef tidy(self, RouteTable routes)
     cdef dict forget_peers(self, RouteTable routes)
+    cdef str refusal(self, Endpoint ep)
     cdef Peer hang_up(self, bytes rid)
     cdef Peer vouched(self, Endpoint ep)
     cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,

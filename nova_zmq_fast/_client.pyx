@@ -216,28 +216,34 @@ cdef class Outbox:
         # What it queued still leaves, within the linger, in the background.
         self.close(self.linger_ms)
 
+    cdef str refusal(self, Endpoint ep):
+        """Why `ep` must never be dialled, as discovery describes it now, or
+        None: with CURVE only with a well-formed key discovery gave for it,
+        without CURVE never to a server that requires it."""
+        cdef bytes key = ep.key
+        cdef unsigned char decoded[32]
+        if self.curve_secret is not None and key is None:
+            return "discovery published no CURVE key for it; it is never dialled in clear"
+        if self.curve_secret is None and key is not None:
+            return "it requires CURVE, and this process has no key (rpc_zmq_secret_key_file)"
+        if key is not None and (PyBytes_GET_SIZE(key) != 40 or
+                                zmq_z85_decode(decoded, PyBytes_AS_STRING(key)) == NULL):
+            return "discovery published a malformed CURVE key for it"
+        return None
+
     cdef bint dial(self, Endpoint ep) except -1:
-        """Connect to `ep` (once); False if that must not be done: with
-        CURVE only with the key discovery gave for it, without CURVE never
-        to a server that requires it."""
+        """Connect to `ep` (once); False if it must not be (refusal())."""
         cdef bytes rid = ep.rid
         cdef bytes key = ep.key
         if rid in self.peers:
             return True
-        if self.curve_secret is not None and key is None:
-            self.reasons[ep.address] = ("discovery published no CURVE key for it; it is "
-                                        "never dialled in clear")
+        why = self.refusal(ep)
+        if why is not None:
+            self.reasons[ep.address] = why
             return False
-        if self.curve_secret is None and key is not None:
-            self.reasons[ep.address] = ("it requires CURVE, and this process has no key "
-                                        "(rpc_zmq_secret_key_file)")
-            return False
-        # For this connection only: options are copied at connect time.
-        # libzmq decodes the key, and refuses one that is not Z85.
-        if key is not None and (PyBytes_GET_SIZE(key) != 40 or zmq_setsockopt(
-                self.sock, ZMQ_CURVE_SERVERKEY, PyBytes_AS_STRING(key), 41) != 0):
-            self.reasons[ep.address] = "discovery published a malformed CURVE key for it"
-            return False
+        if key is not None:
+            # For this connection only: options are copied at connect time.
+            check(zmq_setsockopt(self.sock, ZMQ_CURVE_SERVERKEY, PyBytes_AS_STRING(key), 41))
         # (ZMQ_CONNECT_ROUTING_ID cannot name the connection: with
         # ZMQ_IMMEDIATE libzmq ignores it, so servers announce their address
         # as their routing id instead.)
@@ -271,7 +277,10 @@ cdef class Outbox:
                     # libzmq ends a session whose handshake failed and never
                     # dials that address again: forget it, so that the next
                     # send dials afresh (the key may be allowed by then).
-                    self.hang_up(where.encode())
+                    # Not dialled any more: the event is stale (it was hung
+                    # up on since), and says nothing of the address now.
+                    if self.hang_up(where.encode()) is None:
+                        continue
                     if event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
                         self.reasons[where] = (f"it refused this process's CURVE key "
                                                f"(ZAP status {value}: not in its allow-list)")
@@ -913,7 +922,7 @@ cdef class Client:
         cdef Endpoint ep
         known = []
         for ep in endpoints:
-            why = ob.why(ep.address)
+            why = ob.refusal(ep) or ob.why(ep.address)
             if why:
                 known.append(f"{ep.address}: {why}")
         return f" ({'; '.join(known)})" if known else ""

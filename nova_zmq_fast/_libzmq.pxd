@@ -38,6 +38,7 @@ cdef extern from "zmq_compat.h" nogil:
     int zmq_curve_public(char *z85_public_key, const char *z85_secret_key)
     int zmq_socket_monitor(void *s, const char *addr, int events)
     char *zmq_z85_encode(char *dest, const unsigned char *data, size_t size)
+    unsigned char *zmq_z85_decode(unsigned char *dest, const char *string)
     int zmq_errno()
     const char *zmq_strerror(int errnum)
 
