@@ -56,6 +56,7 @@ cdef class Outbox:
     cdef tidy(self, RouteTable routes)
     cdef dict forget_peers(self, RouteTable routes)
     cdef str refusal(self, Endpoint ep)
+    cdef dict unconfirmed(self)
     cdef Peer hang_up(self, bytes rid)
     cdef Peer vouched(self, Endpoint ep)
     cdef int try_send(self, Endpoint ep, const char *header, size_t hlen,

@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -51,6 +52,7 @@ from nova_zmq_fast.exceptions import (
     PeerUnreachable, RPCException, SerializationError, Timeout)
 
 cdef object _get_ident = threading.get_ident
+_finalizing = sys.is_finalizing
 cdef object _monitor_names = itertools.count()
 LOG = logging.getLogger("nova_zmq_fast.client")
 
@@ -368,6 +370,15 @@ cdef class Outbox:
             if used or peer.confirmed != peer.total or rid.decode() in known:
                 continue
             self.hang_up(rid)
+
+    cdef dict unconfirmed(self):
+        """{address: messages handed to it that it has not confirmed}."""
+        cdef Peer peer
+        found = {}
+        for rid, peer in self.peers.items():
+            if peer.total != peer.confirmed:
+                found[rid.decode()] = peer.total - peer.confirmed
+        return found
 
     cdef Peer hang_up(self, bytes rid):
         """Disconnect from `rid`, dropping what is queued to it; the next
@@ -689,10 +700,8 @@ class _Lease:
         self.outbox = outbox
 
     def __del__(self):
-        try:
+        if not _finalizing():               # at interpreter exit: nothing to give back to
             self.client.give_back(self.outbox)
-        except Exception:                   # at interpreter exit: nothing to do
-            pass
 
 
 cdef class Client:
@@ -768,9 +777,7 @@ cdef class Client:
         # Never more spares than SPARE_MAX: this one closes, what it
         # queued leaving within the linger; what no peer confirmed is
         # counted as maybe lost.
-        self.account({address: peer.total - peer.confirmed
-                      for address, peer in ((rid.decode(), p) for rid, p in ob.peers.items())
-                      if peer.total != peer.confirmed},
+        self.account(ob.unconfirmed(),
                      "sent by a thread that ended were never confirmed, so may be lost")
         ob.close(self.linger_ms)
 

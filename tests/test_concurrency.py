@@ -96,6 +96,7 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
     import asyncio
 
     from nova_zmq_fast import aio
+    from tests.helpers.ticking import ticking
     client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
                 rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60)
     service = model_service("threads", "alo-window", "alo-window", ipc_dir)
@@ -104,21 +105,10 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
         for _ in range(10):                 # handlers that hold their acks back
             await aio.cast({}, "alo-window", {"method": "pause", "args": {"seconds": 30}},
                            at_least_once=True)
-        ticks = []
-        stop = asyncio.Event()
-
-        async def ticker():
-            while not stop.is_set():
-                ticks.append(1)
-                await asyncio.sleep(0.01)
-        task = asyncio.ensure_future(ticker())
-        try:
+        async with ticking() as ticks:
             with pytest.raises(aio.Timeout, match="fill the window"):
                 await aio.cast({}, "alo-window", {"method": "pause", "args": {"seconds": 0}},
                                at_least_once=True)
-        finally:
-            stop.set()
-            await task
         return len(ticks)
     try:
         ticks = asyncio.run(scenario())

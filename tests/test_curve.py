@@ -182,21 +182,42 @@ def test_a_raw_peer_without_curve_gets_nothing(keys, ipc_dir):
         assert svc.stop() == 0
 
 
+class RingListing:
+    """A ring file listing one server for 'svc', on a free port, with a
+    public key that publish() rewrites; start() runs a CURVE service
+    there with the secret key of one of `keys`."""
+
+    def __init__(self, keys, tmp_path):
+        self.keys, self.tmp_path = keys, tmp_path
+        self.port = free_port()
+        self.ring = tmp_path / "ring.json"
+        self.options = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(self.ring)}
+
+    def publish(self, key):
+        entry = {"host": f"127.0.0.1:{self.port}", "key": key}
+        (self.tmp_path / "ring.new").write_text(json.dumps({"svc": [entry]}))
+        os.replace(self.tmp_path / "ring.new", self.ring)
+
+    def publish_key_of(self, name):
+        with open(self.keys[name][1]) as f:
+            self.publish(f.read().strip())
+
+    def start(self, name):
+        return ServiceProcess("127.0.0.1", self.tmp_path, options=dict(
+            self.options, rpc_zmq_port=self.port, rpc_zmq_bind_address="127.0.0.1",
+            rpc_zmq_secret_key_file=self.keys[name][0],
+            rpc_zmq_allowed_keys=self.keys["allowed"]))
+
+
 def test_an_impostor_at_the_address_is_refused(keys, tmp_path, client):
     """Discovery (a ring) names the server's key; a process with another
     key listening at that address fails the client's handshake."""
-    port = free_port()
-    ring = tmp_path / "ring.json"
-    with open(keys["server"][1]) as f:
-        real_key = f.read().strip()
-    ring.write_text(json.dumps({"svc": [{"host": f"127.0.0.1:{port}", "key": real_key}]}))
-    common = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(ring)}
-    impostor = ServiceProcess("127.0.0.1", tmp_path, options=dict(
-        common, rpc_zmq_port=port, rpc_zmq_bind_address="127.0.0.1",
-        rpc_zmq_secret_key_file=keys["impostor"][0], rpc_zmq_allowed_keys=keys["allowed"]))
+    listing = RingListing(keys, tmp_path)
+    listing.publish_key_of("server")
+    impostor = listing.start("impostor")
     try:
         client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1,
-                    rpc_zmq_secret_key_file=keys["client"][0], **common)
+                    rpc_zmq_secret_key_file=keys["client"][0], **listing.options)
         with pytest.raises(client.PeerUnreachable, match="CURVE handshake failed"):
             client.call(CTX, "svc", msg("whoami"), timeout=5)
     finally:
@@ -209,28 +230,17 @@ def test_a_key_withdrawn_from_discovery_is_not_trusted_on_open_connections(
     discovery gave then.  When discovery publishes another key for that
     address (the old one withdrawn), the client hangs up and dials with
     the new one, which the server at that address cannot answer to."""
-    port = free_port()
-    ring = tmp_path / "ring.json"
-
-    def publish(key):
-        entry = {"host": f"127.0.0.1:{port}", "key": key}
-        (tmp_path / "ring.new").write_text(json.dumps({"svc": [entry]}))
-        os.replace(tmp_path / "ring.new", ring)
-    with open(keys["server"][1]) as f:
-        publish(f.read().strip())
-    common = {"rpc_zmq_matchmaker": "ring", "matchmaker_ringfile": str(ring)}
-    svc = ServiceProcess("127.0.0.1", tmp_path, options=dict(
-        common, rpc_zmq_port=port, rpc_zmq_bind_address="127.0.0.1",
-        rpc_zmq_secret_key_file=keys["server"][0], rpc_zmq_allowed_keys=keys["allowed"]))
+    listing = RingListing(keys, tmp_path)
+    listing.publish_key_of("server")
+    svc = listing.start("server")
     try:
         client.init(rpc_zmq_host="client", rpc_zmq_connect_timeout=1,
-                    rpc_zmq_secret_key_file=keys["client"][0], **common)
+                    rpc_zmq_secret_key_file=keys["client"][0], **listing.options)
         assert client.call(CTX, "svc", msg("whoami"), timeout=5) == "127.0.0.1"
-        with open(keys["impostor"][1]) as f:
-            publish(f.read().strip())
+        listing.publish_key_of("impostor")
         assert wait_until(lambda: _unreachable(client, "CURVE handshake failed"), 15)
         # A key that is not Z85 is refused before anything is dialled.
-        publish("~" * 40)
+        listing.publish("~" * 40)
         assert wait_until(lambda: _unreachable(client, "malformed CURVE key"), 15)
     finally:
         assert svc.stop() == 0

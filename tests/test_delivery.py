@@ -67,6 +67,30 @@ def test_cleanup_reports_what_it_had_to_drop(ipc_dir, client, caplog, sender):
         assert svc.stop() == 0
 
 
+def test_a_thread_that_ends_with_no_spare_room_counts_what_it_sent(ipc_dir, client,
+                                                                   monkeypatch):
+    """Beyond the spares an ended thread's outbox closes at once: what no
+    peer confirmed is counted then, and reported by cleanup()."""
+    from nova_zmq_fast import _client
+    monkeypatch.setattr(_client, "SPARE_MAX", 0)
+    svc = ServiceProcess("slow3", ipc_dir, topic="slow3")
+    try:
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_linger=0.5,
+                    rpc_cast_timeout=60)
+        key, n = unique(), 2000
+        thread = threading.Thread(target=flood, args=(client, "slow3", key, n, 0.001))
+        thread.start()
+        thread.join()
+        assert client.stats()["client"]["discarded"] > 0
+        lost = client.cleanup()
+        assert lost.get(svc.address, 0) > 0, lost
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client")
+        assert wait_until(lambda: client.call(CTX, "slow3", msg("count", key=key)) >=
+                          n - lost[svc.address], 60)
+    finally:
+        assert svc.stop() == 0
+
+
 def test_threads_that_call_once_and_end_share_their_sockets(services, client):
     """One thread per request, as a WSGI server runs them: an ended
     thread's outbox, connections and all, serves the next new thread."""

@@ -24,6 +24,7 @@ import traceback  # noqa: E402
 import uuid  # noqa: E402
 
 from nova_zmq_fast import rpc  # noqa: E402
+from tests.helpers.ticking import ticking  # noqa: E402
 
 CTX = {"user_id": "u1", "request_id": "req-1"}
 
@@ -196,17 +197,8 @@ async def async_checks(topic):
     yield "fanout", fanout
 
     async def cooperative():
-        ticks = []
-        stop = asyncio.Event()
-
-        async def ticker():
-            while not stop.is_set():
-                ticks.append(1)
-                await asyncio.sleep(0.01)
-        task = asyncio.ensure_future(ticker())
-        expect(await call(CTX, topic, m("pause", seconds=0.3)), 0.3)
-        stop.set()
-        await task
+        async with ticking() as ticks:
+            expect(await call(CTX, topic, m("pause", seconds=0.3)), 0.3)
         assert ticks, "the event loop was blocked during the call"
     yield "a call lets other tasks run", cooperative
 
