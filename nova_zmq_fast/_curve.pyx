@@ -158,15 +158,20 @@ cdef class AllowList:
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     def _files(self):
-        """The allow-list's files and a stamp that changes when any does."""
-        st = os.stat(self.path)
-        if not stat.S_ISDIR(st.st_mode):
+        """The allow-list's files and a stamp that changes when any does;
+        ValueError if there is no list to read, or others may write it."""
+        try:
+            st = os.stat(self.path)
+            names = os.listdir(self.path) if stat.S_ISDIR(st.st_mode) else None
+        except OSError as exc:
+            raise ValueError(f"{self.path}: {exc.strerror}") from None
+        if names is None:
             files = [self.path]
         else:
             if st.st_mode & 0o002:
                 raise ValueError(f"{self.path}: the directory is writable by others "
                                  f"(mode {stat.S_IMODE(st.st_mode):o})")
-            files = sorted(os.path.join(self.path, name) for name in os.listdir(self.path)
+            files = sorted(os.path.join(self.path, name) for name in names
                            if name.endswith(".pub") and not name.startswith("."))
         # ctime: a chmod changes it too.
         stamp = [(self.path, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)]
@@ -206,19 +211,14 @@ cdef class AllowList:
             return []
         try:
             files, stamp = self._files()
-        except (OSError, ValueError) as exc:
+            problems = []
+        except ValueError as exc:
             # Gone, unreadable or open to others: nobody is allowed.
-            files, stamp = [], (str(exc),)
-            problem = str(exc) if isinstance(exc, ValueError) else f"{self.path}: {exc.strerror}"
-            problems = [problem]
-        else:
-            problems = None
+            files, stamp, problems = [], (str(exc),), [str(exc)]
         if stamp == self.stamp:
             return []
-        if problems is None:
-            keys, problems = self._read(files)
-        else:
-            keys = set()
+        keys, bad = self._read(files)
+        problems += bad
         gone = self.keys - keys
         self.keys = frozenset(keys)
         # Keys taken away stay refused, even if they come back, until the
