@@ -45,6 +45,8 @@ cdef class Outbox:
     cdef void *monitor              # with CURVE: PAIR receiving handshake failures
     cdef dict reasons               # address -> why it cannot be reached
     cdef dict marks                 # event loop's calls: msg_id -> (Peer, its total then)
+    cdef int users                  # operations holding it now (Client.enter/hold)
+    cdef bint retiring              # closed by its owner when the last one ends
     cdef object __weakref__
 
     cdef void close(self, int linger_ms) noexcept
@@ -96,8 +98,15 @@ cdef class Client:
     cdef public unsigned long long outboxes_made    # sockets opened for callers, ever
     cdef dict lost                  # address -> messages it never confirmed, that died with it
 
-    cdef Outbox outbox(self)
+    cdef Outbox enter(self)
+    cdef hold(self, Outbox ob)
+    cdef void leave(self, Outbox ob) noexcept
+    cdef void retire(self, Outbox ob, int linger_ms) noexcept
+    cdef list holding(self, list outboxes)
     cdef Outbox lease(self)
+    cdef object request_now(self, Outbox ob, int kind, context, topic, msg, bint multi,
+                            set refused)
+    cdef tuple fanout_now(self, Outbox ob, context, topic, msg, endpoints)
     cdef bytes encode(self, Outbox ob, object context, object msg)
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                            bytes body, double deadline, object topic, object method)

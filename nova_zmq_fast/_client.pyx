@@ -42,14 +42,14 @@ from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport Context, check, fork_epoch, raise_zmq_error, set_int
+from nova_zmq_fast._zmq cimport Context, check, fork_epoch, ms_until, raise_zmq_error, set_int
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, NoListeners,
-    PeerUnreachable, RPCException, SerializationError, Timeout)
+    PeerUnreachable, RPCException, SerializationError, Timeout, TransportClosed)
 
 cdef object _get_ident = threading.get_ident
 _finalizing = sys.is_finalizing
@@ -63,6 +63,8 @@ cdef double DOWN_FOR = 2.0
 # round-robin picks it, so a new client spreads its first calls too; a peer
 # that was connected before, or never answers, is passed over at once.
 cdef double FIRST_DIAL_GRACE = 0.1
+# The longest wait a timeout can ask for (a year): float('inf') means this.
+cdef double MAX_WAIT = 365 * 86400.0
 cdef long PAUSE_MIN_NS = 20000
 cdef long PAUSE_MAX_NS = 5000000
 
@@ -460,8 +462,8 @@ cdef class Outbox:
         cdef int rc, err, timeout_ms
         cdef long pause_ns = PAUSE_MIN_NS
         while True:
-            timeout_ms = <int>((deadline - _monotonic()) * 1000)
-            if timeout_ms <= 0:
+            timeout_ms = ms_until(deadline)
+            if timeout_ms == 0:
                 return FULL
             if self.green:
                 rc = zmq_send(self.sock, r, rlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
@@ -538,8 +540,7 @@ cdef class Outbox:
         GIL released: the same path as a REQ socket's, with no zmq_poll.
         Green (eventlet), it waits on the socket's ZMQ_FD with select(),
         which eventlet makes cooperative, so the hub never blocks."""
-        cdef int rc, err, events
-        cdef long timeout_ms
+        cdef int rc, err, events, timeout_ms
         cdef size_t size = sizeof(int)
         cdef int fd
         cdef double left
@@ -560,10 +561,10 @@ cdef class Outbox:
                 check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
                 select.select([fd], [], [], min(left, 0.05))
                 continue
-            timeout_ms = <long>((deadline - _monotonic()) * 1000.0 + 0.999)
-            if timeout_ms <= 0:
+            timeout_ms = ms_until(deadline)
+            if timeout_ms == 0:
                 return False
-            set_int(self.sock, ZMQ_RCVTIMEO, <int>min(timeout_ms, 2000000000))
+            set_int(self.sock, ZMQ_RCVTIMEO, timeout_ms)
             with nogil:
                 rc = zmq_msg_recv(part, self.sock, 0)
             if rc != -1:
@@ -598,8 +599,8 @@ cdef class Outbox:
         cdef bytes body
         cdef Peer peer
         out = []
-        if self.sock == NULL or self.epoch != fork_epoch():
-            return out
+        if self.sock == NULL or self.epoch != fork_epoch() or self.users:
+            return out                      # closed, or being flushed by close()
         zmq_msg_init(&part)
         try:
             while True:
@@ -622,10 +623,6 @@ cdef class Outbox:
     def forget(self, msg_id):
         """A call nobody waits for any more (timed out, cancelled)."""
         self.marks.pop(msg_id, None)
-
-    def close_now(self):
-        """Close the socket at once (what it queued is dropped)."""
-        self.close(0)
 
 
 @cython.final
@@ -651,14 +648,18 @@ cdef class ReplyStream:
             raise StopIteration
         if _get_ident() != self.thread:
             raise RuntimeError("a multicall stream must be read by the thread that made the call")
-        while True:
-            reply = self.outbox.wait_reply(self.msg_id, _monotonic() + self.timeout)
-            if reply is None:
-                self.finish()
-                self.client.timeouts += 1
-                raise Timeout(None, self.topic, self.method)
-            if reply[0] != KIND_HEARTBEAT:         # a heartbeat restarts the wait
-                break
+        self.client.hold(self.outbox)
+        try:
+            while True:
+                reply = self.outbox.wait_reply(self.msg_id, _monotonic() + self.timeout)
+                if reply is None:
+                    self.finish()
+                    self.client.timeouts += 1
+                    raise Timeout(None, self.topic, self.method)
+                if reply[0] != KIND_HEARTBEAT:         # a heartbeat restarts the wait
+                    break
+        finally:
+            self.client.leave(self.outbox)
         kind, body = reply
         if kind == KIND_CHUNK:
             return self.client.decode_value(body)
@@ -731,24 +732,50 @@ cdef class Client:
         self.rebuild_exception = rebuild_exception
         self.lost = {}
 
-    cdef Outbox outbox(self):
-        """This thread's outbox: a spare one, or a new one, the first time;
-        it goes back to the spares when the thread ends."""
+    cdef Outbox enter(self):
+        """This thread's outbox (a spare one, or a new one, the first time;
+        it goes back to the spares when the thread ends), held for one
+        operation, which ends with leave()."""
         cdef Outbox ob = getattr(self.tls, "outbox", None)
         if ob is None or ob.epoch != fork_epoch() or ob.sock == NULL:
             ob = self.lease()
-        if ob.dead_seen != self.routes.dead_count:
-            self.account(ob.forget_peers(self.routes),
-                         "sent to a server that died were never confirmed, so may be lost")
-        if ob.routes_seen != self.routes.generation:
-            ob.tidy(self.routes)
+        self.hold(ob)                       # before anything could let close() in
+        try:
+            if ob.dead_seen != self.routes.dead_count:
+                self.account(ob.forget_peers(self.routes),
+                             "sent to a server that died were never confirmed, so may be lost")
+            if ob.routes_seen != self.routes.generation:
+                ob.tidy(self.routes)
+        except BaseException:
+            self.leave(ob)
+            raise
         return ob
+
+    cdef void leave(self, Outbox ob) noexcept:
+        """The operation holding `ob` ended.  If close() passed it over
+        meanwhile, its owner closes it now, counting what no peer confirmed."""
+        ob.users -= 1
+        if ob.users == 0 and ob.retiring:
+            self.retire(ob, 0)
+
+    cdef void retire(self, Outbox ob, int linger_ms) noexcept:
+        """Close an outbox nobody will use again; what its peers never
+        confirmed is counted as maybe lost."""
+        if ob.sock == NULL:
+            return
+        try:
+            self.account(ob.unconfirmed(),
+                         "sent by a thread that ended, or was busy at cleanup, were never "
+                         "confirmed, so may be lost")
+        except BaseException:
+            pass                            # (a failing log handler): close regardless
+        ob.close(linger_ms)
 
     cdef Outbox lease(self):
         cdef Outbox ob = None
         with self.spare_lock:
             if self.closed:
-                raise RPCException("this RPC client was cleaned up")
+                raise TransportClosed("this RPC client was cleaned up")
             while self.spare and ob is None:
                 ob = self.spare.pop()
                 if ob.sock == NULL or ob.epoch != fork_epoch():
@@ -766,8 +793,8 @@ cdef class Client:
 
     def give_back(self, Outbox ob not None):
         """A thread that used `ob` ended (its _Lease is collected)."""
-        if ob.sock == NULL or ob.epoch != fork_epoch():
-            return
+        if ob.sock == NULL or ob.epoch != fork_epoch() or ob.users:
+            return                          # (held by close(), which closes it)
         ob.streams.clear()                  # replies nobody waits for any more
         ob.last_peer = None
         with self.spare_lock:
@@ -775,17 +802,14 @@ cdef class Client:
                 self.spare.append(ob)
                 return
         # Never more spares than SPARE_MAX: this one closes, what it
-        # queued leaving within the linger; what no peer confirmed is
-        # counted as maybe lost.
-        self.account(ob.unconfirmed(),
-                     "sent by a thread that ended were never confirmed, so may be lost")
-        ob.close(self.linger_ms)
+        # queued leaving within the linger.
+        self.retire(ob, self.linger_ms)
 
     def new_outbox(self):
         """An outbox of its own, for an event loop's thread (aio): it is
         not this thread's outbox, and is closed with the client."""
         if self.closed:
-            raise RPCException("this RPC client was cleaned up")
+            raise TransportClosed("this RPC client was cleaned up")
         cdef Outbox ob = Outbox(self.ctx, self.linger_ms, self.backlog, False, self.curve,
                                 self.max_message_size, self.socket_buffer)
         ob.dead_seen = self.routes.dead_count
@@ -793,6 +817,12 @@ cdef class Client:
         self.outboxes.add(ob)
         self.outboxes_made += 1
         return ob
+
+    cdef hold(self, Outbox ob):
+        """Hold `ob` for one operation, as enter() does; leave() ends it."""
+        if self.closed or ob.sock == NULL or ob.retiring:
+            raise TransportClosed("this RPC client was cleaned up")
+        ob.users += 1
 
     def try_request(self, Outbox ob not None, int kind, context, topic, msg, bint multi=False,
                     set refused=None):
@@ -803,6 +833,14 @@ cdef class Client:
         every queue is full): the caller waits and tries again.  With
         `refused`, skips the consumers in it and adds the one used.
         NoListeners or PeerUnreachable as the waiting API."""
+        self.hold(ob)
+        try:
+            return self.request_now(ob, kind, context, topic, msg, multi, refused)
+        finally:
+            self.leave(ob)
+
+    cdef object request_now(self, Outbox ob, int kind, context, topic, msg, bint multi,
+                            set refused):
         cdef const char *t
         cdef Py_ssize_t tlen
         cdef char header[MAX_HEADER]
@@ -820,8 +858,6 @@ cdef class Client:
             method = None
         else:
             method = method_of(msg)
-        if ob.sock == NULL:
-            raise RPCException("this outbox is closed")
         if ob.dead_seen != self.routes.dead_count:
             self.account(ob.forget_peers(self.routes),
                          "sent to a server that died were never confirmed, so may be lost")
@@ -865,6 +901,13 @@ cdef class Client:
         consumer of `topic`) that is connected and has room, without
         waiting: (how many endpoints there were, those not sent to yet, to
         try again), leaving out any that must never be dialled."""
+        self.hold(ob)
+        try:
+            return self.fanout_now(ob, context, topic, msg, endpoints)
+        finally:
+            self.leave(ob)
+
+    cdef tuple fanout_now(self, Outbox ob, context, topic, msg, endpoints):
         cdef const char *t
         cdef Py_ssize_t tlen
         cdef char header[MAX_HEADER]
@@ -872,12 +915,12 @@ cdef class Client:
         cdef int status
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
-        if ob.sock == NULL:
-            raise RPCException("this outbox is closed")
         cdef bytes body = self.encode(ob, context, msg)
         cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
         if endpoints is None:
             endpoints = self.routes.live(self.routes.lookup_fanout(topic))
+        elif not all(isinstance(e, Endpoint) for e in endpoints):
+            raise TypeError("endpoints must be Endpoints")
         pending = []
         for ep in endpoints:
             status = ob.try_send(ep, header, hlen, body)
@@ -1054,19 +1097,24 @@ cdef class Client:
         cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method = method_of(msg)
-        cdef Outbox ob = self.outbox()
-        cdef bytes body = self.encode(ob, context, msg)
-        if at_least_once:
-            if not self.routes.lookup(topic):
-                self.no_listeners += 1
-                raise NoListeners(None, topic, method)
-            self.courier.cast(topic, method, body)
+        cdef bytes body
+        cdef size_t hlen
+        cdef Outbox ob = self.enter()
+        try:
+            body = self.encode(ob, context, msg)
+            if at_least_once:
+                if not self.routes.lookup(topic):
+                    self.no_listeners += 1
+                    raise NoListeners(None, topic, method)
+                self.courier.cast(topic, method, body)
+                self.casts += 1
+                return
+            hlen = write_header(header, KIND_CAST, 0, 0, t, tlen)
+            self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
+                          _monotonic() + self.send_timeout, topic, method)
             self.casts += 1
-            return
-        cdef size_t hlen = write_header(header, KIND_CAST, 0, 0, t, tlen)
-        self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
-                      _monotonic() + self.send_timeout, topic, method)
-        self.casts += 1
+        finally:
+            self.leave(ob)
 
     def cast_to(self, endpoints, context, topic, msg, bint fanout=False):
         """Send to each of the given endpoints, bypassing discovery;
@@ -1080,17 +1128,21 @@ cdef class Client:
         for ep in endpoints:
             if not isinstance(ep, Endpoint):
                 raise TypeError(f"expected an Endpoint, not {type(ep).__name__}")
-        cdef Outbox ob = self.outbox()
-        cdef bytes body = self.encode(ob, context, msg)
-        cdef size_t hlen = write_header(header, KIND_FANOUT if fanout else KIND_CAST, 0, 0,
-                                        t, tlen)
-        missed = self.send_each(ob, endpoints, header, hlen, body,
-                                _monotonic() + self.send_timeout)
-        if missed:
-            raise PeerUnreachable(f"no connection to {(<Endpoint>missed[0]).address} "
-                                  f"within {self.connect_timeout:g}s" +
-                                  self.unreachable(ob, missed))
-        self.casts += 1
+        cdef bytes body
+        cdef size_t hlen
+        cdef Outbox ob = self.enter()
+        try:
+            body = self.encode(ob, context, msg)
+            hlen = write_header(header, KIND_FANOUT if fanout else KIND_CAST, 0, 0, t, tlen)
+            missed = self.send_each(ob, endpoints, header, hlen, body,
+                                    _monotonic() + self.send_timeout)
+            if missed:
+                raise PeerUnreachable(f"no connection to {(<Endpoint>missed[0]).address} "
+                                      f"within {self.connect_timeout:g}s" +
+                                      self.unreachable(ob, missed))
+            self.casts += 1
+        finally:
+            self.leave(ob)
 
     def fanout_cast(self, context, topic, msg):
         """Send to every consumer registered with fanout=True on `topic`,
@@ -1101,18 +1153,23 @@ cdef class Client:
         cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
         method_of(msg)
-        cdef Outbox ob = self.outbox()
-        cdef bytes body = self.encode(ob, context, msg)
-        cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
-        endpoints = self.routes.live(self.routes.lookup_fanout(topic))
-        missed = self.send_each(ob, endpoints, header, hlen, body,
-                                _monotonic() + self.send_timeout)
-        for ep in missed:
-            self.fanout_unreachable += 1
-            LOG.warning("fanout to %s skipped %s: not reachable%s", topic, ep.address,
-                        self.unreachable(ob, [ep]))
-        self.fanouts += 1
-        return len(endpoints) - len(missed)
+        cdef bytes body
+        cdef size_t hlen
+        cdef Outbox ob = self.enter()
+        try:
+            body = self.encode(ob, context, msg)
+            hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
+            endpoints = self.routes.live(self.routes.lookup_fanout(topic))
+            missed = self.send_each(ob, endpoints, header, hlen, body,
+                                    _monotonic() + self.send_timeout)
+            for ep in missed:
+                self.fanout_unreachable += 1
+                LOG.warning("fanout to %s skipped %s: not reachable%s", topic, ep.address,
+                            self.unreachable(ob, [ep]))
+            self.fanouts += 1
+            return len(endpoints) - len(missed)
+        finally:
+            self.leave(ob)
 
     def notify(self, context, topic, msg):
         """Deliver a notification (any dict) to one consumer of `topic`.
@@ -1124,20 +1181,25 @@ cdef class Client:
         topic_utf8(topic, &t, &tlen)
         if not isinstance(msg, dict):
             raise InvalidMessage(f"notification must be a dict, not {type(msg).__name__}")
-        cdef Outbox ob = self.outbox()
-        cdef bytes body = self.encode(ob, context, msg)
-        cdef size_t hlen = write_header(header, KIND_NOTIFY, 0, 0, t, tlen)
+        cdef bytes body
+        cdef size_t hlen
+        cdef Outbox ob = self.enter()
         try:
-            self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
-                          _monotonic() + self.send_timeout, topic, None)
-        except NoListeners:
-            self.no_listeners -= 1                  # counted as held or dropped
-            if self.courier is not None and self.courier.hold(topic, body):
-                return True
-            self.notifications_dropped += 1
-            return False
-        self.notifies += 1
-        return True
+            body = self.encode(ob, context, msg)
+            hlen = write_header(header, KIND_NOTIFY, 0, 0, t, tlen)
+            try:
+                self.send_one(ob, self.routes.lookup(topic), header, hlen, body,
+                              _monotonic() + self.send_timeout, topic, None)
+            except NoListeners:
+                self.no_listeners -= 1                  # counted as held or dropped
+                if self.courier is not None and self.courier.hold(topic, body):
+                    return True
+                self.notifications_dropped += 1
+                return False
+            self.notifies += 1
+            return True
+        finally:
+            self.leave(ob)
 
     cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
                             int flags, double deadline, set refused) except? 0:
@@ -1171,58 +1233,69 @@ cdef class Client:
         cdef double deadline = _monotonic() + wait
         cdef double alive_until
         cdef set refused = set()
-        cdef Outbox ob = self.outbox()
-        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
-        cdef Peer peer = ob.last_peer
-        cdef unsigned long long sent_before = peer.total if peer is not None else 0
-        while True:
-            alive_until = deadline if monitor == 0 else min(deadline, _monotonic() + monitor)
-            reply = ob.wait_reply(msg_id, alive_until)
-            if reply is not None and peer is not None and sent_before > peer.confirmed:
-                # Any answer means everything sent before the call arrived.
-                peer.confirmed = sent_before
-            if reply is None:
-                self.timeouts += 1
-                if alive_until < deadline:
-                    raise Timeout(f"no heartbeat for {monitor:g}s", topic, msg["method"])
-                raise Timeout(None, topic, msg["method"])
-            if reply[0] == KIND_REFUSED:
-                # That server no longer serves the topic and did not run the
-                # call: ask discovery again and try another one.
-                self.refused += 1
-                self.routes.invalidate(topic)
-                msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
-                peer = ob.last_peer
-                sent_before = peer.total if peer is not None else 0
-                continue
-            if reply[0] != KIND_HEARTBEAT:
-                break
-        kind, body = reply
-        if kind == KIND_FAILURE:
-            raise self.decode_failure(body)
-        if kind == KIND_END:
-            return None
-        return self.decode_value(body)
+        cdef uint64_t msg_id
+        cdef Peer peer
+        cdef unsigned long long sent_before
+        cdef Outbox ob = self.enter()
+        try:
+            msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
+            peer = ob.last_peer
+            sent_before = peer.total if peer is not None else 0
+            while True:
+                alive_until = deadline if monitor == 0 else min(deadline, _monotonic() + monitor)
+                reply = ob.wait_reply(msg_id, alive_until)
+                if reply is not None and peer is not None and sent_before > peer.confirmed:
+                    # Any answer means everything sent before the call arrived.
+                    peer.confirmed = sent_before
+                if reply is None:
+                    self.timeouts += 1
+                    if alive_until < deadline:
+                        raise Timeout(f"no heartbeat for {monitor:g}s", topic, msg["method"])
+                    raise Timeout(None, topic, msg["method"])
+                if reply[0] == KIND_REFUSED:
+                    # That server no longer serves the topic and did not run the
+                    # call: ask discovery again and try another one.
+                    self.refused += 1
+                    self.routes.invalidate(topic)
+                    msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
+                    peer = ob.last_peer
+                    sent_before = peer.total if peer is not None else 0
+                    continue
+                if reply[0] != KIND_HEARTBEAT:
+                    break
+            kind, body = reply
+            if kind == KIND_FAILURE:
+                raise self.decode_failure(body)
+            if kind == KIND_END:
+                return None
+            return self.decode_value(body)
+        finally:
+            self.leave(ob)
 
     def multicall(self, context, topic, msg, timeout=None):
         """Like call, but returns an iterator over every value the remote
         method yields, each delivered as soon as it is produced.  `timeout`
         bounds the wait for each value."""
         cdef double wait = self.check_timeout(timeout)
-        cdef Outbox ob = self.outbox()
-        cdef uint64_t msg_id = self.send_call(ob, context, topic, msg, FLAG_MULTI,
-                                              _monotonic() + wait, set())
-        cdef ReplyStream stream = ReplyStream.__new__(ReplyStream)
-        stream.msg_id = msg_id
-        stream.client = self
-        stream.outbox = ob
-        stream.timeout = wait
-        stream.topic = topic
-        stream.method = msg["method"]
-        stream.thread = _get_ident()
-        stream.done = False
-        ob.streams[stream.msg_id] = []
-        return stream
+        cdef uint64_t msg_id
+        cdef ReplyStream stream
+        cdef Outbox ob = self.enter()
+        try:
+            msg_id = self.send_call(ob, context, topic, msg, FLAG_MULTI, _monotonic() + wait,
+                                    set())
+            stream = ReplyStream.__new__(ReplyStream)
+            stream.msg_id = msg_id
+            stream.client = self
+            stream.outbox = ob
+            stream.timeout = wait
+            stream.topic = topic
+            stream.method = msg["method"]
+            stream.thread = _get_ident()
+            stream.done = False
+            ob.streams[stream.msg_id] = []
+            return stream
+        finally:
+            self.leave(ob)
 
     def ping(self, Endpoint endpoint not None, topic, timeout=None, version=None,
              namespace=None):
@@ -1242,30 +1315,38 @@ cdef class Client:
             msg["version"] = str(version)
             if namespace is not None:
                 msg["namespace"] = str(namespace)
-        cdef Outbox ob = self.outbox()
-        cdef bytes body = self.encode(ob, {}, msg)
-        ob.last_id += 1
-        cdef uint64_t msg_id = ob.last_id
-        cdef size_t hlen = write_header(header, KIND_PING, 0, msg_id, t, tlen)
-        cdef double start = _monotonic()
-        cdef double deadline = start + wait
-        if self.send_each(ob, (endpoint,), header, hlen, body, deadline):
-            raise PeerUnreachable(f"no connection to {endpoint.address} in time" +
-                                  self.unreachable(ob, [endpoint]), topic, "ping")
-        reply = ob.wait_reply(msg_id, deadline)
-        if reply is None:
-            self.timeouts += 1
-            raise Timeout(f"no answer from {endpoint.address}", topic, "ping")
-        kind, body = reply
-        if kind == KIND_REFUSED:
-            raise NoListeners(self.decode_value(body), topic, "ping")
-        if kind == KIND_FAILURE:
-            raise self.decode_failure(body)
-        about = self.decode_value(body)
-        if not isinstance(about, dict):
-            raise RPCException(f"malformed answer to a ping: {about!r}")
-        about["rtt"] = _monotonic() - start
-        return about
+        cdef bytes body
+        cdef uint64_t msg_id
+        cdef size_t hlen
+        cdef double start
+        cdef double deadline
+        cdef Outbox ob = self.enter()
+        try:
+            body = self.encode(ob, {}, msg)
+            ob.last_id += 1
+            msg_id = ob.last_id
+            hlen = write_header(header, KIND_PING, 0, msg_id, t, tlen)
+            start = _monotonic()
+            deadline = start + wait
+            if self.send_each(ob, (endpoint,), header, hlen, body, deadline):
+                raise PeerUnreachable(f"no connection to {endpoint.address} in time" +
+                                      self.unreachable(ob, [endpoint]), topic, "ping")
+            reply = ob.wait_reply(msg_id, deadline)
+            if reply is None:
+                self.timeouts += 1
+                raise Timeout(f"no answer from {endpoint.address}", topic, "ping")
+            kind, body = reply
+            if kind == KIND_REFUSED:
+                raise NoListeners(self.decode_value(body), topic, "ping")
+            if kind == KIND_FAILURE:
+                raise self.decode_failure(body)
+            about = self.decode_value(body)
+            if not isinstance(about, dict):
+                raise RPCException(f"malformed answer to a ping: {about!r}")
+            about["rtt"] = _monotonic() - start
+            return about
+        finally:
+            self.leave(ob)
 
     # -- helpers -----------------------------------------------------------
 
@@ -1276,7 +1357,7 @@ cdef class Client:
             raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
-        return timeout
+        return min(timeout, MAX_WAIT)         # inf: as long as can be waited
 
     cdef object decode_value(self, bytes body):
         try:
@@ -1299,26 +1380,65 @@ cdef class Client:
         }
 
     def close(self, double linger=0.0):
-        """Close every thread's outbox, once each peer has confirmed what
-        it was sent (Outbox.flush), waiting at most `linger` seconds.
-        Returns {address: messages not confirmed, so maybe lost}; they are
-        counted in stats() and named in one warning.  Must not race with
-        calls still in progress."""
+        """Close every outbox, once each peer has confirmed what it was
+        sent (Outbox.flush), waiting at most `linger` seconds.  Returns
+        {address: messages not confirmed, so maybe lost}; they are counted
+        in stats() and named in one warning.
+
+        Other threads may be calling meanwhile.  An outbox is only ever
+        used by one thread at a time: an outbox no operation holds is
+        flushed and closed here (taken under the GIL, as enter() takes
+        it), one an operation holds is left to it, and closed by its
+        owner when the operation ends (leave()); this waits for those
+        until `linger` runs out, then interrupt() ends them."""
         with self.spare_lock:
             self.closed = True
             spare, self.spare = self.spare, []      # kept alive until flushed below
         cdef Outbox ob
         cdef double deadline = _monotonic() + linger
+        cdef long pause_ns = PAUSE_MIN_NS
         lost = {}
+        busy = []
         for ob in list(self.outboxes):
             if ob.sock == NULL or ob.epoch != fork_epoch():
                 continue
-            for address, n in ob.flush(deadline).items():
-                lost[address] = lost.get(address, 0) + n
-            ob.close(0)
+            if ob.users:
+                ob.retiring = True
+                busy.append(ob)
+                continue
+            ob.users = 1                    # ours now: enter() refuses, give_back() waits
+            try:
+                for address, n in ob.flush(deadline).items():
+                    lost[address] = lost.get(address, 0) + n
+            finally:
+                ob.close(0)
         self.tls = threading.local()
         del spare
         self.account(lost, f"not confirmed by their peers within {linger:g}s at cleanup may "
                            f"be lost")
+        while self.holding(busy) and _monotonic() < deadline:
+            pause_ns = pause(pause_ns, self.green)
         # Everything this client could not vouch for, since it started.
         return dict(self.lost)
+
+    def interrupt(self, double wait):
+        """After close(): end the operations still holding an outbox (a
+        call waiting for its reply, a send waiting for room): every wait
+        in the context returns, and they raise RPCException.  Call it just
+        before terminating the context, once nothing else in it is needed;
+        waits up to `wait` seconds for them to close their outboxes.
+        Returns how many are still open."""
+        cdef long pause_ns = PAUSE_MIN_NS
+        cdef double deadline = _monotonic() + wait
+        busy = self.holding(list(self.outboxes))
+        if busy:
+            self.ctx.shutdown()
+            while busy and _monotonic() < deadline:
+                pause_ns = pause(pause_ns, self.green)
+                busy = self.holding(busy)
+        return len(busy)
+
+    cdef list holding(self, list outboxes):
+        """Those of `outboxes` still open and held by an operation."""
+        cdef Outbox ob
+        return [ob for ob in outboxes if ob.users and ob.sock != NULL]

@@ -36,13 +36,14 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport uint64_t
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport check, fork_epoch, now as _now, raise_zmq_error
+from nova_zmq_fast._zmq cimport check, fork_epoch, ms_until, now as _now, raise_zmq_error
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox, pause
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.exceptions import DiscoveryUnavailable, NoListeners, RPCException, Timeout
+from nova_zmq_fast.exceptions import (
+    DiscoveryUnavailable, NoListeners, RPCException, Timeout, TransportClosed)
 from nova_zmq_fast.logs import RateLimitedLog
 
 LOG = logging.getLogger("nova_zmq_fast.courier")
@@ -66,13 +67,15 @@ cdef class Parcel:
 
 cdef Parcel parcel(int kind, int flags, uint64_t msg_id, str topic, method, bytes body):
     cdef char header[MAX_HEADER]
-    cdef bytes t = topic.encode("utf-8")
+    cdef const char *t
+    cdef Py_ssize_t tlen
+    topic_utf8(topic, &t, &tlen)            # a valid topic fits the header
     cdef Parcel p = Parcel.__new__(Parcel)
     p.topic = topic
     p.method = method
     p.msg_id = msg_id
     p.header = PyBytes_FromStringAndSize(header, write_header(
-        header, kind, flags, msg_id, PyBytes_AS_STRING(t), PyBytes_GET_SIZE(t)))
+        header, kind, flags, msg_id, t, tlen))
     p.body = body
     p.refused = set()
     return p
@@ -152,7 +155,7 @@ cdef class Courier:
         cdef double deadline = _now() + self.client.send_timeout
         cdef long pause_ns = 20000
         if self.closed:
-            raise RPCException("the transport was cleaned up; this cast was not sent")
+            raise TransportClosed("the transport was cleaned up; this cast was not sent")
         while not self.has_room():
             if _now() >= deadline:
                 raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
@@ -277,7 +280,7 @@ cdef class Courier:
         if self.routes.empty and not self._busy() and not self.held and not self.probes:
             timeout_ms = -1                 # nothing to do until woken
         else:
-            timeout_ms = max(0, <long>((due - now) * 1000))
+            timeout_ms = ms_until(due)
         items[0].socket = self.ob.sock
         items[0].events = ZMQ_POLLIN
         items[1].socket = NULL

@@ -188,9 +188,11 @@ cdef class AllowList:
         keys, problems = set(), []
         for name in files:
             try:
-                with open(name, "rb") as f:
+                # Non-blocking: a FIFO named *.pub must not stall the handler.
+                with os.fdopen(os.open(name, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                     st = os.fstat(f.fileno())
                     if not stat.S_ISREG(st.st_mode):
+                        problems.append(f"{name}: not a regular file; ignored")
                         continue
                     if st.st_mode & 0o002:
                         problems.append(f"{name}: writable by others "
@@ -221,8 +223,8 @@ cdef class AllowList:
         problems += bad
         gone = self.keys - keys
         self.keys = frozenset(keys)
-        # Keys taken away stay refused, even if they come back, until the
-        # process restarts: connections they opened are still up.
+        # A key taken away is revoked: what connections it opened still
+        # send is dropped (the receive loop asks), until it is listed again.
         self.revoked_keys = frozenset((self.revoked_keys | gone) - keys)
         self.revoked = bool(self.revoked_keys)
         if self.stamp is not None:

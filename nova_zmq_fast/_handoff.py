@@ -26,12 +26,15 @@ only while it sleeps, and handlers run in a GreenPool of that size.
 import collections
 import errno
 import inspect
+import logging
 import sys
 
 from nova_zmq_fast._dispatch import consumer as _standalone
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._server import log_handler_error
 from nova_zmq_fast.exceptions import serialize_remote_exception
+
+LOG = logging.getLogger("nova_zmq_fast.handoff")
 
 
 class Runner:
@@ -127,6 +130,7 @@ class GreenHandoff:
         self._read, self._write = self._os.pipe()
         self._os.set_blocking(self._read, False)
         self._os.set_blocking(self._write, False)
+        self._pipe_fds = (self._read, self._write)     # until closed
         self._sleeping = False
         self._stopped = False
         self.server = None                  # the server this hub leads, if any
@@ -273,8 +277,11 @@ class GreenHandoff:
             self._leaders -= 1
             if self._owner is me:
                 self._owner = None
-            if not self._stopped and self._leaders == 0:
-                self._dispatcher = self._eventlet.spawn(self._dispatch)
+            if self._leaders == 0:
+                if self._stopped:
+                    self._close_pipe()      # close() came from another thread
+                else:
+                    self._dispatcher = self._eventlet.spawn(self._dispatch)
 
     def _server_closing(self, server):
         """Server.stop() closes the sockets next, its deadline passed with
@@ -313,6 +320,7 @@ class GreenHandoff:
                     self._drain_pipe()
             finally:
                 self._sleeping = False
+        self._close_pipe()          # close() came from another thread
 
     def _drain_pipe(self):
         try:
@@ -349,7 +357,11 @@ class GreenHandoff:
         if self.server is not None:
             self._release_leaders()             # each leader ends at its next turn
         self._dispatcher.kill()
-        for fd in (self._read, self._write):
+        self._close_pipe()
+
+    def _close_pipe(self):
+        fds, self._pipe_fds = self._pipe_fds, ()
+        for fd in fds:
             self._os.close(fd)
 
 
@@ -390,8 +402,14 @@ class ThreadHandoff:
         return not self._pending
 
     def close(self):
-        """Stop taking work; threads end once what they run returns."""
+        """Stop taking work; threads end once what they run returns.  What
+        was handed over and not started yet is dropped, and said so."""
+        with self._lock:
+            pending = self._pending
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if pending:
+            LOG.warning("%d handed-over request(s) still queued or running at close: those "
+                        "not started are dropped (their callers time out)", pending)
 
 
 def monkey_patched():

@@ -13,7 +13,7 @@ cdef extern from "zmq_compat.h" nogil:
     int ZMQ_IO_THREADS
 
     int ZMQ_CURVE_SERVER, ZMQ_CURVE_PUBLICKEY, ZMQ_CURVE_SECRETKEY, ZMQ_CURVE_SERVERKEY
-    int ZMQ_ZAP_DOMAIN
+    int ZMQ_ZAP_DOMAIN, ZMQ_ZAP_ENFORCE_DOMAIN
     int ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL, ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
     int ZMQ_EVENT_HANDSHAKE_FAILED_AUTH, ZMQ_EVENT_DISCONNECTED
 
@@ -45,6 +45,7 @@ cdef extern from "zmq_compat.h" nogil:
     void *zmq_ctx_new()
     int zmq_ctx_set(void *context, int option, int optval)
     int zmq_ctx_term(void *context)
+    int zmq_ctx_shutdown(void *context)
 
     void *zmq_socket(void *context, int type)
     int zmq_close(void *s)

@@ -59,6 +59,7 @@ cdef class Server:
     cdef object threads_lock
     cdef set spawn_tokens           # tokens of worker threads about to start
     cdef double quiet
+    cdef double stop_by             # stop()'s deadline: draining ends by then
     cdef double last_wake           # when a blocking receive last returned a message
     cdef bint idle                  # the leader is blocked on an empty queue
     cdef unsigned long long counters[NCOUNTERS]

@@ -45,7 +45,8 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport Context, check, fork_epoch, now as _now, raise_zmq_error, set_int
+from nova_zmq_fast._zmq cimport (
+    Context, check, fork_epoch, ms_until, now as _now, raise_zmq_error, set_int)
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._dispatch cimport PROXY_DEFERRED, Consumer, RpcContext, Subscription
 from nova_zmq_fast._routes cimport host_base_len
@@ -221,6 +222,7 @@ cdef class Server:
 
     def __cinit__(self):
         self.sock = self.control = NULL
+        self.stop_by = float("inf")
         self.lf_ready = False
         self.loop_gen = 0
         self.direct = {}
@@ -231,7 +233,7 @@ cdef class Server:
         raise TypeError("Server is not supposed to be instantiated from Python; "
                         "use nova_zmq_fast._server.serve()")
 
-    def _setup(self, Context ctx, str bind, str host, str address, Py_ssize_t max_message_size,
+    def _setup(self, Context ctx not None, str bind, str host, str address, Py_ssize_t max_message_size,
                int max_threads, int backlog, int socket_buffer, double patience, double quiet,
                serialize_failure, on_failure, bytes curve_secret, AllowList allow):
         cdef int64_t limit
@@ -288,10 +290,12 @@ cdef class Server:
                 # Z85 with its terminating NUL: 41 bytes.
                 check(zmq_setsockopt(self.sock, ZMQ_CURVE_SECRETKEY,
                                      PyBytes_AS_STRING(curve_secret), 41))
-                # A ZAP domain makes libzmq require a ZAP handler: without
-                # one every handshake fails, never "any key will do".
+                # Every handshake asks the context's ZAP handler (_curve);
+                # with no handler running, libzmq refuses it: never "any
+                # key will do", even while the handler stops or restarts.
                 check(zmq_setsockopt(self.sock, ZMQ_ZAP_DOMAIN, PyBytes_AS_STRING(ZAP_DOMAIN),
                                      PyBytes_GET_SIZE(ZAP_DOMAIN)))
+                set_int(self.sock, ZMQ_ZAP_ENFORCE_DOMAIN, 1)
             if max_message_size > 0:
                 # Safety net only: the loop itself drops and counts messages
                 # over the limit; libzmq refuses frames beyond twice it (and
@@ -348,6 +352,9 @@ cdef class Server:
         cdef double started = _now()
         cdef double deadline = _monotonic() + max(0.0, timeout)
         cdef double last
+        for c in consumers:
+            if c is None:
+                raise TypeError("drain() takes Consumers")
         for c in consumers:
             c.closing = True
             c.last_used = started
@@ -676,15 +683,17 @@ cdef class Server:
         has been quiet that long already stops at once."""
         cdef Header h
         cdef int got
-        cdef double quiet_until = self.last_wake + self.quiet
+        cdef double quiet_until = min(self.last_wake + self.quiet, self.stop_by)
         try:
             while True:
-                got = self._recv(parts, &h, max(0, <int>((quiet_until - _now()) * 1000)))
+                got = self._recv(parts, &h, ms_until(quiet_until))
                 if got == GOT_NOTHING:
                     break
                 if got == GOT_STOP or got == GOT_CONTROL:
                     continue                # ours (stop() repeats STOP): not a peer's
-                quiet_until = _now() + self.quiet
+                # A peer that keeps sending (a stale route, a hostile one)
+                # cannot keep the server from stopping in time.
+                quiet_until = min(_now() + self.quiet, self.stop_by)
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
                     self._handle(w, gen, parts, &h)
@@ -941,6 +950,7 @@ cdef class Server:
         if self.epoch != fork_epoch():
             self.sock = self.control = NULL
             return True
+        self.stop_by = deadline
         self.stopping = True
         # The leader drains and closes the token; if nobody leads (never
         # started, or every worker is inside a handler) close it ourselves.
@@ -977,7 +987,7 @@ cdef class Server:
                 hook(self)      # an event loop that leads: off the socket's fd now
             except Exception:
                 LOG.exception("server %s: before_close failed", self.bound)
-        linger = max(0, <int>((deadline - _monotonic()) * 1000))
+        linger = ms_until(deadline)
         self._close_sockets(linger)
         if self.workers:
             LOG.warning("server %s: %d handler(s) still running after %.1fs",

@@ -22,3 +22,15 @@ cdef inline double now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int ms_until(double deadline) noexcept nogil:
+    """Milliseconds from now to `deadline`, rounded up, within what
+    libzmq's int timeouts hold (0 .. 2e9: about 23 days; a longer wait
+    takes several)."""
+    cdef double ms = (deadline - now()) * 1000.0
+    if ms <= 0:
+        return 0
+    if ms >= 2e9:
+        return 2000000000
+    return <int>ms + 1

@@ -10,6 +10,8 @@ blocking loops catch and retry.
 import os
 import re
 
+from nova_zmq_fast.exceptions import TransportClosed
+
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno as c_errno
 
@@ -41,6 +43,9 @@ cdef int raise_zmq_error(int err) except -1:
     if err == EINTR:
         PyErr_CheckSignals()
         raise InterruptedError(err, "interrupted system call")
+    if err == ETERM:
+        # Context.shutdown(): cleanup ended what was still waiting.
+        raise TransportClosed("the transport was cleaned up while this was in progress")
     raise ZMQError(err, zmq_strerror(err).decode("utf-8", "replace"))
 
 
@@ -136,6 +141,13 @@ cdef class Context:
         zmq_setsockopt(sock, ZMQ_LINGER, &linger_ms, sizeof(int))
         zmq_close(sock)
         self.sockets -= 1
+
+    def shutdown(self):
+        """End every wait on this context's sockets, in any thread: they
+        return ETERM (TransportClosed), and no socket can be opened any
+        more.  The sockets must still be closed before term()."""
+        if self.usable():
+            zmq_ctx_shutdown(self.handle)
 
     def term(self):
         """Terminate the context, waiting at most for the sockets' linger.

@@ -65,6 +65,11 @@ class PeerUnreachable(Timeout):
     msg_fmt = "%(info)s"
 
 
+class TransportClosed(RPCException):
+    """The transport was cleaned up (rpc.cleanup(), a driver's cleanup())
+    before, or while, this operation ran: nothing more is sent."""
+
+
 class RemoteError(RPCException):
     """The remote method raised an exception this process may not re-create.
 

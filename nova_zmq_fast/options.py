@@ -20,16 +20,18 @@ class Option:
 
     kinds: 'str', 'host' (a host name), 'int' (>= 1), 'count' (>= 0), 'float'
     (> 0, or >= 0 with zero_ok), 'bool', 'port' (0..65535, or None), 'list'
-    (of str), 'secret'."""
+    (of str), 'secret'.  Numbers have a `maximum` too: by default a year
+    of seconds, or what a C int holds."""
 
-    __slots__ = ("name", "kind", "default", "help", "zero_ok")
+    __slots__ = ("name", "kind", "default", "help", "zero_ok", "maximum")
 
-    def __init__(self, name, kind, default, help, zero_ok=False):
+    def __init__(self, name, kind, default, help, zero_ok=False, maximum=None):
         self.name = name
         self.kind = kind
         self.default = default
         self.help = help
         self.zero_ok = zero_ok
+        self.maximum = maximum or (365 * 86400 if kind == "float" else 2 ** 31 - 1)
 
     def value(self, value):
         """`value` checked and normalised; ValueError says what is wrong."""
@@ -66,12 +68,14 @@ class Option:
             if not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be 0..65535, not {value!r}")
             return value
+        if value > self.maximum:
+            raise ValueError(f"{name} must be at most {self.maximum}, not {value!r}")
         if kind in ("int", "count"):
             if not isinstance(value, int) or value < (1 if kind == "int" else 0):
                 raise ValueError(f"{name} must be a {'positive' if kind == 'int' else 'non-negative'}"
                                  f" integer, not {value!r}")
             return value
-        if value < 0 or (value == 0 and not self.zero_ok):
+        if not value >= 0 or (value == 0 and not self.zero_ok):      # also NaN
             raise ValueError(f"{name} must be positive, not {value!r}")
         return float(value)
 
@@ -147,7 +151,8 @@ CORE = [
            ["nova.exception", "cinder.exception", "builtins"],
            "Modules whose remote exceptions are re-raised as their own type."),
     Option("rpc_zmq_max_message_size", "int", 16 * 1024 * 1024,
-           "Largest message body in bytes sent or accepted."),
+           "Largest message body in bytes sent or accepted (at most 1 GiB).",
+           maximum=2 ** 30),
     Option("rpc_zmq_linger", "float", 5,
            "Seconds close()/cleanup() give queued work and outgoing messages to finish.",
            zero_ok=True),

@@ -154,11 +154,11 @@ class Runtime:
             except OSError as exc:
                 # EADDRINUSE: another process took the free port first, or a
                 # fixed port is still held by a server just closed.
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    if exc.errno == errno.EADDRINUSE:
-                        raise OSError(exc.errno, f"cannot listen on {opts.bind_endpoint(port)}"
-                                      f": the port is in use by another process") from None
+                if exc.errno != errno.EADDRINUSE:
                     raise
+                if time.monotonic() >= deadline:
+                    raise OSError(exc.errno, f"cannot listen on {opts.bind_endpoint(port)}: "
+                                  f"the port is in use by another process") from None
                 time.sleep(0.02)
 
     def add_consumer(self, conn, topic, fanout, proxy, deferred, start):
@@ -263,20 +263,25 @@ class Runtime:
         for what it sent itself), then at-least-once casts, then what it
         received is finished."""
         linger = self.options.rpc_zmq_linger
-        lost = self.client.close(linger)
-        for topic, n in self.courier.close(linger).items():
-            lost[topic] = lost.get(topic, 0) + n
-        deadline = time.monotonic() + linger
-        for conn in list(self.connections):
-            conn._close(deadline)
-        self.release(deadline)
-        if self.handoff is not None:
-            self.handoff.close()
-        self._close_discovery()
         try:
-            self.context.term()
-        except RuntimeError as exc:         # a server that could not stop
-            LOG.error("libzmq context left open: %s", exc)
+            lost = self.client.close(linger)
+            for topic, n in self.courier.close(linger).items():
+                lost[topic] = lost.get(topic, 0) + n
+            deadline = time.monotonic() + linger
+            for conn in list(self.connections):
+                conn._close(deadline)
+            self.release(deadline)
+            if self.handoff is not None:
+                self.handoff.close()
+        finally:
+            # Whatever failed above, nothing is left open.
+            self._close_discovery()
+            # Calls other threads still wait on end now (TransportClosed).
+            self.client.interrupt(1.0)
+            try:
+                self.context.term()
+            except RuntimeError as exc:     # a server that could not stop
+                LOG.error("libzmq context left open: %s", exc)
         return lost
 
     def _close_discovery(self):
@@ -367,8 +372,11 @@ class Connection:
 
     def close(self):
         """Stop consuming: withdraw from discovery, finish the queued work
-        (bounded by rpc_zmq_linger), release what is no longer used."""
-        self._close(time.monotonic() + self._rt.options.rpc_zmq_linger)
+        (bounded by rpc_zmq_linger), release what is no longer used.
+        Returns False if some of that work was still running or queued at
+        the bound (the server's stats() count what it then refused or
+        dropped), True otherwise."""
+        return self._close(time.monotonic() + self._rt.options.rpc_zmq_linger)
 
     def _close(self, deadline):
         with self._lock:
@@ -376,18 +384,19 @@ class Connection:
             self._closing = True
             consumers, self._consumers = self._consumers, []
         if not first:                       # another thread is closing it
-            self._closed.wait(max(0.0, deadline - time.monotonic()))
-            return
+            return self._closed.wait(max(0.0, deadline - time.monotonic()))
         try:
-            self._stop(consumers, deadline)
+            return self._stop(consumers, deadline)
         finally:
             self._rt.connections.discard(self)
             self._rt.release(deadline)
             self._closed.set()
 
     def _stop(self, consumers, deadline):
+        """Withdraw and drain `consumers`; True if their work finished."""
+        finished = True
         if not consumers:
-            return
+            return finished
         with self._lock:
             kept = {(c.topic, c.fanout) for c in self._consumers}
         for consumer in consumers:
@@ -397,12 +406,13 @@ class Connection:
                 self._rt.withdraw(self, consumer.topic, consumer.fanout)
         server = self._rt.server
         if server is not None:
-            server.drain(consumers, max(0.0, deadline - time.monotonic()))
+            finished = server.drain(consumers, max(0.0, deadline - time.monotonic()))
         handoff = self._rt.handoff
         if handoff is not None:
             # Handed-off work of every connection: what is queued is not
             # tied to one (a short, bounded wait either way).
-            handoff.wait_idle(max(0.0, deadline - time.monotonic()))
+            finished = handoff.wait_idle(max(0.0, deadline - time.monotonic())) and finished
+        return finished
 
     def remove_consumer(self, topic, fanout=False):
         """Stop consuming `topic`: withdraw it from discovery first."""

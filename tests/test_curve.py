@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import pytest
 
 from nova_zmq_fast import _curve
@@ -180,6 +181,40 @@ def test_a_raw_peer_without_curve_gets_nothing(keys, ipc_dir):
         assert replies == []
     finally:
         assert svc.stop() == 0
+
+
+def test_a_curve_server_without_its_zap_handler_refuses_everyone(keys):
+    """Should the ZAP handler not run (not started yet, or already stopped
+    while the socket is still open), a CURVE server refuses every
+    handshake, even one with an allowed key: never "any key will do"."""
+    import zmq
+    from nova_zmq_fast import _envelope_py as env
+    from nova_zmq_fast import _server, _zmq
+    from nova_zmq_fast.exceptions import serialize_remote_exception
+    secret = _curve.load_secret_key(keys["server"][0])
+    ctx = _zmq.Context()
+    server = _server.serve(ctx, "tcp://127.0.0.1:0", "h", "tcp://127.0.0.1:0",
+                           max_message_size=4096, serialize_failure=serialize_remote_exception,
+                           curve_secret=secret)
+    server.add_consumer("svc", False, type("Api", (), {"echo": lambda self, c, v: v})(),
+                        False, None)
+    server.start()
+    peer = zmq.Context().socket(zmq.DEALER)
+    try:
+        peer.curve_serverkey = _curve.public_key(secret)
+        mine = _curve.load_secret_key(keys["client"][0])       # an allowed key
+        peer.curve_secretkey = mine
+        peer.curve_publickey = _curve.public_key(mine)
+        peer.linger = 0
+        peer.connect(server.bound)
+        peer.send_multipart([env.encode_header(env.KINDS["CALL"], 0, 7, "svc"),
+                             msgpack.packb([{}, {"method": "echo", "args": {"v": "in"}}])])
+        assert peer.poll(2000) == 0                 # no answer: the handshake never completed
+    finally:
+        peer.close()
+        peer.context.term()
+        assert server.stop(2)
+        ctx.term()
 
 
 class RingListing:
@@ -356,6 +391,14 @@ def test_the_allow_list_fails_closed_however_it_is_edited(keys, tmp_path, caplog
     assert reread() == set()
     os.chmod(allowed, 0o755)
     assert reread() == {pub["stranger"]}
+    # A FIFO named like a key file is never opened for a blocking read (it
+    # would stall the ZAP handler): skipped.
+    os.mkfifo(os.path.join(allowed, "pipe.pub"))
+    assert reread() == {pub["stranger"]}
+    os.unlink(os.path.join(allowed, "pipe.pub"))
+    # A revoked key listed again is allowed again.
+    os.rename(os.path.join(allowed, "client.pub.revoked"), os.path.join(allowed, "client.pub"))
+    assert reread() == {pub["client"], pub["stranger"]} and allow.revoked_keys == set()
     shutil.rmtree(allowed)
     assert reread() == set()
 

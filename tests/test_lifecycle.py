@@ -1,5 +1,6 @@
 """Shutdown is bounded, finishes accepted work, and releases every socket,
 thread and descriptor (the `client` fixture checks threads and fds)."""
+import json
 import subprocess
 import sys
 import threading
@@ -178,3 +179,26 @@ def test_the_call_timeout_bounds_the_wait_for_a_connection(tmp_path, client):
     with pytest.raises(client.Timeout):
         client.call(CTX, "gone", {"method": "x"}, timeout=1)
     assert 0.9 < time.monotonic() - start < 1.1 * 1 + 0.5
+
+
+@pytest.mark.parametrize("model", ["threads", "eventlet"])
+def test_cleanup_while_other_threads_wait_in_calls(services, ipc_dir, model):
+    """cleanup() from one thread while three others wait in calls (green
+    threads under eventlet; also what atexit does to daemon threads): calls
+    that end within the linger return their result, the others raise
+    TransportClosed when cleanup() ends them; nothing crashes or hangs."""
+    def run(seconds, linger):
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.helpers.cleanup_race", model, str(ipc_dir),
+             str(seconds), str(linger)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    finished = run(seconds=0.5, linger=5)
+    assert len(finished["outcomes"]) == 3, finished
+    assert set(finished["outcomes"]) <= {"h1", "h2"}, finished     # each call's result
+    assert finished["lost"] == {}, finished
+    cut = run(seconds=20, linger=0.5)
+    assert cut["outcomes"] == ["TransportClosed"] * 3, cut
+    assert cut["took"] < 10, cut            # (the calls would have taken 20 s)

@@ -45,6 +45,9 @@ DEFAULT_PORT = 9501                     # the original driver's rpc_zmq_port
 _lock = threading.RLock()
 _options = None
 _runtime_ = None
+# What earlier runtimes, since cleaned up, discarded: stats() goes on
+# counting it, so that a loss reported at cleanup() can be read afterwards.
+_discarded_before = {"discarded": 0, "at_least_once_lost": 0}
 
 
 def _runtime():
@@ -105,7 +108,12 @@ def cleanup():
         rt, _runtime_ = _runtime_, None
     if rt is None:
         return {}
-    return rt.close()
+    try:
+        return rt.close()
+    finally:
+        counted = dict(rt.client.stats(), **rt.courier.stats())
+        for name in _discarded_before:
+            _discarded_before[name] += counted[name]
 
 
 atexit.register(cleanup)
@@ -113,10 +121,14 @@ atexit.register(cleanup)
 
 def stats():
     """Counters of this process: what was sent and, per connection, what
-    was received, handled and dropped."""
+    was received, handled and dropped.  They start again after cleanup(),
+    except "discarded" and "at_least_once_lost": what was lost since the
+    process started."""
     rt = _runtime()
-    return {"client": dict(rt.client.stats(), **rt.courier.stats()),
-            "connections": [c.stats() for c in list(rt.connections)]}
+    client = dict(rt.client.stats(), **rt.courier.stats())
+    for name, n in _discarded_before.items():
+        client[name] += n
+    return {"client": client, "connections": [c.stats() for c in list(rt.connections)]}
 
 
 # -- sending -----------------------------------------------------------------------
