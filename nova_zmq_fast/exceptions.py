@@ -70,6 +70,16 @@ class TransportClosed(RPCException):
     before, or while, this operation ran: nothing more is sent."""
 
 
+class RemoteFailure(Exception):
+    """A FAILURE reply, not rebuilt yet: what a runtime shared by
+    oslo.messaging transports raises, each transport rebuilding it with its
+    own allowed modules.  `failure` is the reply's value."""
+
+    def __init__(self, failure):
+        super().__init__(failure)
+        self.failure = failure
+
+
 class RemoteError(RPCException):
     """The remote method raised an exception this process may not re-create.
 

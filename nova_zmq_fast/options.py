@@ -174,6 +174,11 @@ class Options:
     def __init__(self, values):
         self.__dict__.update(values)
 
+    def key(self):
+        """The values, hashable: equal options have equal keys."""
+        return tuple(sorted((name, tuple(v) if isinstance(v, list) else v)
+                            for name, v in vars(self).items()))
+
     @classmethod
     def describe(cls):
         """(name, kind, default, help) of every option."""

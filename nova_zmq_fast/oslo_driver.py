@@ -41,7 +41,7 @@ from oslo_utils import eventletutils
 from nova_zmq_fast import matchmaker
 from nova_zmq_fast._dispatch import wrap
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.exceptions import NoListeners, RemoteError, Timeout
+from nova_zmq_fast.exceptions import NoListeners, RemoteError, RemoteFailure, Timeout
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
 from nova_zmq_fast.options import Options
 from nova_zmq_fast.runtime import Runtime
@@ -322,8 +322,10 @@ class ZmqFastDriver(base.BaseDriver):
             raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         self._exchange = default_exchange or "openstack"
         self._listeners = set()
-        self._runtime = Runtime(self._options, rebuild_exception=self._rebuild_exception,
-                                green=eventletutils.is_monkey_patched("thread"))
+        # One runtime, and one listening socket, for every transport of the
+        # process with these options.
+        self._runtime = Runtime.shared(self._options,
+                                       green=eventletutils.is_monkey_patched("thread"))
 
     def require_features(self, requeue=False):
         pass                                    # notifications can be requeued
@@ -390,6 +392,8 @@ class ZmqFastDriver(base.BaseDriver):
                     f"No server for topic {topic} within the timeout")
             try:
                 return client.call(ctxt, topic, message, left, call_monitor_timeout)
+            except RemoteFailure as exc:
+                raise self._rebuild_exception(exc.failure) from None
             except NoListeners as exc:
                 # Nobody serves it (yet): wait for one until the timeout,
                 # or fail at once if the caller asked for at-least-once.

@@ -21,7 +21,7 @@ from nova_zmq_fast._routes import Endpoint, RouteTable
 from nova_zmq_fast._server import PEERS_LOG, serve
 from nova_zmq_fast._zmq import Context
 from nova_zmq_fast.exceptions import (
-    RPCException, deserialize_remote_exception, serialize_remote_exception)
+    RemoteFailure, RPCException, deserialize_remote_exception, serialize_remote_exception)
 from nova_zmq_fast.options import tcp_endpoint
 
 LOG = logging.getLogger("nova_zmq_fast.runtime")
@@ -31,6 +31,9 @@ _warned_plaintext = []
 # A fixed port may still be held for a moment by a server this process just
 # closed (libzmq releases listeners in its I/O thread): retry that long.
 BIND_RETRY = 2.0
+
+# Fixed ports this process listens on, and the runtime listening there.
+_listening = {}
 
 
 def _free_port(bind_address):
@@ -52,7 +55,31 @@ class Runtime:
     to raise (default: the native format, see exceptions.py); `green`
     makes every wait cooperative for eventlet."""
 
+    # Runtimes shared by oslo.messaging transports: (options key, green) ->
+    # [runtime, transports using it].
+    _shared = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, options, green=False):
+        """The runtime of every transport of this process with these
+        options, so that a process listens on one socket however many
+        transports it opens (oslo.messaging services open an RPC and a
+        notification transport).  Each call is matched by a close(); the
+        last one closes it.  A FAILURE reply raises RemoteFailure, which
+        each transport rebuilds in its own way."""
+        key = (options.key(), bool(green))
+        with cls._shared_lock:
+            entry = cls._shared.get(key)
+            if entry is None:
+                runtime = cls(options, rebuild_exception=RemoteFailure, green=green)
+                runtime._shared_key = key
+                entry = cls._shared[key] = [runtime, 0]
+            entry[1] += 1
+            return entry[0]
+
     def __init__(self, options, rebuild_exception=None, green=False):
+        self._shared_key = None
         self.options = options
         self.curve = options.curve_keys()          # (public, secret) or None
         self.context = Context()
@@ -106,6 +133,8 @@ class Runtime:
                 self.server = self._bind()
                 self.node = Endpoint(self.options.rpc_zmq_host, self.server.address,
                                      self.curve[0] if self.curve else None)
+                if self.options.port:
+                    _listening[self.options.port] = self
             return self.server
 
     def _bind(self):
@@ -156,6 +185,11 @@ class Runtime:
                 # fixed port is still held by a server just closed.
                 if exc.errno != errno.EADDRINUSE:
                     raise
+                if port in _listening:
+                    raise OSError(exc.errno, f"cannot listen on {opts.bind_endpoint(port)}: this "
+                                  f"process already listens there for another transport (the "
+                                  f"native API's, or one with other options); transports with "
+                                  f"the same options share the socket") from None
                 if time.monotonic() >= deadline:
                     raise OSError(exc.errno, f"cannot listen on {opts.bind_endpoint(port)}: "
                                   f"the port is in use by another process") from None
@@ -222,6 +256,8 @@ class Runtime:
             if server is None or server.consumers:
                 return
             self.server = None
+            if _listening.get(self.options.port) is self:
+                del _listening[self.options.port]
         server.stop(max(0.0, deadline - time.monotonic()))
         self._stop_zap()
 
@@ -261,7 +297,15 @@ class Runtime:
         acknowledged.  Takes at most three times rpc_zmq_linger: first what
         this process sent is confirmed (while its own server still answers,
         for what it sent itself), then at-least-once casts, then what it
-        received is finished."""
+        received is finished.  A shared() runtime closes with its last
+        user; until then close() returns {}."""
+        if self._shared_key is not None:
+            with self._shared_lock:
+                entry = self._shared[self._shared_key]
+                entry[1] -= 1
+                if entry[1]:
+                    return {}
+                del self._shared[self._shared_key]
         linger = self.options.rpc_zmq_linger
         try:
             lost = self.client.close(linger)

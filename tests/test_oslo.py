@@ -16,7 +16,8 @@ messaging = pytest.importorskip("oslo_messaging")
 from oslo_config import cfg  # noqa: E402
 
 from tests.conftest import (  # noqa: E402
-    ROOT, ChildProcess, make_certificates, no_new_threads, open_fds, os_threads, wait_until)
+    ROOT, ChildProcess, free_port, make_certificates, no_new_threads, open_fds, os_threads,
+    wait_until)
 from tests.helpers.errors import CustomError  # noqa: E402
 
 RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -597,7 +598,7 @@ def test_cleanup_leaves_no_threads_sockets_or_registry_entries(tmp_path):
     assert client(transport, topic="t").call({}, "ping", n=3) == 3
     messaging.Notifier(ntransport, driver="messaging", topics=["n"]).info({}, "e", {})
     nodes = os.path.join(registry, "nova_zmq_fast-registry", "nodes")
-    assert len(os.listdir(nodes)) == 2
+    assert len(os.listdir(nodes)) == 1         # both transports share one socket
     for s in (server, listener):
         s.stop()
         s.wait()
@@ -618,3 +619,47 @@ def test_the_readme_example_app_runs_on_either_transport(tmp_path, transport_url
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "notifications -> ['compute.instance.create', 'compute.instance.delete']" \
         in out.stdout
+
+
+def test_a_processs_rpc_and_notification_transports_share_one_socket(no_leaks, registry):
+    """An oslo.messaging service opens an RPC transport and a notification
+    transport: with the same options they share one listening socket (a
+    fixed port, as with ring, could not be bound twice), and a process is
+    one address in discovery.  The shared runtime closes with the last."""
+    url = zmqfast_url(registry, rpc_zmq_port=free_port(), rpc_zmq_host="both")
+    rpc_transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+    notes = messaging.get_notification_transport(cfg.CONF, url=url)
+    topic = f"shared-{uuid.uuid4().hex[:8]}"
+    got = []
+
+    class Endpoint:
+        def whoami(self, ctxt):
+            return "both"
+
+        def info(self, ctxt, publisher_id, event_type, payload, metadata):
+            got.append(payload)
+
+    server = messaging.get_rpc_server(rpc_transport, messaging.Target(topic=topic, server="both"),
+                                      [Endpoint()], executor="threading")
+    listener = messaging.get_notification_listener(
+        notes, [messaging.Target(topic=topic)], [Endpoint()], executor="threading")
+    server.start()
+    listener.start()
+    try:
+        runtime = rpc_transport._driver._runtime
+        assert notes._driver._runtime is runtime
+        assert client(notes, topic).call({}, "whoami") == "both"
+        messaging.Notifier(rpc_transport, driver="messaging", topics=[topic],
+                           publisher_id="t").info({}, "e", {"n": 1})
+        assert wait_until(lambda: got == [{"n": 1}], 10), got
+        mine = [n for n in runtime.backend.nodes() if n["host"] == "both"]
+        assert [n["address"] for n in mine] == [runtime.server.address], mine
+        assert {f"openstack:{topic}", f"openstack:{topic}.info%"} <= set(mine[0]["topics"])
+    finally:
+        for s in (listener, server):
+            s.stop()
+            s.wait()
+        notes.cleanup()
+        assert not runtime.context.closed       # still the RPC transport's
+        rpc_transport.cleanup()
+    assert runtime.context.closed
