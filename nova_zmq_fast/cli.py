@@ -374,6 +374,11 @@ def status(session, args):
         for node in nodes:
             answer = answers.get(node["address"])
             node["ping"] = None if answer is None else _answer_data(answer)
+            if answer is not None and node["alive"] is None:
+                # Unknown to discovery (ring): the ping tells.  A process
+                # that refused the topic still answered.
+                node["alive"] = "error" not in answer or isinstance(answer["error"],
+                                                                    NoListeners)
     alive = {True: "yes", False: "no", None: "?"}
     rows = []
     for node in nodes:

@@ -258,6 +258,13 @@ def test_ring(tmp_path):
         assert unserved.code == Exit.NO_LISTENERS and "not served" in unserved.out, unserved
         status = cli("status", *where)
         assert status.code == Exit.PARTIAL and "1 answered, 1 failed" in status.out, status
+        # A ring lists who may serve, not who is up: unknown until pinged.
+        addresses = {f"tcp://127.0.0.2:{live}": True, f"tcp://127.0.0.3:{dead}": False}
+        listed = cli("status", "--no-ping", *where, "--json")
+        assert {n["address"]: n["alive"] for n in listed.json["nodes"]} == \
+            dict.fromkeys(addresses), listed
+        pinged = cli("status", *where, "--json")
+        assert {n["address"]: n["alive"] for n in pinged.json["nodes"]} == addresses, pinged
         call = cli("call", "svc.127.0.0.2", "whoami", *where)
         assert (call.code, call.out) == (0, '"127.0.0.2"\n'), call
     finally:

@@ -353,6 +353,22 @@ def ring(tmp_path, data, **kw):
     return RouteTable(backend), path
 
 
+def test_a_server_the_ring_does_not_list_is_told_at_once(tmp_path, caplog):
+    """Peers dial what the ring lists and name the server by it: a server
+    listening under another name is never reached, and says so (once)."""
+    routes, _ = ring(tmp_path, {"svc": ["127.0.0.1:9611"], "other": ["localhost:9611"]})
+    with caplog.at_level("WARNING", logger="nova_zmq_fast.matchmaker.ring"):
+        for _ in range(2):
+            routes.backend.register(Endpoint("localhost", "tcp://localhost:9611"), "svc")
+        routes.backend.register(Endpoint("localhost", "tcp://localhost:9611"), "other")
+        routes.backend.register(Endpoint("localhost", "tcp://localhost:9611"), "svc.localhost")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert "lists tcp://127.0.0.1:9611 for 'svc', not this process's address " \
+           "tcp://localhost:9611" in warned[0] and "list it as localhost:9611" in warned[0]
+    routes.close()
+
+
 def test_ring_entries():
     assert parse_entry("host1", 9501).address == "tcp://host1:9501"
     assert parse_entry("host1:9600", 9501).address == "tcp://host1:9600"

@@ -18,12 +18,15 @@ connection, so a dead host is skipped while another is up, and ZMTP
 heartbeats drop the connection to a host that stops answering.
 """
 import json
+import logging
 import os
 import threading
 
 from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.matchmaker import Backend
 from nova_zmq_fast.options import Option, tcp_endpoint
+
+LOG = logging.getLogger("nova_zmq_fast.matchmaker.ring")
 
 
 def parse_entry(entry, default_port):
@@ -92,6 +95,7 @@ class RingBackend(Backend):
         self._load_lock = threading.Lock()
         self._mtime = None
         self._ring = {}
+        self._unlisted = set()              # (topic, address) already warned about
         self._reload()
 
     @classmethod
@@ -111,7 +115,19 @@ class RingBackend(Backend):
                     self.routes.invalidate()
 
     def register(self, node, topic, fanout=False):
-        pass        # the ring is static: servers are listed by the operator
+        # The ring is static: servers are listed by the operator.  Peers
+        # dial a listed address and name the server by it, so a server
+        # whose own address the ring does not list for a topic it serves
+        # is never reached: say so at once, not only through timeouts.
+        listed = self.fetch(topic, fanout)
+        if listed and node.address not in {ep.address for ep in listed} and \
+                (topic, node.address) not in self._unlisted:
+            self._unlisted.add((topic, node.address))
+            LOG.warning("the ring lists %s for %r, not this process's address %s: peers "
+                        "will not reach it; list it as %s, or set rpc_zmq_host (or "
+                        "rpc_zmq_advertise_address) to the name the ring uses",
+                        ", ".join(ep.address for ep in listed), topic, node.address,
+                        node.address.partition("://")[2])
 
     def unregister(self, node, topic, fanout=False):
         pass
@@ -139,10 +155,11 @@ class RingBackend(Backend):
         found = {}
         for topic, endpoints in sorted(self._ring.items()):
             for ep in endpoints:
+                # Listed is not alive: only a failed connection is known.
                 node = found.setdefault(ep.address, {
                     "host": ep.host, "address": ep.address, "topics": [],
-                    "alive": None if self.routes is None else
-                    not self.routes.is_down(ep.address)})
+                    "alive": False if self.routes is not None and
+                    self.routes.is_down(ep.address) else None})
                 node["topics"].append(topic)
         return sorted(found.values(), key=lambda n: n["address"])
 
