@@ -1017,8 +1017,11 @@ cdef class Client:
             elif status == FULL and full is None:
                 full = ep
         if full is not None:                    # backpressure
-            ob.send_blocking(full, header, hlen, body,
-                             min(deadline, _monotonic() + self.send_timeout))
+            try:
+                ob.send_blocking(full, header, hlen, body,
+                                 min(deadline, _monotonic() + self.send_timeout))
+            except Timeout as exc:              # named with what was sent
+                raise Timeout(exc.info, topic, method) from None
             return full
         if waiting:
             self.wait_connected(ob, waiting, header, hlen, body, deadline, reached, True)

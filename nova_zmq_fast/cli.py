@@ -220,6 +220,13 @@ def _seconds(text):
     return value
 
 
+def _api_version(text):
+    major, dot, minor = text.partition(".")
+    if not (major.isdigit() and (not dot or minor.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RPC API version (X.Y)")
+    return text
+
+
 def _count(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
@@ -412,7 +419,7 @@ def _ping_target(rt, node):
 @command("ping", "a round trip to each live consumer of a topic",
          arg("topic", metavar="TOPIC[.HOST]",
              help="the topic; TOPIC.HOST: that host's consumers only"),
-         arg("--version", metavar="X.Y",
+         arg("--version", metavar="X.Y", type=_api_version,
              help="also ask whether a consumer accepts this RPC API version"),
          arg("--namespace", metavar="NAME", help="the RPC API namespace of --version"),
          timeout_arg(f"{PING_TIMEOUT:g} s"))
@@ -456,7 +463,8 @@ def _message_for(args, method, method_args):
              help="the method's keyword arguments, a JSON object (default {})"),
          arg("--context", metavar="JSON", default="{}",
              help="the request context, a JSON object (default {})"),
-         arg("--version", metavar="X.Y", help="the RPC API version the call asks for"),
+         arg("--version", metavar="X.Y", type=_api_version,
+             help="the RPC API version the call asks for"),
          arg("--namespace", metavar="NAME", help="the RPC API namespace"),
          timeout_arg("rpc_response_timeout"))
 def call(session, args):

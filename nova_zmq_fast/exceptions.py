@@ -65,6 +65,12 @@ class PeerUnreachable(Timeout):
     msg_fmt = "%(info)s"
 
 
+class InvalidRPCConnectionReuse(RPCException):
+    """A Connection used after close()."""
+
+    msg_fmt = "Invalid reuse of an RPC connection."
+
+
 class TransportClosed(RPCException):
     """The transport was cleaned up (rpc.cleanup(), a driver's cleanup())
     before, or while, this operation ran: nothing more is sent."""

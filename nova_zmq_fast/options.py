@@ -86,7 +86,9 @@ CORE = [
            "Default: the machine's hostname."),
     Option("rpc_zmq_matchmaker", "str", "local",
            "Discovery backend: 'local' (embedded, one machine), 'ring' (a JSON "
-           "ring file) or 'redis'."),
+           "ring file) or 'redis'. The original driver's class paths "
+           "(...matchmaker.MatchMakerRing, MatchMakerRedis, MatchMakerLocalhost) name "
+           "the same backends."),
     Option("rpc_zmq_bind_address", "str", None,
            "Address servers listen on. Default: the discovery backend's "
            "(127.0.0.1 for 'local', '*' otherwise)."),
@@ -212,6 +214,7 @@ class Options:
             values[opt.name] = opt.value(value)
         # Fails here, at init, for a backend that does not exist, and for
         # CURVE that cannot work: a libzmq without it, a key others can read.
+        values["rpc_zmq_matchmaker"] = matchmaker.canonical(values["rpc_zmq_matchmaker"])
         backend = matchmaker.load(values["rpc_zmq_matchmaker"])
         advertise = values["rpc_zmq_advertise_address"]
         if advertise and advertise.strip("[]") in matchmaker.WILDCARDS:

@@ -21,7 +21,8 @@ from nova_zmq_fast._routes import Endpoint, RouteTable
 from nova_zmq_fast._server import PEERS_LOG, serve
 from nova_zmq_fast._zmq import Context
 from nova_zmq_fast.exceptions import (
-    RemoteFailure, RPCException, deserialize_remote_exception, serialize_remote_exception)
+    InvalidRPCConnectionReuse, RemoteFailure, deserialize_remote_exception,
+    serialize_remote_exception)
 from nova_zmq_fast.options import tcp_endpoint
 
 LOG = logging.getLogger("nova_zmq_fast.runtime")
@@ -350,7 +351,7 @@ class Connection:
 
     def _check_open(self):
         if self._closing:
-            raise RPCException("connection is closed")
+            raise InvalidRPCConnectionReuse()
 
     @property
     def address(self):

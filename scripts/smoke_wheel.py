@@ -2,8 +2,8 @@
 by scripts/wheel.sh in a fresh virtualenv, and by cibuildwheel on every wheel.
 
 This process starts a copy of itself as a service (`--serve`), then makes a
-call, a cast and a fanout to it through the public API, and pings it with
-the `nova-zmq-fast` command.  It checks that both processes import the
+call, a cast and a fanout to it through the public API, and pings it and
+asks its status with the `nova-zmq-fast` command.  It checks that both processes import the
 package from site-packages and load exactly one libzmq (with --bundled: the
 wheel's own copy), and that each path given with --hidden cannot be loaded
 here.  It prints one JSON line of what it found and exits 0 only if every
@@ -115,8 +115,11 @@ def smoke(args):
             script = os.path.join(os.path.dirname(sys.executable), "nova-zmq-fast")
             ping = subprocess.run([script, "ping", TOPIC, "--ipc-dir", ipc_dir, "--json"],
                                   capture_output=True, text=True, timeout=TIMEOUT)
-            report["command_line"] = ping.returncode == 0 and \
-                json.loads(ping.stdout)["consumers"][0]["pid"] == proc.pid
+            status = subprocess.run([script, "status", "--ipc-dir", ipc_dir, "--json"],
+                                    capture_output=True, text=True, timeout=TIMEOUT)
+            report["command_line"] = ping.returncode == 0 and status.returncode == 0 and \
+                json.loads(ping.stdout)["consumers"][0]["pid"] == proc.pid and \
+                [n["ping"]["pid"] for n in json.loads(status.stdout)["nodes"]] == [proc.pid]
         except Exception as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
         finally:

@@ -355,6 +355,9 @@ def test_bad_configuration(tmp_path):
     usage("topics", "--matchmaker", "ring", "--ring-file", tmp_path / "none.json",
           says="does not exist")
     usage("ping", "svc", "--timeout", "-1", says="not a positive number")
+    usage("ping", "svc", "--version", "abc", says="'abc' is not an RPC API version")
+    usage("call", "svc", "echo", "--version", "1.x", says="'1.x' is not an RPC API version")
+    usage("topics", "-o", "rpc_zmq_max_message_size=2147483647", says="at most 1073741824")
     usage("no-such-command", says="invalid choice")
     group = write(tmp_path / "group.conf", "[oslo_messaging_zmqfast]\nrpc_zmq_hots = h\n")
     usage("topics", "--config-file", group, says="[oslo_messaging_zmqfast]: unknown option")

@@ -261,6 +261,17 @@ def test_unknown_backends_fail_at_init():
     assert matchmaker.available() == ["local", "redis", "ring"]
 
 
+def test_the_original_drivers_class_paths_name_the_same_backends():
+    for path, name in [("nova.openstack.common.rpc.matchmaker.MatchMakerRing", "ring"),
+                       ("ceilometer.openstack.common.rpc.matchmaker_ring.MatchMakerRing",
+                        "ring"),
+                       ("nova.openstack.common.rpc.matchmaker_redis.MatchMakerRedis", "redis"),
+                       ("nova.openstack.common.rpc.matchmaker.MatchMakerLocalhost", "local")]:
+        assert Options.from_conf(rpc_zmq_matchmaker=path).rpc_zmq_matchmaker == name
+    with pytest.raises(ValueError, match="not a backend name"):
+        Options.from_conf(rpc_zmq_matchmaker="nova.openstack.common.rpc.matchmaker.Other")
+
+
 def test_each_backend_carries_its_own_policy():
     local_opts = Options.from_conf()
     assert (local_opts.bind_address, local_opts.port) == ("127.0.0.1", 0)

@@ -53,7 +53,8 @@ def start_ring(cluster, family="ip"):
         for host, address in zip((h1, h2), entries):
             options = ring_options(ring, address)
             if family == "ip6":
-                # The default bind address, "*", listens on IPv4 only.
+                # Each listens on its own IPv6 address (a wildcard would
+                # too, dual stack; this also checks a literal v6 bind).
                 options["rpc_zmq_bind_address"] = address
             services[host.name] = service.start_in(host, options=options)
         agent = Agent.start(h0, ring_options(ring, h0.name))

@@ -358,3 +358,14 @@ def test_tls_options_are_checked_before_anything_is_sent(tmp_path, client):
 
 def test_redis_through_sentinel_over_tls(tls_redis, tmp_path, client):
     through_sentinel(tls_redis, tmp_path, client)
+
+
+def test_sentinel_addresses_parse_like_ring_entries():
+    from nova_zmq_fast.matchmaker.redis import _parse_host_port
+    assert _parse_host_port("s1", 26379) == ("s1", 26379)
+    assert _parse_host_port("s1:26380", 26379) == ("s1", 26380)
+    assert _parse_host_port("[::1]:26380", 26379) == ("::1", 26380)
+    assert _parse_host_port("2001:db8:0:0:0:0:0:5", 26379) == ("2001:db8:0:0:0:0:0:5", 26379)
+    for bad in ("s1:port", ":26379", "[::1]:x"):
+        with pytest.raises(ValueError):
+            _parse_host_port(bad, 26379)

@@ -140,5 +140,16 @@ def test_a_folsom_service_runs_unchanged_under_eventlet(ipc_dir, client):
             api.call(CTX, api.make_msg("ping", x=1), version="3.0")
         # Folsom's own dispatcher: dispatch(ctxt, version, method, **kwargs).
         assert api.call(CTX, api.make_msg("whoami"), topic="compute_folsom") == "node1"
+
+        class RequestContext(rpc_common.CommonRpcContext):
+            pass                                    # nova.context's base, as it was
+
+        ctxt = RequestContext(user_id="u7", project_id="p")
+        assert (ctxt.user_id, ctxt.deepcopy().to_dict()) == ("u7", ctxt.values)
+        assert api.call(ctxt, api.make_msg("whois")) == "u7"
+        conn = client.create_connection()
+        conn.close()
+        with pytest.raises(rpc_common.InvalidRPCConnectionReuse):
+            conn.create_consumer("late", object())
     finally:
         assert svc.stop() == 0

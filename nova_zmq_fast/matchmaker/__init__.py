@@ -130,6 +130,20 @@ def available():
     return sorted(set(_builtin_names()) | set(_entry_points()))
 
 
+# The original driver named its matchmakers by class path, e.g.
+# nova.openstack.common.rpc.matchmaker.MatchMakerRing: a Folsom or Grizzly
+# configuration keeps working with the backend that does the same job.
+CLASS_NAMES = {"MatchMakerRing": "ring", "MatchMakerRedis": "redis",
+               "MatchMakerLocalhost": "local"}
+
+
+def canonical(name):
+    """A backend name for `name`, which may be an original class path."""
+    if isinstance(name, str) and "." in name:
+        return CLASS_NAMES.get(name.rpartition(".")[2], name)
+    return name
+
+
 def load(name):
     """The Backend class called `name`; ValueError if there is none."""
     cls = _loaded.get(name)

@@ -62,12 +62,19 @@ def _node_key(address):
 
 
 def _parse_host_port(text, default_port):
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or host.endswith(":"):        # 'host' or a bare IPv6 address
-        return text.strip().strip("[]"), default_port
-    if not port.isdigit():
+    """'host', 'host:port', '[v6]' or '[v6]:port', or a bare IPv6 address
+    (more than one ':' and no brackets: no port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host or (port and not port.isdigit()):
         raise ValueError(f"{text!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return host, int(port) if port else default_port
 
 
 class RedisBackend(Backend):

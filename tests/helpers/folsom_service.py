@@ -55,6 +55,9 @@ class ComputeManager:
     def whoami(self, context):
         return self.host
 
+    def whois(self, context):
+        return context.user_id
+
     def relay(self, context, x):
         # A nested call from a green thread, back into this very process.
         return ComputeAPI().ping(context, self.host, x)
