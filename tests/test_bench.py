@@ -27,3 +27,20 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path):
                if "RabbitMQ" not in t["target"] or "oslo_rabbit" not in results["skipped"])
     assert results["cpu"]["native.cast"]["server_cpu_s_per_100k"] > 0
     assert "| nova_zmq_fast call" in out.stdout
+
+
+def test_the_concurrency_benchmark_runs_every_pair(tmp_path):
+    """bench/concurrency.py: every client model against every service model
+    reports a call round trip, a cast rate and its ratios to threads."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "concurrency.py"),
+                          "--rounds", "1", "--calls", "50", "--casts", "500", "--mixed",
+                          "--json", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "c.json") as f:
+        figures = json.load(f)["figures"]
+    models = ("threads", "eventlet", "asyncio")
+    assert set(figures) == {f"{c}->{s}" for c in models for s in models}
+    for key, entry in figures.items():
+        assert entry["call_usec"] > 0 and entry["cast_rate"] > 0, key
+        assert key == "threads->threads" or entry["call_ratio"] > 0, key

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import msgpack
 import pytest
 
 from nova_zmq_fast import _curve
@@ -183,36 +182,59 @@ def test_a_raw_peer_without_curve_gets_nothing(keys, ipc_dir):
         assert svc.stop() == 0
 
 
+CURVE_PEER = """
+import sys, msgpack, zmq
+from nova_zmq_fast import _envelope_py as env
+endpoint, server_key, public, secret = sys.argv[1:]
+ctx = zmq.Context()
+peer = ctx.socket(zmq.DEALER)
+peer.linger = 0
+peer.curve_serverkey, peer.curve_publickey, peer.curve_secretkey = (
+    server_key.encode(), public.encode(), secret.encode())
+peer.connect(endpoint)
+peer.send_multipart([env.encode_header(env.KINDS["CALL"], 0, 7, "svc"),
+                     msgpack.packb([{}, {"method": "echo", "args": {"v": "in"}}])])
+print("answered" if peer.poll(2000) else "nothing")
+peer.close()
+ctx.term()
+"""
+
+
 def test_a_curve_server_without_its_zap_handler_refuses_everyone(keys):
     """Should the ZAP handler not run (not started yet, or already stopped
     while the socket is still open), a CURVE server refuses every
-    handshake, even one with an allowed key: never "any key will do"."""
-    import zmq
-    from nova_zmq_fast import _envelope_py as env
+    handshake, even one with an allowed key: never "any key will do".
+    (The peer is pyzmq, in a process of its own: one libzmq per process.)"""
     from nova_zmq_fast import _server, _zmq
     from nova_zmq_fast.exceptions import serialize_remote_exception
     secret = _curve.load_secret_key(keys["server"][0])
+    mine = _curve.load_secret_key(keys["client"][0])           # an allowed key
     ctx = _zmq.Context()
     server = _server.serve(ctx, "tcp://127.0.0.1:0", "h", "tcp://127.0.0.1:0",
                            max_message_size=4096, serialize_failure=serialize_remote_exception,
                            curve_secret=secret)
-    server.add_consumer("svc", False, type("Api", (), {"echo": lambda self, c, v: v})(),
-                        False, None)
-    server.start()
-    peer = zmq.Context().socket(zmq.DEALER)
     try:
-        peer.curve_serverkey = _curve.public_key(secret)
-        mine = _curve.load_secret_key(keys["client"][0])       # an allowed key
-        peer.curve_secretkey = mine
-        peer.curve_publickey = _curve.public_key(mine)
-        peer.linger = 0
-        peer.connect(server.bound)
-        peer.send_multipart([env.encode_header(env.KINDS["CALL"], 0, 7, "svc"),
-                             msgpack.packb([{}, {"method": "echo", "args": {"v": "in"}}])])
-        assert peer.poll(2000) == 0                 # no answer: the handshake never completed
+        server.add_consumer("svc", False, type("Api", (), {"echo": lambda self, c, v: v})(),
+                            False, None)
+        server.start()
+        def peer():
+            out = subprocess.run(
+                [sys.executable, "-c", CURVE_PEER, server.bound,
+                 _curve.public_key(secret).decode(), _curve.public_key(mine).decode(),
+                 mine.decode()],
+                cwd=ROOT, capture_output=True, text=True, timeout=60)
+            return out.stdout.split() or [out.stderr[-2000:]]
+
+        assert peer() == ["nothing"]
+        # The same peer, once a handler runs with an allow-list that has
+        # its key: answered (so "nothing" above was the refusal).
+        zap = _curve.Authenticator(ctx, _curve.AllowList(keys["allowed"]), _server.PEERS_LOG)
+        zap.start()
+        try:
+            assert peer() == ["answered"]
+        finally:
+            zap.stop()
     finally:
-        peer.close()
-        peer.context.term()
         assert server.stop(2)
         ctx.term()
 
