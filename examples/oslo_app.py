@@ -21,7 +21,8 @@ warnings.filterwarnings("ignore")
 import oslo_messaging as messaging  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 
-TOPIC = "example_compute"
+TOPIC = "example_compute"            # --prefix changes "example"
+NOTIFICATIONS = "example_notifications"
 
 
 class ComputeManager:
@@ -48,7 +49,7 @@ def compute(url):
     transport = messaging.get_rpc_transport(cfg.CONF, url=url)
     notifier = messaging.Notifier(messaging.get_notification_transport(cfg.CONF, url=url),
                                   publisher_id="compute", driver="messaging",
-                                  topics=["example_notifications"])
+                                  topics=[NOTIFICATIONS])
     server = messaging.get_rpc_server(transport, messaging.Target(topic=TOPIC,
                                                                   server=socket.gethostname()),
                                       [ComputeManager(notifier)])
@@ -72,11 +73,11 @@ def api(url):
     events = Events()
     listener = messaging.get_notification_listener(
         messaging.get_notification_transport(cfg.CONF, url=url),
-        [messaging.Target(topic="example_notifications")], [events])
+        [messaging.Target(topic=NOTIFICATIONS)], [events])
     listener.start()
     proc = subprocess.Popen([sys.executable, __file__, "--transport-url", url, "--role",
-                             "compute"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+                             "compute", "--prefix", TOPIC.rpartition("_")[0]],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "compute ready"
     transport = messaging.get_rpc_transport(cfg.CONF, url=url)
     client = messaging.get_rpc_client(transport, messaging.Target(topic=TOPIC, version="1.1"),
@@ -104,7 +105,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transport-url", default="zmqfast://")
     parser.add_argument("--role", choices=["api", "compute"], default="api")
+    parser.add_argument("--prefix", default="example",
+                        help="of the topic names (runs sharing a broker keep apart)")
     args = parser.parse_args()
+    global TOPIC, NOTIFICATIONS
+    TOPIC, NOTIFICATIONS = f"{args.prefix}_compute", f"{args.prefix}_notifications"
     cfg.CONF([], project="example")
     if args.role == "compute":
         compute(args.transport_url)

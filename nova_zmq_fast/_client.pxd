@@ -101,6 +101,7 @@ cdef class Client:
     cdef Outbox enter(self)
     cdef hold(self, Outbox ob)
     cdef void leave(self, Outbox ob) noexcept
+    cdef bint claim(self, Outbox ob) noexcept
     cdef void retire(self, Outbox ob, int linger_ms) noexcept
     cdef list holding(self, list outboxes)
     cdef Outbox lease(self)

@@ -599,8 +599,9 @@ cdef class Outbox:
         cdef bytes body
         cdef Peer peer
         out = []
-        if self.sock == NULL or self.epoch != fork_epoch() or self.users:
+        if self.epoch != fork_epoch() or self.users or self.sock == NULL:
             return out                      # closed, or being flushed by close()
+        self.users = 1                      # (as Client.claim)
         zmq_msg_init(&part)
         try:
             while True:
@@ -619,6 +620,7 @@ cdef class Outbox:
                             peer.confirmed = mark[1]
         finally:
             zmq_msg_close(&part)
+            self.users = 0
 
     def forget(self, msg_id):
         """A call nobody waits for any more (timed out, cancelled)."""
@@ -722,7 +724,7 @@ cdef class Client:
         self.rr = {}
         self.send_timeout = send_timeout
         self.response_timeout = response_timeout
-        self.linger_ms = <int>(linger * 1000)
+        self.linger_ms = <int>(min(linger, 86400.0) * 1000)
         self.backlog = backlog
         self.socket_buffer = socket_buffer
         self.connect_timeout = connect_timeout
@@ -753,23 +755,34 @@ cdef class Client:
 
     cdef void leave(self, Outbox ob) noexcept:
         """The operation holding `ob` ended.  If close() passed it over
-        meanwhile, its owner closes it now, counting what no peer confirmed."""
-        ob.users -= 1
-        if ob.users == 0 and ob.retiring:
+        meanwhile, its owner closes it now (still holding it until then)."""
+        if ob.users == 1 and ob.retiring:
             self.retire(ob, 0)
+        ob.users -= 1
+
+    cdef bint claim(self, Outbox ob) noexcept:
+        """Take `ob` if it is open and no operation holds it: the one
+        check-and-take every holder uses (enter() and hold() add to
+        `users` instead).  Under the GIL with no Python call in between, so
+        two threads never both take it."""
+        if ob.users or ob.sock == NULL:
+            return False
+        ob.users = 1
+        return True
 
     cdef void retire(self, Outbox ob, int linger_ms) noexcept:
-        """Close an outbox nobody will use again; what its peers never
-        confirmed is counted as maybe lost."""
+        """Close an outbox its caller holds, which nobody will use again;
+        what its peers never confirmed is counted as maybe lost (after the
+        close: logging may let other threads run)."""
         if ob.sock == NULL:
             return
-        try:
-            self.account(ob.unconfirmed(),
-                         "sent by a thread that ended, or was busy at cleanup, were never "
-                         "confirmed, so may be lost")
-        except BaseException:
-            pass                            # (a failing log handler): close regardless
+        lost = ob.unconfirmed()
         ob.close(linger_ms)
+        try:
+            self.account(lost, "sent by a thread that ended, or was busy at cleanup, were "
+                               "never confirmed, so may be lost")
+        except BaseException:
+            pass                            # (a failing log handler)
 
     cdef Outbox lease(self):
         cdef Outbox ob = None
@@ -781,41 +794,42 @@ cdef class Client:
                 if ob.sock == NULL or ob.epoch != fork_epoch():
                     ob = None
         if ob is None:
-            ob = Outbox(self.ctx, self.linger_ms, self.backlog, self.green, self.curve,
-                        self.max_message_size, self.socket_buffer)
-            ob.dead_seen = self.routes.dead_count
-            ob.routes_seen = self.routes.generation
-            self.outboxes.add(ob)
-            self.outboxes_made += 1
+            ob = self.new_outbox(self.green)
         self.tls.outbox = ob
         self.tls.lease = _Lease(self, ob)
         return ob
 
     def give_back(self, Outbox ob not None):
         """A thread that used `ob` ended (its _Lease is collected)."""
-        if ob.sock == NULL or ob.epoch != fork_epoch() or ob.users:
-            return                          # (held by close(), which closes it)
+        if ob.epoch != fork_epoch() or not self.claim(ob):
+            return                          # closed, or held by close(), which closes it
         ob.streams.clear()                  # replies nobody waits for any more
         ob.last_peer = None
         with self.spare_lock:
             if not self.closed and len(self.spare) < SPARE_MAX:
                 self.spare.append(ob)
+                ob.users = 0
                 return
         # Never more spares than SPARE_MAX: this one closes, what it
         # queued leaving within the linger.
         self.retire(ob, self.linger_ms)
 
-    def new_outbox(self):
-        """An outbox of its own, for an event loop's thread (aio): it is
-        not this thread's outbox, and is closed with the client."""
-        if self.closed:
-            raise TransportClosed("this RPC client was cleaned up")
-        cdef Outbox ob = Outbox(self.ctx, self.linger_ms, self.backlog, False, self.curve,
+    def new_outbox(self, bint green=False):
+        """A new outbox: a thread's (lease()), or one of its own for an
+        event loop's thread (aio), which is not this thread's outbox.
+        Closed with the client."""
+        cdef Outbox ob = Outbox(self.ctx, self.linger_ms, self.backlog, green, self.curve,
                                 self.max_message_size, self.socket_buffer)
         ob.dead_seen = self.routes.dead_count
         ob.routes_seen = self.routes.generation
-        self.outboxes.add(ob)
-        self.outboxes_made += 1
+        with self.spare_lock:
+            # Checked with the add, under the lock close() sets `closed`
+            # under: close() either sees this outbox or it is never used.
+            if self.closed:
+                ob.close(0)
+                raise TransportClosed("this RPC client was cleaned up")
+            self.outboxes.add(ob)
+            self.outboxes_made += 1
         return ob
 
     cdef hold(self, Outbox ob):
@@ -919,10 +933,10 @@ cdef class Client:
         cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
         if endpoints is None:
             endpoints = self.routes.live(self.routes.lookup_fanout(topic))
-        elif not all(isinstance(e, Endpoint) for e in endpoints):
-            raise TypeError("endpoints must be Endpoints")
         pending = []
-        for ep in endpoints:
+        for ep in endpoints:                # (a typed loop variable admits None)
+            if ep is None:
+                raise TypeError("endpoints must be Endpoints, not None")
             status = ob.try_send(ep, header, hlen, body)
             if status == UNCONNECTED or status == FULL:
                 pending.append(ep)
@@ -1403,16 +1417,18 @@ cdef class Client:
         lost = {}
         busy = []
         for ob in list(self.outboxes):
-            if ob.sock == NULL or ob.epoch != fork_epoch():
+            if ob.epoch != fork_epoch():
                 continue
-            if ob.users:
-                ob.retiring = True
-                busy.append(ob)
+            if not self.claim(ob):          # ours now, unless an operation holds it
+                if ob.sock != NULL:
+                    ob.retiring = True
+                    busy.append(ob)
                 continue
-            ob.users = 1                    # ours now: enter() refuses, give_back() waits
             try:
                 for address, n in ob.flush(deadline).items():
                     lost[address] = lost.get(address, 0) + n
+            except Exception:
+                LOG.exception("could not confirm what an outbox sent")
             finally:
                 ob.close(0)
         self.tls = threading.local()

@@ -299,6 +299,8 @@ class GreenHandoff:
             self._turns.put(None)
 
     def _wake(self):
+        if not self._pipe_fds:
+            return                              # closed: its number may be reused
         try:
             self._os.write(self._write, b"!")
         except OSError as exc:

@@ -45,7 +45,7 @@ from nova_zmq_fast._dispatch import wrap as _wrap_notification
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._handoff import Deferred, Runner
 from nova_zmq_fast.exceptions import (
-    InvalidMessage, NoListeners, PeerUnreachable, RPCException, Timeout)
+    InvalidMessage, NoListeners, PeerUnreachable, RPCException, Timeout, TransportClosed)
 
 __all__ = ["call", "multicall", "cast", "fanout_cast", "notify", "create_connection",
            "cleanup", "Connection"]
@@ -80,6 +80,7 @@ class _Caller:
         self.fd = self.outbox.fd
         self.waiters = {}                       # msg_id -> _Waiter
         self.watching = False
+        self.closed = False
         # One timer for every waiter, at the earliest deadline, rather than
         # one a call: calls end long before their deadlines, which mostly
         # come in order, so it is seldom moved.
@@ -133,8 +134,11 @@ class _Caller:
             self._arm(earliest)
 
     async def next_reply(self, waiter, deadline):
-        """The next reply for `waiter`, or None at `deadline` (loop time)."""
+        """The next reply for `waiter`, or None at `deadline` (loop time);
+        TransportClosed once cleanup() closed this caller."""
         while not waiter.replies:
+            if self.closed:
+                raise TransportClosed("the transport was cleaned up while this call waited")
             if self.loop.time() >= deadline:
                 return None
             waiter.deadline = deadline
@@ -165,6 +169,7 @@ class _Caller:
             pause = min(pause * 2, PAUSE_MAX)
 
     def close(self):
+        self.closed = True                      # waiting calls raise TransportClosed
         if self.timer is not None:
             self.timer.cancel()
             self.timer = self.timer_at = None
@@ -492,9 +497,19 @@ def create_connection():
 
 async def cleanup():
     """rpc.cleanup() without blocking the event loop (handlers still
-    running on it can finish): run it from asyncio code instead."""
+    running on it can finish): run it from asyncio code instead.  Calls
+    this loop's tasks are waiting on get up to rpc_zmq_linger to end, then
+    raise TransportClosed.  (Another event loop's calls are not waited for:
+    clean each loop up from itself.)"""
     loop = asyncio.get_running_loop()
     caller = _callers.pop(loop, None)
     if caller is not None:
+        # As for threads: calls that end within the linger return their
+        # result, those still waiting then raise TransportClosed.
+        deadline = loop.time() + caller.runtime.options.rpc_zmq_linger
+        pause = PAUSE_MIN
+        while caller.waiters and loop.time() < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PAUSE_MAX)
         caller.close()
     return await loop.run_in_executor(None, rpc.cleanup)

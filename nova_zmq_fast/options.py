@@ -156,8 +156,8 @@ CORE = [
            "Largest message body in bytes sent or accepted (at most 1 GiB).",
            maximum=2 ** 30),
     Option("rpc_zmq_linger", "float", 5,
-           "Seconds close()/cleanup() give queued work and outgoing messages to finish.",
-           zero_ok=True),
+           "Seconds close()/cleanup() give queued work and outgoing messages to finish "
+           "(at most a day).", zero_ok=True, maximum=86400),
 ]
 
 

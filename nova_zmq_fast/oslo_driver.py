@@ -326,6 +326,7 @@ class ZmqFastDriver(base.BaseDriver):
         # process with these options.
         self._runtime = Runtime.shared(self._options,
                                        green=eventletutils.is_monkey_patched("thread"))
+        self._released = False
 
     def require_features(self, requeue=False):
         pass                                    # notifications can be requeued
@@ -443,4 +444,7 @@ class ZmqFastDriver(base.BaseDriver):
     def cleanup(self):
         for listener in list(self._listeners):
             listener.cleanup()
-        self._runtime.close()
+        # Once: the runtime may be shared, and counts its transports.
+        released, self._released = self._released, True
+        if not released:
+            self._runtime.close()

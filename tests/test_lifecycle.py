@@ -181,7 +181,7 @@ def test_the_call_timeout_bounds_the_wait_for_a_connection(tmp_path, client):
     assert 0.9 < time.monotonic() - start < 1.1 * 1 + 0.5
 
 
-@pytest.mark.parametrize("model", ["threads", "eventlet"])
+@pytest.mark.parametrize("model", ["threads", "eventlet", "asyncio"])
 def test_cleanup_while_other_threads_wait_in_calls(services, ipc_dir, model):
     """cleanup() from one thread while three others wait in calls (green
     threads under eventlet; also what atexit does to daemon threads): calls

@@ -614,8 +614,11 @@ def test_the_readme_example_app_runs_on_either_transport(tmp_path, transport_url
     if transport_url == "rabbit" and not rabbit_reachable():
         pytest.skip("no RabbitMQ at 127.0.0.1:5672")
     url = zmqfast_url(str(tmp_path)) if transport_url == "zmqfast" else RABBIT
+    # Its own topic names: a broker's queues outlive the run, and are
+    # shared with any other run against the same broker.
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "oslo_app.py"),
-                          "--transport-url", url], capture_output=True, text=True, timeout=120)
+                          "--transport-url", url, "--prefix", f"example{uuid.uuid4().hex[:8]}"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "notifications -> ['compute.instance.create', 'compute.instance.delete']" \
         in out.stdout
@@ -660,6 +663,7 @@ def test_a_processs_rpc_and_notification_transports_share_one_socket(no_leaks, r
             s.stop()
             s.wait()
         notes.cleanup()
+        notes.cleanup()                         # counted once: transports, not calls
         assert not runtime.context.closed       # still the RPC transport's
         rpc_transport.cleanup()
     assert runtime.context.closed

@@ -1,6 +1,7 @@
 """A process that calls rpc.cleanup() while other threads (or green
 threads) wait in calls to a service, then exits: it must neither crash nor
-hang.  Prints one JSON line: each caller's outcome (the result, or the
+hang; with MODEL asyncio, tasks call and `await aio.cleanup()` runs.
+Prints one JSON line: each caller's outcome (the result, or the
 exception's class name), what cleanup() returned and how long it took.
 
     python -m tests.helpers.cleanup_race MODEL IPC_DIR SECONDS LINGER
@@ -42,6 +43,38 @@ def arrived():
                for host in ("h1", "h2"))
 
 
+def report(lost, took):
+    print(json.dumps({"outcomes": sorted(map(str, outcomes)), "lost": lost, "took": took}),
+          flush=True)
+
+
+async def on_a_loop():
+    """The same with tasks of an event loop, and `await aio.cleanup()`."""
+    import asyncio
+    from nova_zmq_fast import aio
+
+    async def task():
+        try:
+            outcomes.append(await aio.call({}, "svc", {"method": "hold", "args": {
+                "key": KEY, "seconds": SECONDS}}, timeout=SECONDS + 30))
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    tasks = [asyncio.ensure_future(task()) for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while await asyncio.to_thread(arrived) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    start = time.monotonic()
+    lost = await aio.cleanup()
+    took = time.monotonic() - start
+    await asyncio.wait(tasks, timeout=SECONDS + 30)
+    report(lost, took)
+
+
+if MODEL == "asyncio":
+    import asyncio
+    asyncio.run(on_a_loop())
+    sys.exit(0)
 workers = [threading.Thread(target=caller) for _ in range(3)]
 for w in workers:
     w.start()
@@ -56,5 +89,4 @@ lost = rpc.cleanup()
 took = time.monotonic() - start
 for w in workers:
     w.join(SECONDS + 30)
-print(json.dumps({"outcomes": sorted(map(str, outcomes)), "lost": lost, "took": took}),
-      flush=True)
+report(lost, took)
