@@ -50,6 +50,7 @@ cdef class Outbox:
     cdef object __weakref__
 
     cdef void close(self, int linger_ms) noexcept
+    cdef bint claim(self) noexcept
     cdef _watch_handshakes(self)
     cdef bint dial(self, Endpoint ep) except -1
     cdef bint dialling(self, bytes rid)
@@ -101,7 +102,6 @@ cdef class Client:
     cdef Outbox enter(self)
     cdef hold(self, Outbox ob)
     cdef void leave(self, Outbox ob) noexcept
-    cdef bint claim(self, Outbox ob) noexcept
     cdef void retire(self, Outbox ob, int linger_ms) noexcept
     cdef list holding(self, list outboxes)
     cdef Outbox lease(self)

@@ -220,6 +220,16 @@ cdef class Outbox:
         # What it queued still leaves, within the linger, in the background.
         self.close(self.linger_ms)
 
+    cdef bint claim(self) noexcept:
+        """Take this outbox if it is open and no operation holds it: the
+        one check-and-take of every holder but an operation's own
+        (Client.enter/hold add to `users`).  Under the GIL with no Python
+        call in between, so two threads never both take it."""
+        if self.users or self.sock == NULL:
+            return False
+        self.users = 1
+        return True
+
     cdef str refusal(self, Endpoint ep):
         """Why `ep` must never be dialled, as discovery describes it now, or
         None: with CURVE only with a well-formed key discovery gave for it,
@@ -599,9 +609,8 @@ cdef class Outbox:
         cdef bytes body
         cdef Peer peer
         out = []
-        if self.epoch != fork_epoch() or self.users or self.sock == NULL:
+        if self.epoch != fork_epoch() or not self.claim():
             return out                      # closed, or being flushed by close()
-        self.users = 1                      # (as Client.claim)
         zmq_msg_init(&part)
         try:
             while True:
@@ -760,16 +769,6 @@ cdef class Client:
             self.retire(ob, 0)
         ob.users -= 1
 
-    cdef bint claim(self, Outbox ob) noexcept:
-        """Take `ob` if it is open and no operation holds it: the one
-        check-and-take every holder uses (enter() and hold() add to
-        `users` instead).  Under the GIL with no Python call in between, so
-        two threads never both take it."""
-        if ob.users or ob.sock == NULL:
-            return False
-        ob.users = 1
-        return True
-
     cdef void retire(self, Outbox ob, int linger_ms) noexcept:
         """Close an outbox its caller holds, which nobody will use again;
         what its peers never confirmed is counted as maybe lost (after the
@@ -801,7 +800,7 @@ cdef class Client:
 
     def give_back(self, Outbox ob not None):
         """A thread that used `ob` ended (its _Lease is collected)."""
-        if ob.epoch != fork_epoch() or not self.claim(ob):
+        if ob.epoch != fork_epoch() or not ob.claim():
             return                          # closed, or held by close(), which closes it
         ob.streams.clear()                  # replies nobody waits for any more
         ob.last_peer = None
@@ -1419,7 +1418,7 @@ cdef class Client:
         for ob in list(self.outboxes):
             if ob.epoch != fork_epoch():
                 continue
-            if not self.claim(ob):          # ours now, unless an operation holds it
+            if not ob.claim():              # ours now, unless an operation holds it
                 if ob.sock != NULL:
                     ob.retiring = True
                     busy.append(ob)
