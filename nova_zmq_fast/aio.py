@@ -36,6 +36,7 @@ back through the server's control socket.  Either way a Replier answers.
 """
 import asyncio
 import collections
+import concurrent.futures
 import inspect
 import weakref
 
@@ -441,6 +442,31 @@ class _LoopHandoff:
             return
         done.wait(1.0)
 
+    def wait_idle(self, timeout):
+        """From a thread other than the loop's (Connection.close() runs in
+        an executor): wait until the handler tasks this loop runs have
+        finished, at most `timeout` seconds, so their replies leave before
+        the server closes.  Requests already handed over are queued on the
+        loop ahead of this wait, so their tasks exist by the time it runs."""
+        if not self.tasks:
+            return True
+        if _get_ident() == self.thread or not self.loop.is_running():
+            return False                    # nothing could finish them meanwhile
+
+        async def finished():
+            if self.tasks:
+                await asyncio.wait(set(self.tasks), timeout=timeout)
+            return not self.tasks
+        try:
+            future = asyncio.run_coroutine_threadsafe(finished(), self.loop)
+        except RuntimeError:                # the loop closed meanwhile
+            return False
+        try:
+            return future.result(timeout + 1.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            future.cancel()
+            return False
+
     def kick(self):
         """A reply left outside a turn (from a task): the send may have
         consumed the fd's edge, so take a turn soon."""
@@ -478,12 +504,10 @@ class Connection:
         return self._conn.stats()
 
     async def close(self):
-        """Withdraw, finish what was handed over (bounded by
-        rpc_zmq_linger), release.  The event loop keeps running meanwhile."""
-        await self._loop.run_in_executor(None, self._conn.close)
-        if self._handoff.tasks:
-            await asyncio.wait(set(self._handoff.tasks),
-                               timeout=rpc._runtime().options.rpc_zmq_linger)
+        """Withdraw, finish what was handed over, its replies sent (bounded
+        by rpc_zmq_linger), release.  The event loop keeps running
+        meanwhile, so its handlers can finish.  Returns as rpc's close()."""
+        return await self._loop.run_in_executor(None, self._conn.close)
 
     async def wait(self):
         """Until the connection is closed."""

@@ -344,6 +344,7 @@ class Connection:
         self._shared = shared
         self._consumers = []                # _dispatch.Consumer
         self._created_for = {}              # Consumer -> the topic create_consumer() named
+        self._runners = set()               # each `runner` given to create_consumer()
         self._consuming = False
         self._closing = False
         self._closed = threading.Event()    # set once fully closed
@@ -382,6 +383,8 @@ class Connection:
         handoff = None if deferred else (runner or self._rt.plain_handoff())
         with self._lock:
             self._check_open()
+            if runner is not None:
+                self._runners.add(runner)
             for name in topics:
                 target = proxy if handoff is None else handoff.wrap(topic, proxy)
                 consumer = self._rt.add_consumer(self, name, fanout, target,
@@ -452,11 +455,12 @@ class Connection:
         server = self._rt.server
         if server is not None:
             finished = server.drain(consumers, max(0.0, deadline - time.monotonic()))
-        handoff = self._rt.handoff
-        if handoff is not None:
-            # Handed-off work of every connection: what is queued is not
-            # tied to one (a short, bounded wait either way).
-            finished = handoff.wait_idle(max(0.0, deadline - time.monotonic())) and finished
+        # Handed-off work: the runtime's handoff holds every connection's
+        # (what is queued is not tied to one; a short, bounded wait either
+        # way), a runner of this connection's own (an event loop) its own.
+        for handoff in (self._rt.handoff, *self._runners):
+            if handoff is not None:
+                finished = handoff.wait_idle(max(0.0, deadline - time.monotonic())) and finished
         return finished
 
     def remove_consumer(self, topic, fanout=False):

@@ -120,6 +120,35 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_a_stopping_service_answers_the_calls_it_is_running(ipc_dir, client, model):
+    """SIGTERM while handlers run (threads, green threads, coroutines):
+    the service closes its connection and cleans up, and every caller
+    still gets its answer, sent before the socket closed."""
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client")
+    topic, key, n = f"stopping-{model}", "running", 4
+    service = model_service(model, f"stopping-{model}", topic, ipc_dir)
+    answers = []
+
+    def caller():
+        try:
+            answers.append(client.call({}, topic, {
+                "method": "busy", "args": {"key": key, "seconds": 0.5}}, timeout=20))
+        except Exception as exc:                            # noqa: BLE001
+            answers.append(repr(exc))
+    callers = [threading.Thread(target=caller) for _ in range(n)]
+    try:
+        for t in callers:
+            t.start()
+        assert client.call({}, topic, {"method": "wait_for", "args": {"key": key, "n": n}}) == n
+    finally:
+        code = service.stop()
+        for t in callers:
+            t.join(30)
+    assert code == 0
+    assert answers == [0.5] * n
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_a_waiting_handler_holds_up_no_request_queued_behind_it(ipc_dir, client, model):
     """A cast right behind one whose handler waits, on the same connection,
     with nothing else reaching the service meanwhile (probes far apart, a

@@ -106,6 +106,11 @@ class Threads(Base):
         if self.host == on:
             self.pause(ctxt, WAIT)
 
+    def busy(self, ctxt, key, seconds):
+        """Record `key`, then take `seconds`."""
+        self.record(ctxt, key)
+        return self.pause(ctxt, seconds)
+
     def relay(self, ctxt, topic, value):
         return rpc.call(ctxt, topic, {"method": "echo", "args": {"value": value}}, timeout=WAIT)
 
@@ -206,6 +211,10 @@ class Async(Base):
         await self.record(ctxt, key)
         if self.host == on:
             await self.pause(ctxt, WAIT)
+
+    async def busy(self, ctxt, key, seconds):
+        await self.record(ctxt, key)
+        return await self.pause(ctxt, seconds)
 
     async def relay(self, ctxt, topic, value):
         from nova_zmq_fast import aio
