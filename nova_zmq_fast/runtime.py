@@ -7,6 +7,7 @@ transport using the zmqfast driver has its own.  Both are the same core.
 """
 import errno
 import logging
+import os
 import socket
 import threading
 import time
@@ -46,6 +47,15 @@ def _free_port(bind_address):
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _after_fork_in_child():
+    # The parent's runtimes, sockets and listeners do not exist here: a
+    # transport created in the child opens its own (the parent's objects
+    # are left untouched, never closed).
+    _listening.clear()
+    Runtime._shared = {}
+    Runtime._shared_lock = threading.Lock()
 
 
 class Runtime:
@@ -247,7 +257,12 @@ class Runtime:
             holders.discard(conn)
             if not holders:
                 del self._announced[(topic, fanout)]
-                self.backend.unregister(self.node, topic, fanout)
+                try:
+                    self.backend.unregister(self.node, topic, fanout)
+                except Exception as exc:            # noqa: BLE001
+                    # Discovery is unreachable: closing goes on (draining,
+                    # stopping the server); the entry ages out by its TTL.
+                    LOG.warning("could not withdraw %s from discovery: %s", topic, exc)
 
     def release(self, deadline):
         """Stop the server once no Connection consumes anything: the
@@ -487,3 +502,6 @@ class Connection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

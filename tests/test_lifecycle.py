@@ -147,6 +147,23 @@ def test_cleanup_is_bounded_with_casts_queued_for_a_stuck_peer(client):
         sink.stdout.close()
 
 
+def test_cleanup_closes_everything_when_discovery_fails_to_withdraw(client):
+    """Discovery down at cleanup (Redis unreachable): withdrawing fails,
+    is logged, and the server, its threads and the context still close."""
+    from nova_zmq_fast.exceptions import DiscoveryUnavailable
+    conn = client.create_connection()
+    conn.create_consumer("withdraw-fails", lambda ctxt, msg: None)
+    conn.consume_in_thread()
+    rt = client._runtime()
+    server = rt.server
+
+    def unreachable(*args, **kwargs):
+        raise DiscoveryUnavailable("discovery is down")
+    rt.backend.unregister = unreachable
+    client.cleanup()
+    assert server.closed and rt.context.closed
+
+
 def test_usable_again_after_cleanup(services, client):
     assert client.call(CTX, "svc", {"method": "echo", "args": {"value": 1}}) == 1
     client.cleanup()

@@ -282,6 +282,38 @@ def test_a_forked_child_gets_fresh_sockets(services, client):
     assert client.call(CTX, "svc", msg("echo", value="parent again")) == "parent again"
 
 
+def test_a_forked_child_gets_a_shared_runtime_of_its_own(services, ipc_dir):
+    """oslo.messaging workers fork after the parent opened its transport:
+    the child's transport must not reuse the parent's runtime (its context
+    belongs to the parent)."""
+    from nova_zmq_fast.options import Options
+    from nova_zmq_fast.runtime import Runtime
+    opts = Options.from_conf(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="forking", rpc_zmq_linger=2)
+    parent = Runtime.shared(opts)
+    try:
+        assert parent.client.call(CTX, "svc", msg("echo", value="parent")) == "parent"
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                    # child
+            code = 1
+            try:
+                os.close(read)
+                child = Runtime.shared(opts)
+                value = child.client.call(CTX, "svc", msg("echo", value="child"), timeout=10)
+                os.write(write, f"{child is parent} {value}".encode())
+                child.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read) as f:
+            assert f.read() == "False child"
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        parent.close()
+
+
 def test_notify_reaches_a_raw_consumer(services, client):
     key = unique()
     event = {"event_type": "compute.start", "payload": {"key": key}, "priority": "INFO"}
