@@ -19,8 +19,10 @@ accepts as a proxy, and how it is called:
 Notifications sent with notify(..., envelope=True) travel as
 {'oslo.version': '2.0', 'oslo.message': <json>}; consumers get them unwrapped.
 """
+import copy
 import inspect
 import json
+import threading
 
 cimport cython
 from cpython.object cimport PyObject_Call
@@ -28,10 +30,46 @@ from cpython.object cimport PyObject_Call
 from nova_zmq_fast._envelope cimport KIND_CAST, KIND_NOTIFY
 from nova_zmq_fast._zmq cimport now as _now
 
-from nova_zmq_fast.exceptions import InvalidMessage
+from nova_zmq_fast._envelope_py import to_primitive
+from nova_zmq_fast.dispatcher import version_is_compatible
+from nova_zmq_fast.exceptions import (
+    InvalidMessage, SerializationError, UnsupportedRpcEnvelopeVersion)
 
 cdef object _json_loads = json.loads
+cdef object _deepcopy = copy.deepcopy
 cdef object _json_dumps = json.dumps
+ENVELOPE_VERSION = "2.0"                # openstack.common.rpc's message envelope
+
+
+cdef object _store = None
+cdef object _store_lock = threading.Lock()
+
+
+def context_store():
+    """Where a context's update_store() puts it, for the running thread
+    (green thread under eventlet): `context_store().context`, as
+    openstack.common.local.store.context."""
+    global _store
+    with _store_lock:
+        if _store is None:
+            # Made at first use, so that eventlet's patching, done by then,
+            # makes it local to green threads.
+            _store = threading.local()
+        return _store
+
+
+def elevated_values(dict values, read_deleted=None):
+    """A deep copy of context values with is_admin set and the 'admin'
+    role added: what elevated() returns, for every context class."""
+    values = _deepcopy(values)
+    values["is_admin"] = True
+    roles = list(values.get("roles") or ())
+    if "admin" not in roles:
+        roles.append("admin")
+    values["roles"] = roles
+    if read_deleted is not None:
+        values["read_deleted"] = read_deleted
+    return values
 
 
 @cython.final
@@ -69,6 +107,26 @@ cdef class RpcContext:
 
     def to_dict(self):
         return dict(self._values)
+
+    # What openstack.common.rpc's CommonRpcContext offered a handler.
+
+    @property
+    def values(self):
+        return self._values
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(values)
+
+    def deepcopy(self):
+        return RpcContext.wrap(_deepcopy(self._values))
+
+    def update_store(self):
+        context_store().context = self
+
+    def elevated(self, read_deleted=None, overwrite=False):
+        """A copy with the admin flag and role set."""
+        return RpcContext.wrap(elevated_values(self._values, read_deleted))
 
     def __reduce__(self):
         return (RpcContext, (self._values,))
@@ -228,6 +286,8 @@ cdef class Subscription:
 def unwrap(msg):
     """Undo notify(..., envelope=True): {'oslo.version', 'oslo.message'}."""
     if "oslo.message" in msg and "oslo.version" in msg:
+        if not version_is_compatible(ENVELOPE_VERSION, msg["oslo.version"]):
+            raise UnsupportedRpcEnvelopeVersion(version=msg["oslo.version"])
         inner = msg["oslo.message"]
         try:
             inner = _json_loads(inner) if isinstance(inner, str) else inner
@@ -241,4 +301,7 @@ def unwrap(msg):
 
 def wrap(msg):
     """The envelope notify(..., envelope=True) sends."""
-    return {"oslo.version": "2.0", "oslo.message": _json_dumps(msg)}
+    try:
+        return {"oslo.version": ENVELOPE_VERSION, "oslo.message": _json_dumps(msg, default=to_primitive)}
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"notification cannot be encoded as JSON: {exc}") from None

@@ -31,6 +31,7 @@ from libc.string cimport memcpy
 
 import msgpack
 
+from nova_zmq_fast._envelope_py import to_primitive
 from nova_zmq_fast.exceptions import MalformedEnvelope
 
 
@@ -130,7 +131,7 @@ cdef int topic_utf8(object topic, const char **data, Py_ssize_t *size) except -1
 
 cdef object new_packer():
     """A msgpack packer for one thread (packers are not thread-safe)."""
-    return _Packer(use_bin_type=True, autoreset=True)
+    return _Packer(use_bin_type=True, autoreset=True, default=to_primitive)
 
 
 # What decoding costs in CPython (64-bit), in bytes, per msgpack item.  Each

@@ -4,6 +4,7 @@ It is not used on the message path.  The property and fuzz tests run both
 implementations on the same inputs and require identical results, which
 keeps the C parser honest about every byte of the format.
 """
+import datetime
 import struct
 
 import msgpack
@@ -71,8 +72,22 @@ def decode_header(data):
     return (version, kind, flags, msg_id, topic)
 
 
+def to_primitive(value):
+    """What msgpack cannot encode itself, as openstack.common.rpc's JSON
+    encoder turned it into something it could (both codecs pack with this
+    as `default`): a datetime becomes its text in timeutils.strtime's
+    format, a set a list, a mapping a dict.  Anything else is refused."""
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if hasattr(value, "items") and callable(value.items):
+        return dict(value.items())
+    raise TypeError(f"can not serialize {type(value).__name__!r} object")
+
+
 def pack_body(obj):
-    return msgpack.packb(obj, use_bin_type=True)
+    return msgpack.packb(obj, use_bin_type=True, default=to_primitive)
 
 
 # Limits on a body and the cost model: the same numbers as _envelope.pxd

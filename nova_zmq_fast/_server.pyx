@@ -56,7 +56,8 @@ from nova_zmq_fast._curve import ZAP_DOMAIN
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
-    MalformedEnvelope, MessageTooLarge, SerializationError, UnsupportedRpcVersion)
+    ClientException, MalformedEnvelope, MessageTooLarge, SerializationError,
+    UnsupportedRpcVersion, expected)
 
 LOG = logging.getLogger("nova_zmq_fast.server")
 PEERS_LOG = RateLimitedLog(LOG)
@@ -65,7 +66,12 @@ PEERS_LOG = RateLimitedLog(LOG)
 def log_handler_error(topic, method, exc):
     """Log the error of a handler that no caller is told of (a cast's, a
     notification's).  Peers can cause these by the thousand: at a bounded
-    rate per topic, with the traceback of the first of each interval."""
+    rate per topic, with the traceback of the first of each interval.
+    An exception the method declared expected (client_exceptions) is not
+    an error of the service."""
+    if isinstance(exc, ClientException):
+        LOG.debug("expected exception handling %s on topic %s: %r", method, topic, expected(exc))
+        return
     PEERS_LOG.error(("handler", topic), "error handling %s on topic %s", method, topic,
                     exc_info=(type(exc), exc, exc.__traceback__))
 

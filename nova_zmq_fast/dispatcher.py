@@ -43,7 +43,9 @@ class RpcDispatcher:
                    version_is_compatible(getattr(proxy, "RPC_API_VERSION", "1.0"), version)
                    for proxy in self.callbacks)
 
-    def dispatch(self, ctxt, version, method, namespace, **kwargs):
+    def dispatch(self, ctxt, version, method, namespace=None, **kwargs):
+        """Call `method` on the first callback that serves `version` in
+        `namespace` (None: the default; Folsom callers leave it out)."""
         version = version or "1.0"
         had_compatible = False
         for proxy in self.callbacks:

@@ -6,19 +6,33 @@ Each class that describes bad input also inherits the matching builtin
 
 
 class RPCException(Exception):
-    """Base class.  `msg_fmt` is formatted with the keyword arguments."""
+    """Base class.  `msg_fmt` is formatted with the keyword arguments (a
+    subclass written for openstack.common.rpc names it `message`, which
+    works too)."""
 
     msg_fmt = "An unknown RPC related exception occurred."
 
     def __init__(self, message=None, **kwargs):
         self.kwargs = kwargs
         if not message:
+            template = _template(type(self))
             try:
-                message = self.msg_fmt % kwargs
+                message = template % kwargs
             except (KeyError, TypeError, ValueError):
-                message = self.msg_fmt
+                message = template
         self.message = message
         super().__init__(message)
+
+
+def _template(cls):
+    # The most derived class that sets a template: as msg_fmt, or in the
+    # 2012 way as a class attribute `message`.
+    for klass in cls.__mro__:
+        if "msg_fmt" in klass.__dict__:
+            return klass.__dict__["msg_fmt"]
+        if isinstance(klass.__dict__.get("message"), str):
+            return klass.__dict__["message"]
+    return RPCException.msg_fmt
 
 
 class Timeout(RPCException):
@@ -105,6 +119,54 @@ class UnsupportedRpcVersion(RPCException):
     msg_fmt = "Specified RPC version, %(version)s, not supported by this endpoint."
 
 
+class UnsupportedRpcEnvelopeVersion(RPCException):
+    """A notification wrapped in an 'oslo.version' envelope this transport
+    does not know."""
+
+    msg_fmt = "Specified RPC envelope version, %(version)s, not supported by this endpoint."
+
+
+class ClientException(Exception):
+    """An exception a method expects to raise (see client_exceptions()):
+    made while it is being handled, it records it; the caller gets the
+    original exception, and the service logs nothing."""
+
+    def __init__(self):
+        import sys
+        self._exc_info = sys.exc_info()
+
+
+def catch_client_exception(exceptions, func, *args, **kwargs):
+    """func(*args, **kwargs), raising ClientException instead of an
+    exception whose type is in `exceptions`."""
+    try:
+        return func(*args, **kwargs)
+    except Exception as exc:
+        if type(exc) in exceptions:
+            raise ClientException() from exc
+        raise
+
+
+def client_exceptions(*exceptions):
+    """Decorator for methods whose listed exceptions are expected: the
+    caller gets them as usual, but they are not logged as errors."""
+    import functools
+
+    def outer(func):
+        @functools.wraps(func)
+        def inner(*args, **kwargs):
+            return catch_client_exception(exceptions, func, *args, **kwargs)
+        return inner
+    return outer
+
+
+def expected(exc):
+    """The exception a ClientException stands for, else `exc` itself."""
+    if isinstance(exc, ClientException) and exc._exc_info[1] is not None:
+        return exc._exc_info[1]
+    return exc
+
+
 class InvalidMessage(RPCException, ValueError):
     """A message given to the API is not `{'method': str, ...}`."""
 
@@ -123,35 +185,61 @@ class MalformedEnvelope(ValueError):
 
 # -- remote exceptions on the wire ------------------------------------------
 #
-# A failure travels as [module, class name, message, args, traceback text].
+# A failure travels as [module, class name, message, args, traceback text,
+# kwargs]; peers before kwargs sent the first five.
 
-def serialize_remote_exception(exc):
+def serialize_remote_exception(failure_info, log_failure=False):
+    """The wire form of an exception (or of a sys.exc_info() tuple, as
+    openstack.common.rpc took it; log_failure=True also logs it).  A
+    re-raised remote exception travels as its original class, so that it
+    survives any number of hops."""
+    import logging
     import traceback
 
     import msgpack
 
+    exc = failure_info[1] if isinstance(failure_info, tuple) else failure_info
+    exc = expected(exc)
     cls = type(exc)
     text = str(exc)
+    if _is_remote(exc):
+        cls, text = cls.__mro__[1], remote_message(exc)
+    if log_failure:
+        logging.getLogger("nova_zmq_fast.exceptions").error(
+            "Returning exception %s to caller", text, exc_info=(type(exc), exc, exc.__traceback__))
     args = list(exc.args)
+    kwargs = getattr(exc, "kwargs", None)
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
     try:
         msgpack.packb(args, use_bin_type=True)
     except (TypeError, ValueError, OverflowError):
         args = [text]
-    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return [cls.__module__, cls.__qualname__, text, args, tb]
+    try:
+        msgpack.packb(kwargs, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        kwargs = {}
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [cls.__module__, cls.__qualname__, text, args, tb, kwargs]
 
 
 def deserialize_remote_exception(failure, allowed_modules):
     """Re-create the remote exception as its own type when its module is
-    allowed (builtins by default), else as RemoteError."""
+    allowed (builtins by default), else as RemoteError.  Also takes
+    openstack.common.rpc's arguments, (conf, data): the options that name
+    allowed_rpc_exception_modules, and its JSON failure."""
     import builtins
     import importlib
     import sys
 
+    if isinstance(allowed_modules, (str, bytes, dict)):
+        failure, allowed_modules = _failure_2012(allowed_modules), _allowed_2012(failure)
     try:
-        module, name, text, args, tb = failure
+        module, name, text, args, tb, *rest = failure
+        if len(rest) > 1:
+            raise ValueError("too many fields")
         module, name, text, tb = str(module), str(name), str(text), str(tb)
         args = list(args) if isinstance(args, (list, tuple)) else [text]
+        kwargs = rest[0] if rest and isinstance(rest[0], dict) else {}
     except (TypeError, ValueError):
         return RemoteError("Unknown", "malformed failure reply", "")
     if module in ("builtins", "exceptions") and ("builtins" in allowed_modules
@@ -168,10 +256,28 @@ def deserialize_remote_exception(failure, allowed_modules):
     else:
         cls = None
     if isinstance(cls, type) and issubclass(cls, Exception):
-        exc = _rebuild(cls, args, text, tb)
+        exc = _rebuild(cls, args, kwargs, text, tb)
         if exc is not None:
             return exc
     return RemoteError(name, text, tb)
+
+
+def _failure_2012(data):
+    """openstack.common.rpc's JSON failure as the wire form above."""
+    import json
+    try:
+        d = json.loads(data) if isinstance(data, (str, bytes)) else data
+        tb = d.get("tb", "")
+        return [d.get("module"), d.get("class"), d.get("message", ""), d.get("args", []),
+                "".join(tb) if isinstance(tb, list) else tb, d.get("kwargs") or {}]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _allowed_2012(conf):
+    if isinstance(conf, dict):
+        return tuple(conf.get("allowed_rpc_exception_modules", ()))
+    return tuple(getattr(conf, "allowed_rpc_exception_modules", ()))
 
 
 _remote_classes = {}
@@ -195,7 +301,7 @@ def _remote_class(cls):
     return remote
 
 
-def _rebuild(cls, args, text, tb):
+def _rebuild(cls, args, kwargs, text, tb):
     remote = _remote_class(cls)
     try:
         if issubclass(cls, RPCException):
@@ -203,10 +309,18 @@ def _rebuild(cls, args, text, tb):
             # re-formatted from arguments it was not given here.
             exc = remote.__new__(remote)
             RPCException.__init__(exc, text)
+            exc.kwargs = kwargs
             if issubclass(cls, Timeout):
                 exc.info, exc.topic, exc.method = text, None, None
             if issubclass(cls, RemoteError):
                 exc.exc_type, exc.value, exc.traceback = cls.__name__, text, tb
+        elif kwargs:
+            # As openstack.common.rpc rebuilt them: from keyword arguments
+            # (a service's exceptions format their message from them).
+            try:
+                exc = remote(**kwargs)
+            except TypeError:
+                exc = remote(*args)
         else:
             exc = remote(*args)
     except Exception:
@@ -218,12 +332,16 @@ def _rebuild(cls, args, text, tb):
     return exc
 
 
+def _is_remote(exc):
+    return (getattr(exc, "remote_traceback", None) is not None
+            and type(exc).__name__.endswith("_Remote"))
+
+
 def remote_message(exc):
     """An exception's message without the remote traceback that str()
     appends to a re-raised remote exception."""
-    cls = type(exc)
-    if getattr(exc, "remote_traceback", None) is not None and cls.__name__.endswith("_Remote"):
-        return cls.__mro__[1].__str__(exc)
+    if _is_remote(exc):
+        return type(exc).__mro__[1].__str__(exc)
     return str(exc)
 
 

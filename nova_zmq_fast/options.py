@@ -279,3 +279,29 @@ def tcp_endpoint(host, port):
         host = f"[{host}]"
     return f"tcp://{host}:{port}"
 
+
+def oslo_opts(exclude=()):
+    """Every option in oslo.config's form (which this needs): for the
+    oslo.messaging driver's group, and for [DEFAULT] (rpc.register_opts)."""
+    from oslo_config import cfg
+
+    def opt(name, kind, default, help):
+        if name == "rpc_zmq_matchmaker":
+            return cfg.StrOpt(name, default=default, choices=matchmaker.available(), help=help)
+        if kind == "host":
+            return cfg.HostAddressOpt(name, default=default, sample_default="<hostname>",
+                                      help=help)
+        if kind in ("str", "secret"):
+            return cfg.StrOpt(name, default=default, secret=kind == "secret", help=help)
+        if kind == "port":
+            return cfg.PortOpt(name, default=default, help=help)
+        if kind == "bool":
+            return cfg.BoolOpt(name, default=default, help=help)
+        if kind in ("int", "count"):
+            return cfg.IntOpt(name, default=default, min=1 if kind == "int" else 0, help=help)
+        if kind == "float":
+            return cfg.FloatOpt(name, default=default, min=0, help=help)
+        if kind == "list":
+            return cfg.ListOpt(name, default=default, help=help)
+        raise TypeError(f"no oslo.config type for option {name} ({kind})")
+    return [opt(*described) for described in Options.describe() if described[0] not in exclude]

@@ -43,7 +43,7 @@ from nova_zmq_fast._dispatch import wrap
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.exceptions import NoListeners, RemoteError, RemoteFailure, Timeout
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
-from nova_zmq_fast.options import Options
+from nova_zmq_fast.options import Options, oslo_opts
 from nova_zmq_fast.runtime import Runtime
 
 LOG = logging.getLogger(__name__)
@@ -54,30 +54,7 @@ GROUP = cfg.OptGroup("oslo_messaging_zmqfast",
 _NOT_FOR_OSLO = {"rpc_response_timeout", "allowed_rpc_exception_modules"}
 
 
-def _oslo_opt(name, kind, default, help):
-    """The oslo.config form of one of our options (see options.Option)."""
-    if name == "rpc_zmq_matchmaker":
-        return cfg.StrOpt(name, default=default, choices=matchmaker.available(), help=help)
-    if kind == "host":
-        return cfg.HostAddressOpt(name, default=default, sample_default="<hostname>",
-                                  help=help)
-    if kind in ("str", "secret"):
-        return cfg.StrOpt(name, default=default, secret=kind == "secret", help=help)
-    if kind == "port":
-        return cfg.PortOpt(name, default=default, help=help)
-    if kind == "bool":
-        return cfg.BoolOpt(name, default=default, help=help)
-    if kind in ("int", "count"):
-        return cfg.IntOpt(name, default=default, min=1 if kind == "int" else 0, help=help)
-    if kind == "float":
-        return cfg.FloatOpt(name, default=default, min=0, help=help)
-    if kind == "list":
-        return cfg.ListOpt(name, default=default, help=help)
-    raise TypeError(f"no oslo.config type for option {name} ({kind})")
-
-
-OPTS = [_oslo_opt(name, kind, default, help)
-        for name, kind, default, help in Options.describe() if name not in _NOT_FOR_OSLO]
+OPTS = oslo_opts(exclude=_NOT_FOR_OSLO)
 
 
 def list_opts():

@@ -21,7 +21,7 @@ BAD_MESSAGES = [
     ({"method": 5}, rpc.InvalidMessage), ({"args": {}}, rpc.InvalidMessage),
     ({"method": "echo", "args": [1]}, rpc.InvalidMessage),
     ({"method": "echo", "args": {"value": object()}}, rpc.SerializationError),
-    ({"method": "echo", "args": {"value": {1, 2}}}, rpc.SerializationError),
+    ({"method": "echo", "args": {"value": 1 + 2j}}, rpc.SerializationError),
     ({"method": "echo", "args": {"value": "x" * 5000}}, rpc.MessageTooLarge),
 ]
 
@@ -100,7 +100,7 @@ def test_bad_context_is_refused(api):
     assert api.call(None, "svc", GOOD) == 1         # no context at all is fine
 
 
-@pytest.mark.parametrize("timeout", [0, -1, "5", True])
+@pytest.mark.parametrize("timeout", [-1, "5", True, False])
 def test_bad_timeout_is_refused(api, timeout):
     with pytest.raises((TypeError, ValueError)):
         api.call(CTX, "svc", GOOD, timeout=timeout)

@@ -2,13 +2,14 @@
 the remote traceback in str(), the transport's own exceptions keeping
 their detail across a call, and direct topics ('topic.<host>')."""
 import json
+import subprocess
 import sys
 
 import pytest
 
 from nova_zmq_fast.exceptions import remote_message, remote_type_name
 from tests.conftest import ChildProcess, wait_until
-from tests.helpers.errors import CustomError
+from tests.helpers.errors import CustomError, InstanceNotFound
 
 CTX = {"user_id": "u1"}
 
@@ -147,9 +148,67 @@ def test_a_folsom_service_runs_unchanged_under_eventlet(ipc_dir, client):
         ctxt = RequestContext(user_id="u7", project_id="p")
         assert (ctxt.user_id, ctxt.deepcopy().to_dict()) == ("u7", ctxt.values)
         assert api.call(ctxt, api.make_msg("whois")) == "u7"
+        assert ctxt.elevated().is_admin and "admin" in ctxt.elevated().roles
+        assert "is_admin" not in ctxt.values
+        # The context a handler gets: elevated(), deepcopy(), values.
+        assert api.call(ctxt, api.make_msg("admin_view")) == {
+            "is_admin": True, "roles": ["admin"], "read_deleted": "yes", "unchanged": True,
+            "copy": True}
+        # Exceptions as Nova raised them: rebuilt from their keyword
+        # arguments; a 2012 RPCException's `message` template; expected
+        # exceptions; a builtin re-raised two hops away keeps its type.
+        with pytest.raises(InstanceNotFound) as info:
+            api.call(CTX, api.make_msg("lookup", instance_id=7))
+        assert info.value.kwargs == {"instance_id": 7, "code": 404}
+        assert remote_message(info.value) == "Instance 7 could not be found."
+        with pytest.raises(rpc_common.RPCException) as info:
+            api.call(CTX, api.make_msg("legacy_refusal", what="resize"))
+        assert remote_message(info.value) == "refused resize"
+        with pytest.raises(KeyError):
+            api.call(CTX, api.make_msg("expected_miss", key="k"))
+        with pytest.raises(ValueError) as info:
+            api.call(CTX, api.make_msg("relay_failure"))
+        assert remote_type_name(info.value) == "ValueError"
+        assert "bad value two hops away" in str(info.value)
+        # Values openstack.common.rpc's JSON encoder converted.
+        assert api.call(CTX, api.make_msg("created_at")) == "2012-09-27T01:02:03.000004"
+        assert api.call(CTX, api.make_msg("sorted_ids", ids={3, 1, 2})) == [1, 2, 3]
+        assert api.call(CTX, api.make_msg("ping", x=12), timeout=0) == 12   # 0: the default
         conn = client.create_connection()
         conn.close()
         with pytest.raises(rpc_common.InvalidRPCConnectionReuse):
             conn.create_consumer("late", object())
     finally:
         assert svc.stop() == 0
+
+
+CONFIG_SCRIPT = """
+import json, sys
+from oslo_config import cfg
+cfg.CONF(args=[], default_config_files=[sys.argv[1]])
+from nova_zmq_fast import rpc
+if sys.argv[2] == "init":
+    rpc.init(cfg.CONF)
+opts = rpc._runtime().options
+# oslo.messaging registers its own rpc_response_timeout on the same CONF.
+import oslo_messaging
+transport = oslo_messaging.get_rpc_transport(cfg.CONF, url="zmqfast://")
+oslo_messaging.get_rpc_client(transport, oslo_messaging.Target(topic="t"))
+transport.cleanup()
+print(json.dumps([opts.rpc_zmq_host, opts.rpc_response_timeout, opts.rpc_zmq_ipc_dir]))
+rpc.cleanup()
+"""
+
+
+@pytest.mark.parametrize("how", ["first-use", "init"])
+def test_options_come_from_the_services_config_file(tmp_path, how):
+    """As openstack.common.rpc read them: [DEFAULT] of the service's
+    oslo.config files, with no init() or with init(cfg.CONF); and
+    oslo.messaging can still register its options on the same CONF."""
+    conf = tmp_path / "nova.conf"
+    conf.write_text(f"[DEFAULT]\nrpc_zmq_host = from-conf\nrpc_response_timeout = 17\n"
+                    f"rpc_zmq_ipc_dir = {tmp_path}\n")
+    proc = subprocess.run([sys.executable, "-c", CONFIG_SCRIPT, str(conf), how],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["from-conf", 17, str(tmp_path)]

@@ -33,7 +33,7 @@ from nova_zmq_fast.options import Options, tcp_endpoint
 from nova_zmq_fast.runtime import Connection, Runtime
 
 __all__ = [
-    "init", "create_connection", "call", "multicall", "cast", "fanout_cast",
+    "init", "register_opts", "set_defaults", "create_connection", "call", "multicall", "cast", "fanout_cast",
     "cast_to_server", "fanout_cast_to_server", "notify", "ping", "queue_get_for",
     "cleanup", "stats", "RpcDispatcher", "RpcContext", "Connection",
     "RPCException", "Timeout", "NoListeners", "PeerUnreachable", "RemoteError",
@@ -64,8 +64,20 @@ def _start():
     global _runtime_
     # A monkey-patched process waits cooperatively and runs handlers in
     # green threads (as the 2012 driver did).
-    _runtime_ = Runtime(_options or Options.from_conf(), green=monkey_patched())
+    _runtime_ = Runtime(_options or Options.from_conf(_global_conf()), green=monkey_patched())
     return _runtime_
+
+
+def _global_conf():
+    """Without init(): oslo.config's global CONF, which the original API
+    read (what the service's config files set), with the options
+    registered; None (the defaults) without oslo.config."""
+    try:
+        from oslo_config import cfg
+    except ImportError:
+        return None
+    register_opts(cfg.CONF)
+    return cfg.CONF
 
 
 def _after_fork_in_child():
@@ -81,11 +93,47 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # -- configuration and lifecycle -----------------------------------------------
 
+def register_opts(conf):
+    """Register every option on an oslo.config ConfigOpts in [DEFAULT],
+    under the original driver's names, as openstack.common.rpc did (done
+    for the global CONF at first use without init()).  An option already
+    registered is left as it is; rpc_response_timeout is oslo.messaging's
+    own where that is installed, so both register it alike."""
+    from oslo_config import cfg
+
+    from nova_zmq_fast.options import oslo_opts
+    opts = oslo_opts()
+    try:
+        from oslo_messaging.opts import list_opts
+    except ImportError:
+        pass
+    else:
+        theirs = {o.name: o for group, group_opts in list_opts() if group in (None, "DEFAULT")
+                  for o in group_opts}
+        opts = [theirs.get(o.name, o) if o.name == "rpc_response_timeout" else o for o in opts]
+    for opt in opts:
+        try:
+            conf.register_opt(opt)
+        except cfg.DuplicateOptError:
+            pass                        # the service's own, of the same name
+
+
+def set_defaults(control_exchange=None):
+    """openstack.common.rpc's: sets the AMQP exchange, which a broker-less
+    transport has no use for (topics are the whole address).  Accepted, so
+    services that call it need no change."""
+
+
 def init(conf=None, **options):
-    """Configure this process from an oslo.config ConfigOpts, a dict or
-    keyword options (see nova_zmq_fast.options.Options).  Calling it again
-    first cleans up what the previous configuration opened."""
+    """Configure this process from an oslo.config ConfigOpts (its
+    [DEFAULT] options, registered by register_opts()), a dict or keyword
+    options (see nova_zmq_fast.options.Options).  Without init(), the
+    first use reads oslo.config's global CONF, as the original API did.
+    Calling it again first cleans up what the previous configuration
+    opened."""
     global _options
+    if hasattr(conf, "register_opt"):       # an oslo.config ConfigOpts
+        register_opts(conf)
     opts = Options.from_conf(conf, **options)
     with _lock:
         if _runtime_ is not None:
@@ -135,15 +183,21 @@ def stats():
 
 def call(context, topic, msg, timeout=None):
     """Invoke a method on one consumer of `topic` and return its result.
-    Raises Timeout after `timeout` (rpc_response_timeout) seconds, at once
-    NoListeners if no consumer is alive, or the remote exception."""
-    return (_runtime_ or _runtime()).client.call(context, topic, msg, timeout)
+    Raises Timeout after `timeout` seconds (None or 0, as in the original
+    API: rpc_response_timeout), at once NoListeners if no consumer is
+    alive, or the remote exception."""
+    return (_runtime_ or _runtime()).client.call(context, topic, msg, _default_zero(timeout))
+
+
+def _default_zero(timeout):
+    # The original API read a timeout of 0 as "rpc_response_timeout".
+    return None if type(timeout) in (int, float) and timeout == 0 else timeout
 
 
 def multicall(context, topic, msg, timeout=None):
     """Like call(), returning an iterator over every value the remote
     method yields, each as soon as it is produced."""
-    return (_runtime_ or _runtime()).client.multicall(context, topic, msg, timeout)
+    return (_runtime_ or _runtime()).client.multicall(context, topic, msg, _default_zero(timeout))
 
 
 def cast(context, topic, msg, at_least_once=None):

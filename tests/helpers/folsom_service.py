@@ -14,6 +14,7 @@ import eventlet
 eventlet.monkey_patch()
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -24,6 +25,7 @@ from nova_zmq_fast import rpc  # noqa: E402
 from nova_zmq_fast.rpc import common as rpc_common  # noqa: E402
 from nova_zmq_fast.rpc import dispatcher as rpc_dispatcher  # noqa: E402
 from nova_zmq_fast.rpc import proxy as rpc_proxy  # noqa: E402
+from tests.helpers import errors  # noqa: E402
 
 
 class ComputeAPI(rpc_proxy.RpcProxy):
@@ -75,6 +77,38 @@ class ComputeManager:
 
     def refuse(self, context):
         raise rpc_common.RPCException("refused by policy")
+
+    def admin_view(self, context):
+        # What a Nova manager does with the context it is handed.
+        admin = context.elevated(read_deleted="yes")
+        copied = context.deepcopy()
+        return {"is_admin": admin.is_admin, "roles": admin.roles,
+                "read_deleted": admin.read_deleted, "unchanged": "is_admin" not in context.values,
+                "copy": copied.to_dict() == context.to_dict()}
+
+    def lookup(self, context, instance_id):
+        raise errors.InstanceNotFound(instance_id=instance_id)
+
+    def legacy_refusal(self, context, what):
+        raise errors.LegacyRefusal(what=what)
+
+    @rpc_common.client_exceptions(KeyError)
+    def expected_miss(self, context, key):
+        return {}[key]
+
+    def created_at(self, context):
+        return datetime.datetime(2012, 9, 27, 1, 2, 3, 4)
+
+    def sorted_ids(self, context, ids):
+        return sorted(ids)
+
+    def relay_failure(self, context):
+        # A remote ValueError re-raised here travels on as a ValueError.
+        return ComputeAPI().call(context, ComputeAPI().make_msg("fail_value"),
+                                 topic=rpc.queue_get_for(context, "compute", self.host))
+
+    def fail_value(self, context):
+        raise ValueError("bad value two hops away")
 
 
 class FolsomDispatcher:
