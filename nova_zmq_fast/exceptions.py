@@ -72,6 +72,14 @@ class DiscoveryUnavailable(NoListeners):
     msg_fmt = "Discovery is unreachable and topic %(topic)s is not cached: %(info)s"
 
 
+class DiscoveryRefused(DiscoveryUnavailable):
+    """The discovery backend refused this process's credentials (a wrong
+    or missing password): a configuration error, raised when a server
+    registers, so that it fails at start instead of serving unseen."""
+
+    msg_fmt = "%(info)s"
+
+
 class PeerUnreachable(Timeout):
     """No connection to the named server could be made within
     rpc_zmq_connect_timeout, so nothing was sent to it."""

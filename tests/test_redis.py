@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nova_zmq_fast._routes import Endpoint, RouteTable
-from nova_zmq_fast.exceptions import DiscoveryUnavailable
+from nova_zmq_fast.exceptions import DiscoveryRefused, DiscoveryUnavailable
 from nova_zmq_fast.matchmaker.redis import RedisBackend
 from nova_zmq_fast.options import Options
 from tests.conftest import (
@@ -119,6 +119,32 @@ ticker.kill()
 backend.close()
 print("done", flush=True)
 """
+
+
+@pytest.mark.parametrize("password", ["", "wrong", "right"])
+def test_credentials_redis_refuses_fail_a_server_at_start(redis_server, password):
+    """A wrong or missing password is a configuration error, not an
+    outage: registering raises it, so the server fails at start instead of
+    serving where nobody finds it.  (The right one, as a control, works.)"""
+    import redis
+    with redis_server.client() as r:
+        r.config_set("requirepass", "right")
+    try:
+        backend = RedisBackend(Options.from_conf(**options(
+            redis_server, matchmaker_redis_password=password)))
+        me = Endpoint("h1", "tcp://127.0.0.1:1001")
+        try:
+            if password == "right":
+                backend.register(me, "compute")
+                assert [e.address for e in backend.fetch("compute", False)] == [me.address]
+            else:
+                with pytest.raises(DiscoveryRefused, match="refused this process's credentials"):
+                    backend.register(me, "compute")
+        finally:
+            backend.close()
+    finally:
+        with redis.Redis(host="127.0.0.1", port=redis_server.port, password="right") as r:
+            r.config_set("requirepass", "")
 
 
 def test_green_threads_changing_registrations_never_block_the_hub():

@@ -40,7 +40,7 @@ import time
 
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._routes import Endpoint
-from nova_zmq_fast.exceptions import DiscoveryUnavailable
+from nova_zmq_fast.exceptions import DiscoveryRefused, DiscoveryUnavailable
 from nova_zmq_fast.matchmaker import Backend
 from nova_zmq_fast.options import Option
 
@@ -114,6 +114,8 @@ class RedisBackend(Backend):
         from redis.retry import Retry
 
         self._errors = (redis.RedisError, OSError)
+        self._refusal = redis.AuthenticationError
+        self.refused = None                 # why Redis refused our credentials, if it did
         timeout = SOCKET_TIMEOUT
         # Retries and backoff are ours (see _execute): redis-py's own would
         # make every lookup during an outage wait seconds.
@@ -205,6 +207,7 @@ class RedisBackend(Backend):
             self._boot = boot
         if self._failures:
             LOG.warning("discovery: Redis at %s is reachable again", self._where)
+            self.refused = None
             self._failures = 0
             self._retry_at = 0.0
             self._wake.set()
@@ -235,7 +238,14 @@ class RedisBackend(Backend):
             return False
 
     def _failed(self, exc):
-        if self._failures == 0:
+        # Wrong or missing credentials are a configuration error, not an
+        # outage: said as such, and register() raises it (see there).
+        self.refused = exc if isinstance(exc, self._refusal) else None
+        if self._failures == 0 and self.refused is not None:
+            self.outages += 1
+            LOG.error("discovery: Redis at %s refused this process's credentials "
+                      "(matchmaker_redis_password): %s", self._where, exc)
+        elif self._failures == 0:
             self.outages += 1
             LOG.warning("discovery: Redis at %s is unreachable (%s); serving on cached "
                         "routes and retrying with backoff", self._where, exc)
@@ -259,7 +269,15 @@ class RedisBackend(Backend):
                 return
             entry = self._own.setdefault(node.address, (node, set()))
             entry[1].add((topic, fanout))
-            self._write(lambda pipe: self._write_node(pipe, node, [(topic, fanout)]))
+            if (not self._write(lambda pipe: self._write_node(pipe, node, [(topic, fanout)]))
+                    and self.refused is not None):
+                # During an outage a server starts and registers when Redis
+                # returns; with credentials Redis refuses, it never would.
+                entry[1].discard((topic, fanout))
+                if not entry[1]:
+                    del self._own[node.address]
+                raise DiscoveryRefused(f"Redis at {self._where} refused this process's "
+                                       f"credentials (matchmaker_redis_password): {self.refused}")
         self._ensure_heartbeat()
         if self.routes is not None:
             self.routes.invalidate(topic)
