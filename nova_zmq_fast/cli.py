@@ -320,7 +320,8 @@ def _answer_text(answer):
 
 def timeout_arg(default):
     return arg("--timeout", type=_seconds, metavar="SECONDS",
-               help=f"how long to wait for an answer (default: {default})")
+               help=f"how long to wait for an answer (default: {default}); a consumer "
+                    f"not connected within rpc_zmq_connect_timeout (2 s) fails sooner")
 
 
 @command("topics", "the topics discovery knows, with their consumers",
@@ -494,6 +495,8 @@ def keygen(session, args):
     Servers publish their own public key through discovery.  Existing files
     are never overwritten."""
     from nova_zmq_fast import _curve
+    if not os.path.basename(args.name):
+        raise ConfigError(f"NAME {args.name!r} must name a file, such as /etc/nova/curve/compute-7")
     why = _curve.unavailable_reason()
     if why:
         raise ConfigError(f"CURVE cannot be used here: {why}")

@@ -3,7 +3,8 @@ by scripts/wheel.sh in a fresh virtualenv, and by cibuildwheel on every wheel.
 
 This process starts a copy of itself as a service (`--serve`), then makes a
 call, a cast and a fanout to it through the public API, and pings it and
-asks its status with the `nova-zmq-fast` command.  It checks that both processes import the
+asks its status with the `nova-zmq-fast` command, all over CURVE (so the
+libzmq it loads must have it).  It checks that both processes import the
 package from site-packages and load exactly one libzmq (with --bundled: the
 wheel's own copy), and that each path given with --hidden cannot be loaded
 here.  It prints one JSON line of what it found and exits 0 only if every
@@ -47,9 +48,23 @@ class Consumer:
         print(f"{what} via {self.kind}", flush=True)     # the client waits for it
 
 
+def keys(ipc_dir):
+    """CURVE options of the service and of the client (their keys, and
+    the service's allow-list holding the client's), made on first use."""
+    from nova_zmq_fast import _curve
+    allowed = os.path.join(ipc_dir, "allowed")
+    service, client = os.path.join(ipc_dir, "service"), os.path.join(allowed, "client")
+    if not os.path.exists(allowed):
+        os.mkdir(allowed, 0o700)
+        _curve.write_keypair(service)
+        _curve.write_keypair(client)
+    return ({"rpc_zmq_secret_key_file": service + ".key", "rpc_zmq_allowed_keys": allowed},
+            {"rpc_zmq_secret_key_file": client + ".key"})
+
+
 def serve(ipc_dir):
     from nova_zmq_fast import rpc
-    rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_zmq_host="smoke-service")
+    rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_zmq_host="smoke-service", **keys(ipc_dir)[0])
     conn = rpc.create_connection()
     conn.create_consumer(TOPIC, Consumer("direct"))
     conn.create_consumer(TOPIC, Consumer("fanout"), fanout=True)
@@ -96,6 +111,8 @@ def smoke(args):
         except OSError as exc:
             report["hidden"][path] = str(exc)
     with tempfile.TemporaryDirectory() as ipc_dir:
+        # Everything below runs over CURVE: the wheel's libzmq must have it.
+        client_keys = keys(ipc_dir)[1]
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", ipc_dir],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         buf = [b""]
@@ -103,7 +120,7 @@ def smoke(args):
         try:
             if next_line(proc, buf, deadline) != "READY":
                 raise RuntimeError("the service did not start")
-            rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_response_timeout=TIMEOUT)
+            rpc.init(rpc_zmq_ipc_dir=ipc_dir, rpc_response_timeout=TIMEOUT, **client_keys)
             reply = rpc.call(CTX, TOPIC, {"method": "echo", "args": {"value": 42}})
             report["service"] = reply["facts"]
             report["call"] = reply["value"] == 42
@@ -113,9 +130,10 @@ def smoke(args):
             report["fanout"] = next_line(proc, buf, deadline) == "fanout via fanout"
             # The operator's command line, as the wheel installed it.
             script = os.path.join(os.path.dirname(sys.executable), "nova-zmq-fast")
-            ping = subprocess.run([script, "ping", TOPIC, "--ipc-dir", ipc_dir, "--json"],
+            key = ["-o", f"rpc_zmq_secret_key_file={client_keys['rpc_zmq_secret_key_file']}"]
+            ping = subprocess.run([script, "ping", TOPIC, "--ipc-dir", ipc_dir, "--json", *key],
                                   capture_output=True, text=True, timeout=TIMEOUT)
-            status = subprocess.run([script, "status", "--ipc-dir", ipc_dir, "--json"],
+            status = subprocess.run([script, "status", "--ipc-dir", ipc_dir, "--json", *key],
                                     capture_output=True, text=True, timeout=TIMEOUT)
             report["command_line"] = ping.returncode == 0 and status.returncode == 0 and \
                 json.loads(ping.stdout)["consumers"][0]["pid"] == proc.pid and \

@@ -425,6 +425,9 @@ def test_keygen_and_from_zero_to_an_encrypted_service(tmp_path):
         assert len(made[name]["public_key"]) == 40
     again = cli("keygen", str(keys / "server"))
     assert again.code == Exit.USAGE and "never overwritten" in again.err
+    for nameless in ("", f"{keys}/"):
+        run = cli("keygen", nameless)
+        assert run.code == Exit.USAGE and "must name a file" in run.err
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "client.pub").write_text(open(made["client"]["public_key_file"]).read())
