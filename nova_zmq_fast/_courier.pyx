@@ -365,9 +365,20 @@ cdef class Courier:
 
     cdef _send_unsent(self, double now):
         cdef Parcel p
+        cdef bint sent
         still = []
         for p in self.unsent:
-            if not self._send(p, now):
+            try:
+                sent = self._send(p, now)
+            except TransportClosed:
+                raise
+            except Exception:
+                # What fails for one parcel (its topic's discovery) holds
+                # up no other: it waits for the next pass.
+                THROTTLED.error("send", "an at-least-once cast to %s could not be sent; "
+                                "trying again", p.topic, exc_info=True)
+                sent = False
+            if not sent:
                 still.append(p)
         self.unsent[:] = still
 

@@ -15,6 +15,7 @@ rules every backend shares:
   * the 'topic.host' rule (host_candidates / host_base_len below), used by
     the client to find a host's consumers and by the server to recognise a
     message meant for it;
+  * what an address must be to be dialled (Endpoint);
   * peers marked down (a connection that could not be made, or a server
     that stopped answering the courier's probes: skipped until it answers)
     and peers the backend declared gone (outboxes disconnect from them,
@@ -22,6 +23,7 @@ rules every backend shares:
 """
 import collections
 import logging
+import re
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcmp
@@ -35,18 +37,25 @@ LOG = logging.getLogger("nova_zmq_fast.routes")
 
 DEAD_MAX = 4096                     # forgotten addresses remembered
 
+# What peers can dial: tcp://<host>:<port>, as every server binds and
+# advertises (options.tcp_endpoint).  Stricter than zmq_connect()'s own
+# check, so an Endpoint is never refused there: the sending path would
+# raise instead of passing that server over.
+cdef object _DIALLABLE = re.compile(
+    r"tcp://(?:\[[0-9A-Za-z.:%_-]+\]|[0-9A-Za-z:][0-9A-Za-z.:%_-]*):([0-9]{1,5})")
+
 
 cdef class Endpoint:
     """A server a message can be sent to: its logical host, the address
-    peers connect to and, with CURVE, its public key."""
+    peers connect to and, with CURVE, its public key.  ValueError for an
+    address peers could not dial: a backend passes such a server over."""
 
-    def __cinit__(self):
-        self.host = self.address = ""
-        self.rid = b""
-
-    def __init__(self, str host not None, str address not None, key=None):
-        if "://" not in address:
-            raise ValueError(f"{address!r} is not a ZeroMQ endpoint")
+    def __cinit__(self, str host not None, str address not None, key=None):
+        # (In __cinit__: no Endpoint escapes the check, not even by __new__.)
+        match = _DIALLABLE.fullmatch(address)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise ValueError(f"{address!r} is not an address peers can dial "
+                             f"(tcp://<host>:<port>)")
         if key is not None and not isinstance(key, bytes):
             raise TypeError("key must be bytes (Z85) or None")
         self.host = host

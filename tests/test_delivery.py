@@ -424,6 +424,41 @@ def test_the_at_least_once_option_applies_to_every_cast(ipc_dir, client):
         assert svc.stop() == 0
 
 
+def test_a_cast_the_courier_cannot_send_holds_up_no_other(ipc_dir, client):
+    """At-least-once casts wait in the courier while their only consumer
+    is marked down.  When it is back, one whose topic's lookup fails (a
+    discovery backend failing for that topic) must not keep the others,
+    behind it, from going."""
+    svc = ServiceProcess("held", ipc_dir, topic="held")
+    try:
+        # No probe in this test's time: only the test marks the server up.
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_heartbeat_interval=60, rpc_zmq_heartbeat_timeout=120)
+        runtime = client._runtime()
+        routes, backend = runtime.routes, runtime.backend
+        routes.route("held")
+        routes.route("held-raw")
+        routes.mark_down(svc.address, 60)
+        key = unique()
+        client.cast(CTX, "held-raw", msg("anything"), at_least_once=True)         # first in line
+        client.cast(CTX, "held", msg("record", key=key, value=1), at_least_once=True)
+        fetch = backend.fetch
+
+        def failing(topic, fanout):
+            if topic == "held-raw":
+                raise RuntimeError("a backend failing for one topic")
+            return fetch(topic, fanout)
+        backend.fetch = failing
+        routes.invalidate("held-raw")
+        routes.mark_up(svc.address)
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 1, 10), \
+            client.stats()["client"]
+        assert client.call(CTX, "held", msg("count", key=key)) == 1
+        backend.fetch = fetch
+    finally:
+        assert svc.stop() == 0
+
+
 def cast_through_a_kill(ipc_dir, client, tmp_path, n, at_least_once):
     """n casts spread over three servers; the second is SIGKILLed a third
     of the way through.  Returns (values handled, per server journal), the

@@ -1,6 +1,7 @@
 """Redis discovery on one host: a redis-server of the test's own, service
 processes and this test process as the client.  The same scenarios across
 hosts run in network namespaces (test_cluster.py)."""
+import json
 import logging
 import shutil
 import subprocess
@@ -77,6 +78,26 @@ def test_a_heartbeat_never_puts_back_what_was_unregistered_or_closed(redis_serve
             backend.close()
         assert r.get("nzf:node:tcp://127.0.0.1:1001") is None
         assert not r.sismember("nzf:topic:d:stays", me.address)
+
+
+def test_a_node_peers_cannot_dial_is_passed_over_not_declared_dead(redis_server):
+    """A node key whose address nobody can dial (a broken writer): its
+    server is skipped, and neither forgotten nor removed, as a dead one
+    would be (its writer is alive and heartbeats)."""
+    backend = RedisBackend(Options.from_conf(**options(redis_server)))
+    routes = RouteTable(backend)
+    bad = "tcp://127.0.0.1:notaport"
+    try:
+        backend.register(Endpoint("h1", "tcp://127.0.0.1:1001"), "compute")
+        with redis_server.client() as r:
+            r.set(f"nzf:node:{bad}", json.dumps({"host": "h2", "address": bad, "pid": 1}))
+            r.sadd("nzf:topic:d:compute", bad)
+            assert [ep.address for ep in routes.route("compute")] == ["tcp://127.0.0.1:1001"]
+            assert bad not in routes.forgotten()
+            assert r.sismember("nzf:topic:d:compute", bad)
+    finally:
+        routes.close()
+        backend.close()
 
 
 # Two green threads change registrations while Redis stalls (it accepts

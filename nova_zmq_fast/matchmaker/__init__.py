@@ -15,11 +15,17 @@ file) and `redis` (many hosts; redis-py).
 import abc
 import importlib
 import ipaddress
+import json
+import logging
 import pkgutil
 import socket
 
+from nova_zmq_fast._routes import Endpoint
+from nova_zmq_fast.logs import RateLimitedLog
+
 ENTRY_POINTS = "nova_zmq_fast.matchmakers"
 WILDCARDS = ("*", "0.0.0.0", "::", "[::]", "")
+BAD_ENTRIES = RateLimitedLog(logging.getLogger("nova_zmq_fast.matchmaker"))
 
 
 class Backend(abc.ABC):
@@ -108,6 +114,23 @@ class Backend(abc.ABC):
 
     def close(self):
         """Withdraw everything this process registered and release."""
+
+
+def node_endpoint(text, where):
+    """The Endpoint a registry's node entry describes (JSON with "host",
+    "address" and, with CURVE, "key"), or None when it describes none that
+    peers could dial: that server is passed over, and the entry (`where`)
+    named in a warning at a bounded rate.  Every process of the cluster
+    writes the registry, not only this one."""
+    try:
+        data = json.loads(text)
+        key = data.get("key")
+        return Endpoint(str(data["host"]), str(data["address"]),
+                        key.encode() if isinstance(key, str) else None)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        BAD_ENTRIES.warning(where, "discovery entry %s names no server peers can dial, so it "
+                            "is passed over: %s", where, exc)
+        return None
 
 
 def _builtin_names():

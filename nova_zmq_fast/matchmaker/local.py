@@ -24,8 +24,7 @@ import stat
 import threading
 import weakref
 
-from nova_zmq_fast._routes import Endpoint
-from nova_zmq_fast.matchmaker import Backend
+from nova_zmq_fast.matchmaker import Backend, node_endpoint
 from nova_zmq_fast.options import Option
 
 REGISTRY = "nova_zmq_fast-registry"
@@ -251,12 +250,12 @@ class LocalBackend(Backend):
             except BlockingIOError:
                 endpoint = self._known.get(node_id)
                 if endpoint is None:
-                    endpoint = self._known[node_id] = _read_endpoint(fd)
+                    endpoint = self._known[node_id] = _read_endpoint(fd, path)
                 if endpoint is not None and self.routes is not None:
                     self.routes.revive(endpoint.address)
                 return endpoint
             # Nobody holds the lock: the owner is gone.
-            endpoint = self._known.pop(node_id, None) or _read_endpoint(fd)
+            endpoint = self._known.pop(node_id, None) or _read_endpoint(fd, path)
             _unlink(path)
             _unlink(os.path.join(directory, node_id))
             if endpoint is not None and self.routes is not None:
@@ -266,14 +265,12 @@ class LocalBackend(Backend):
             os.close(fd)
 
 
-def _read_endpoint(fd):
+def _read_endpoint(fd, path):
     try:
-        data = json.loads(os.pread(fd, 65536, 0))
-        key = data.get("key")
-        return Endpoint(str(data["host"]), str(data["address"]),
-                        key.encode() if isinstance(key, str) else None)
-    except (ValueError, KeyError, TypeError, OSError, AttributeError):
+        text = os.pread(fd, 65536, 0)
+    except OSError:
         return None
+    return node_endpoint(text, path)
 
 
 def _unlink(path):

@@ -39,9 +39,8 @@ import threading
 import time
 
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.exceptions import DiscoveryRefused, DiscoveryUnavailable
-from nova_zmq_fast.matchmaker import Backend
+from nova_zmq_fast.matchmaker import Backend, node_endpoint
 from nova_zmq_fast.options import Option
 
 LOG = logging.getLogger("nova_zmq_fast.matchmaker.redis")
@@ -352,10 +351,11 @@ class RedisBackend(Backend):
         values = self._execute(lambda pipe: pipe.mget([_node_key(a) for a in addresses]))[0]
         endpoints, gone = [], []
         for address, value in zip(addresses, values):
-            endpoint = _endpoint(value)
-            if endpoint is None:
+            if value is None:               # its node key expired: dead
                 gone.append(address)
-            else:
+                continue
+            endpoint = node_endpoint(value, _node_key(address))
+            if endpoint is not None:
                 endpoints.append(endpoint)
         if gone:
             try:
@@ -434,18 +434,6 @@ def _tls_options(options):
 def _no_passphrase():
     raise ValueError("the key of matchmaker_redis_ssl_certfile is encrypted: give it in clear "
                      "(a file readable by this service only)")
-
-
-def _endpoint(value):
-    if value is None:
-        return None
-    try:
-        data = json.loads(value)
-        key = data.get("key")
-        return Endpoint(str(data["host"]), str(data["address"]),
-                        key.encode() if isinstance(key, str) else None)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _glob_escape(text):
