@@ -31,6 +31,7 @@ cdef class RouteTable:
     cdef tuple lookup_fanout(self, object topic)
     cdef tuple live(self, tuple endpoints)
     cdef tuple _miss(self, dict cache, object topic, bint fanout)
+    cdef tuple _answer(self, endpoints)
     cdef _refresh(self, dict cache, bint fanout)
 
 

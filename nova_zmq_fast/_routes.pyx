@@ -19,7 +19,7 @@ rules every backend shares:
   * peers marked down (a connection that could not be made, or a server
     that stopped answering the courier's probes: skipped until it answers)
     and peers the backend declared gone (outboxes disconnect from them,
-    dropping what they queued there).
+    dropping what they queued there) until it lists them again.
 """
 import collections
 import logging
@@ -123,15 +123,6 @@ cdef class Route:
     pass
 
 
-cdef tuple _unique(endpoints):
-    """A backend's answer as the sending path needs it: Endpoints only
-    (the client reads their fields without checks), de-duplicated, in order."""
-    for ep in endpoints:
-        if type(ep) is not Endpoint:
-            raise TypeError(f"a discovery backend returned {type(ep).__name__}, not an Endpoint")
-    return tuple(dict.fromkeys(endpoints))
-
-
 cdef class RouteTable:
     """Routes of one Runtime, filled by its discovery backend.  Thread-safe:
     the message path reads plain dicts, the refresher replaces whole values."""
@@ -182,7 +173,7 @@ cdef class RouteTable:
         cdef tuple endpoints
         cdef Route route
         try:
-            endpoints = _unique(self._fetch(topic, fanout))
+            endpoints = self._answer(self._fetch(topic, fanout))
         except DiscoveryUnavailable as exc:
             raise DiscoveryUnavailable(exc.info, topic) from None
         if endpoints and not self.closed:
@@ -193,6 +184,22 @@ cdef class RouteTable:
             if self.on_route is not None:
                 self.on_route()             # the courier starts refreshing
         return endpoints
+
+    cdef tuple _answer(self, endpoints):
+        """A backend's answer as the sending path needs it: Endpoints only
+        (the client reads their fields without checks), de-duplicated, in
+        order.  An address it lists is alive, whatever it was declared
+        before (a new process on the same port): revived here, for every
+        backend, so that none can leave it forgotten."""
+        for ep in endpoints:
+            if type(ep) is not Endpoint:
+                raise TypeError(f"a discovery backend returned {type(ep).__name__}, "
+                                f"not an Endpoint")
+        if self.dead:
+            for ep in endpoints:
+                if (<Endpoint>ep).address in self.dead:
+                    self.revive((<Endpoint>ep).address)
+        return tuple(dict.fromkeys(endpoints))
 
     def _fetch(self, topic, bint fanout):
         """Ask the backend, applying the 'topic.host' rule to direct topics
@@ -278,7 +285,8 @@ cdef class RouteTable:
                         cache.pop(topic, None)
 
     def revive(self, str address not None):
-        """`address` is alive again (a new process on the same port)."""
+        """`address` is alive again (a new process on the same port).
+        Every answer of the backend that lists it does this (_answer)."""
         if address in self.dead:
             with self.lock:
                 self.dead.pop(address, None)
@@ -317,7 +325,7 @@ cdef class RouteTable:
                 continue
             route.used = False
             try:
-                endpoints = _unique(self._fetch(topic, fanout))
+                endpoints = self._answer(self._fetch(topic, fanout))
             except Exception:
                 # The backend reports its own outages; keep serving on what
                 # we knew.  Marked used so it is tried again next pass.

@@ -248,10 +248,30 @@ def test_a_dead_process_is_dropped_and_forgotten(tables, tmp_path):
         assert os.listdir(os.path.join(registry, "nodes")) == []
         assert os.listdir(os.path.join(registry, "topics", "doomed", "direct")) == []
         backend.register(Endpoint("again", "tcp://127.0.0.1:1099"), "doomed")  # port reused
+        assert addresses(routes.route("doomed")) == ["tcp://127.0.0.1:1099"]
         assert "tcp://127.0.0.1:1099" not in routes.forgotten()
     finally:
         proc.kill()
         proc.stdout.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "ring"])
+def test_an_address_a_backend_lists_again_is_not_left_forgotten(kind, tables, tmp_path):
+    """A server back at an address discovery once declared gone (a new
+    process on the same port) is trusted again as soon as the backend
+    lists it, whichever backend: the route table owns the rule.  (Redis:
+    test_redis.py.)"""
+    address = "tcp://127.0.0.1:1300"
+    if kind == "local":
+        routes, backend = tables()
+        backend.register(node("back", 1300), "back")
+    else:
+        routes, _ = ring(tmp_path, {"back": ["127.0.0.1:1300"]})
+    routes.forget(address)              # as when the earlier process there died
+    assert addresses(routes.route("back")) == [address]
+    assert address not in routes.forgotten()
+    if kind == "ring":
+        routes.close()
 
 
 def test_a_forked_child_does_not_keep_the_parents_nodes_alive(tables):

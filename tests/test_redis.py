@@ -217,6 +217,42 @@ def test_a_silently_dead_process_disappears_within_the_ttl(redis_server, tmp_pat
         assert b.stop() == 0
 
 
+def test_a_server_back_at_a_forgotten_address_is_trusted_again(redis_server, tmp_path, client):
+    """A server killed at a fixed port is forgotten once its node key
+    expires; a new one at the same port must be trusted again, not stay
+    forgotten: the courier would drop its probe and move its at-least-once
+    casts elsewhere (here: run them twice) on every pass."""
+    opts = options(redis_server, rpc_zmq_port=free_port())
+    first = ServiceProcess("back", tmp_path, topic="back", options=opts)
+    try:
+        client.init(rpc_zmq_host="client", rpc_zmq_heartbeat_interval=0.2,
+                    rpc_zmq_heartbeat_timeout=5, **options(redis_server))
+        routes = client._runtime().routes
+        assert client.call(CTX, "back", msg("whoami")) == "back"
+        first.kill()
+
+        def forgotten():
+            routes.route("back")            # a lookup meets the expired node key
+            return first.address in routes.forgotten()
+        assert wait_until(forgotten, 10)
+    finally:
+        first.kill()
+    second = ServiceProcess("back", tmp_path, topic="back", options=opts)
+    try:
+        assert second.address == first.address
+        assert client.call(CTX, "back", msg("whoami")) == "back"
+        assert first.address not in routes.forgotten()
+        key = "once"
+        client.cast(CTX, "back", msg("slow_record", key=key, value=1, seconds=1.0),
+                    at_least_once=True)
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 1, 15)
+        assert client.stats()["client"]["at_least_once_resent"] == 0
+        assert client.call(CTX, "back", msg("stats"))["duplicates"] == 0
+        assert client.call(CTX, "back", msg("count", key=key)) == 1
+    finally:
+        assert second.stop() == 0
+
+
 def test_a_clean_close_withdraws_at_once(redis_server, tmp_path, client):
     svc = service("w1", redis_server, tmp_path, topic="leaving")
     with redis_server.client() as r:

@@ -10,7 +10,8 @@ A node is one listening process.  It holds an exclusive flock on its node
 file for as long as it lives.  The kernel releases that lock when the
 process dies, however it dies, so a lookup that manages to take a shared
 lock on a node file knows the node is dead: it removes the node's entries
-and tells the route table to forget its address.  Routes are refreshed
+and tells the route table to forget its address (the table revives it
+when a live node lists it again).  Routes are refreshed
 every second, so a dead consumer stops being chosen within about a second.
 
 Servers listen on 127.0.0.1 and a free port by default: peers are on this
@@ -131,7 +132,6 @@ class LocalBackend(Backend):
                              os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
             own.entries.add((topic, fanout))
         if self.routes is not None:
-            self.routes.revive(node.address)
             self.routes.invalidate(topic)
 
     def unregister(self, node, topic, fanout=False):
@@ -251,8 +251,6 @@ class LocalBackend(Backend):
                 endpoint = self._known.get(node_id)
                 if endpoint is None:
                     endpoint = self._known[node_id] = _read_endpoint(fd, path)
-                if endpoint is not None and self.routes is not None:
-                    self.routes.revive(endpoint.address)
                 return endpoint
             # Nobody holds the lock: the owner is gone.
             endpoint = self._known.pop(node_id, None) or _read_endpoint(fd, path)
