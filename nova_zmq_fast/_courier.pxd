@@ -38,6 +38,8 @@ cdef class Courier:
     cdef bint stopping
     cdef bint draining              # close() waits for what is pending
     cdef bint closed                # close() began: never start again
+    cdef bint abandoned             # close() left a thread that would not stop, having
+                                    # counted what it carried
     cdef object start_lock          # start() and close() from any thread
     cdef int epoch
     cdef double next_probe, next_refresh
@@ -58,6 +60,8 @@ cdef class Courier:
     cdef readonly unsigned long long acked, resent, rejected, lost
     cdef readonly unsigned long long held_total, held_delivered, held_expired, held_dropped
 
+    cdef bint _accept(self, Parcel p)
+    cdef dict _count_dropped(self, double linger)
     cdef _start_thread(self)
     cdef _wake(self)
     cdef _loop_once(self)

@@ -50,6 +50,7 @@ LOG = logging.getLogger("nova_zmq_fast.courier")
 THROTTLED = RateLimitedLog(LOG)
 PROBE_TOPIC = b"nova_zmq_fast.probe"
 SILENT_KEPT = 600.0     # seconds a silent server no route holds is still probed
+STOP_WAIT = 5.0         # seconds close() waits for the thread once told to stop
 cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
 
 
@@ -154,15 +155,16 @@ cdef class Courier:
         casts are already on their way: backpressure, as for any send."""
         cdef double deadline = _now() + self.client.send_timeout
         cdef long pause_ns = 20000
-        if self.closed:
-            raise TransportClosed("the transport was cleaned up; this cast was not sent")
         while not self.has_room():
+            if self.closed:
+                break                       # refused below
             if _now() >= deadline:
                 raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
                               f"for acknowledgement", topic, method)
             pause_ns = pause(pause_ns, self.client.green)
         self.next_id += 1
-        self.jobs.append(parcel(KIND_CAST, FLAG_ACK, self.next_id, topic, method, body))
+        if not self._accept(parcel(KIND_CAST, FLAG_ACK, self.next_id, topic, method, body)):
+            raise TransportClosed("the transport was cleaned up; this cast was not sent")
         self.start()
         self._wake()
 
@@ -175,15 +177,26 @@ cdef class Courier:
         if self.held_count >= self.hold_count or self.held_bytes + size > self.hold_bytes:
             self.held_dropped += 1
             return False
+        cdef Parcel p = parcel(KIND_NOTIFY, 0, 0, topic, None, body)
+        p.expires = _now() + self.hold_seconds
+        if not self._accept(p):
+            return False
         self.held_count += 1
         self.held_bytes += size
         self.held_total += 1
-        cdef Parcel p = parcel(KIND_NOTIFY, 0, 0, topic, None, body)
-        p.expires = _now() + self.hold_seconds
-        self.jobs.append(p)
         self.start()
         self._wake()
         return True
+
+    cdef bint _accept(self, Parcel p):
+        """Queue `p` for the thread; False once close() began.  Under the
+        lock close() takes: a parcel is either refused or queued before
+        close() counts what it drops, never queued after, unseen."""
+        with self.start_lock:
+            if self.closed:
+                return False
+            self.jobs.append(p)
+            return True
 
     def stats(self):
         return {"at_least_once_pending": len(self.pending) + len(self.unsent) + len(self.jobs),
@@ -201,34 +214,57 @@ cdef class Courier:
         """Stop once every at-least-once cast was acknowledged, waiting at
         most `linger` seconds.  What is still unacknowledged then, and every
         notification still held, is dropped, counted and named in a
-        warning; returns {topic: at-least-once casts dropped}."""
+        warning; returns {topic: at-least-once casts dropped}.  Counted
+        also when the thread does not stop (stuck in a backend or a log
+        handler): it keeps its socket until it ends, and a later close()
+        releases it."""
         cdef double deadline = _now() + linger
         with self.start_lock:
             self.closed = True
+        cdef bint stuck = False
         thread = self.thread
         if thread is not None and self.epoch == fork_epoch():
-            self.draining = True
-            self.sleeping = True
-            self._wake()
-            while thread.is_alive() and _now() < deadline and self._busy():
-                thread.join(0.01)
+            if not self.abandoned:
+                self.draining = True
+                self.sleeping = True
+                self._wake()
+                while thread.is_alive() and _now() < deadline and self._busy():
+                    thread.join(0.01)
             self.stopping = True
             self.sleeping = True
             self._wake()
-            thread.join(5)
-            if thread.is_alive():
-                # Its socket and pipe are its own until it ends: leave them.
-                LOG.error("the courier thread did not stop within 5s; leaving its socket open")
-                return {}
+            thread.join(STOP_WAIT)
+            stuck = thread.is_alive()
+        lost = {} if self.abandoned else self._count_dropped(linger)
+        if stuck:
+            # Its socket and pipe are its own until it ends: leave them.
+            self.abandoned = True
+            LOG.error("the courier thread did not stop within %gs; leaving its socket open",
+                      STOP_WAIT)
+            return lost
         self.thread = None
-        lost = {}
-        cdef Parcel p
-        for p in list(self.pending.values()) + self.unsent + list(self.jobs):
-            if p.header[1] == KIND_CAST:
-                lost[p.topic] = lost.get(p.topic, 0) + 1
         self.pending.clear()
         del self.unsent[:]
         self.jobs.clear()
+        self.held.clear()
+        self.held_count = self.held_bytes = 0
+        if self.ob is not None:
+            self.ob.close(0)
+            self.ob = None
+        for fd in (self.wake_read, self.wake_write):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_read = self.wake_write = -1
+        return lost
+
+    cdef dict _count_dropped(self, double linger):
+        """Count and report, once, what close() drops: {topic: casts}."""
+        cdef Parcel p
+        lost = {}
+        # A set: a thread that did not stop may hold a parcel in two places.
+        for p in set(list(self.pending.values()) + self.unsent + list(self.jobs)):
+            if p.header[1] == KIND_CAST:
+                lost[p.topic] = lost.get(p.topic, 0) + 1
         if lost:
             self.lost += sum(lost.values())
             LOG.warning("%d at-least-once cast(s) not acknowledged within %gs, dropped at "
@@ -238,15 +274,6 @@ cdef class Courier:
             LOG.warning("%d held notification(s) dropped at cleanup: no listener appeared",
                         self.held_count)
             self.held_dropped += self.held_count
-            self.held.clear()
-            self.held_count = self.held_bytes = 0
-        if self.ob is not None:
-            self.ob.close(0)
-            self.ob = None
-        for fd in (self.wake_read, self.wake_write):
-            if fd >= 0:
-                os.close(fd)
-        self.wake_read = self.wake_write = -1
         return lost
 
     def _busy(self):

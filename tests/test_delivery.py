@@ -459,6 +459,81 @@ def test_a_cast_the_courier_cannot_send_holds_up_no_other(ipc_dir, client):
         assert svc.stop() == 0
 
 
+def never_acknowledging(client, topic):
+    """A consumer of `topic`, in this process, that never acknowledges the
+    at-least-once casts it gets (a handler that never returns)."""
+    conn = client._runtime().connection()
+    conn.create_consumer(topic, lambda ctxt, message, replier: None, deferred=True)
+    conn.consume_in_thread()
+
+
+def test_an_at_least_once_cast_racing_cleanup_is_refused_or_counted(ipc_dir, client):
+    """A cast waiting for room in the courier's window when cleanup()
+    begins: refused (TransportClosed) or counted as dropped, never taken
+    in silence into a queue nobody reads any more."""
+    from nova_zmq_fast.exceptions import TransportClosed
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_topic_backlog=1,
+                rpc_cast_timeout=30, rpc_zmq_ack_timeout=60, rpc_zmq_linger=0.5)
+    sender = client._runtime().client
+    never_acknowledging(client, "unacked")
+    for i in range(10):                     # the window: 10 x rpc_zmq_topic_backlog
+        client.cast(CTX, "unacked", msg("m", i=i), at_least_once=True)
+    made = sender.stats()["outboxes_made"]
+    outcome = []
+
+    def late():
+        try:
+            client.cast(CTX, "unacked", msg("m", i=10), at_least_once=True)
+            outcome.append("accepted")
+        except TransportClosed:
+            outcome.append("refused")
+    thread = threading.Thread(target=late)
+    thread.start()
+    # Once its outbox is made, the late cast goes on to wait for room
+    # (no Python code in between lets this thread see it earlier).
+    assert wait_until(lambda: sender.stats()["outboxes_made"] > made, 10)
+    lost = client.cleanup()
+    thread.join(30)
+    assert (outcome, lost) in ((["refused"], {"unacked": 10}), (["accepted"], {"unacked": 11}))
+
+
+def test_cleanup_counts_what_a_courier_that_will_not_stop_carries(ipc_dir, client, monkeypatch):
+    """The courier's thread is stuck (here in a discovery lookup that does
+    not return) when cleanup() comes: what it carries is counted and
+    returned all the same, and once it has ended, closing the courier
+    again releases its socket without counting anything twice."""
+    from nova_zmq_fast import _courier
+    monkeypatch.setattr(_courier, "STOP_WAIT", 0.5, raising=False)
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_ack_timeout=60,
+                rpc_zmq_linger=0.2)
+    runtime = client._runtime()
+    never_acknowledging(client, "stuck")
+    for i in range(5):
+        client.cast(CTX, "stuck", msg("m", i=i), at_least_once=True)
+    blocked, release = threading.Event(), threading.Event()
+    fetch = runtime.backend.fetch
+
+    def hanging(topic, fanout):
+        if threading.current_thread().name == "nova_zmq_fast-courier":
+            blocked.set()
+            release.wait(60)
+        return fetch(topic, fanout)
+    runtime.backend.fetch = hanging         # the courier's next route refresh
+    courier = [t for t in threading.enumerate() if t.name == "nova_zmq_fast-courier"]
+    try:
+        assert blocked.wait(10)
+        lost = client.cleanup()
+    finally:
+        release.set()
+    assert lost == {"stuck": 5}
+    assert runtime.courier.stats()["at_least_once_lost"] == 5
+    for thread in courier:
+        thread.join(10)
+    assert runtime.courier.close(0) == {}
+    assert runtime.courier.stats()["at_least_once_lost"] == 5
+    runtime.context.term()                  # refused by cleanup(): the courier's socket was open
+
+
 def cast_through_a_kill(ipc_dir, client, tmp_path, n, at_least_once):
     """n casts spread over three servers; the second is SIGKILLed a third
     of the way through.  Returns (values handled, per server journal), the
