@@ -109,12 +109,13 @@ cdef class Client:
                             set refused)
     cdef tuple fanout_now(self, Outbox ob, context, topic, msg, endpoints)
     cdef bytes encode(self, Outbox ob, object context, object msg)
+    cdef tuple fanout_targets(self, object topic, object method)
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                            bytes body, double deadline, object topic, object method)
     cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
-                        bytes body, double deadline)
+                        bytes body, double deadline, list full)
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
-                             bytes body, double deadline, list reached, bint one)
+                             bytes body, double deadline, list reached, list full, bint one)
     cdef Py_ssize_t turn(self, object topic, Py_ssize_t n)
     cdef str unreachable(self, Outbox ob, list endpoints)
     cdef int none_live(self, Outbox ob, tuple endpoints, object topic,

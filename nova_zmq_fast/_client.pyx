@@ -47,6 +47,7 @@ from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast._green import unpatched
+from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, NoListeners,
     PeerUnreachable, RPCException, SerializationError, Timeout, TransportClosed)
@@ -55,6 +56,7 @@ cdef object _get_ident = threading.get_ident
 _finalizing = sys.is_finalizing
 cdef object _monitor_names = itertools.count()
 LOG = logging.getLogger("nova_zmq_fast.client")
+THROTTLED = RateLimitedLog(LOG)
 
 # How long a consumer that could not be connected to is skipped by this
 # process (a new connection attempt goes on in the background).
@@ -447,18 +449,16 @@ cdef class Outbox:
 
     cdef int send_blocking(self, Endpoint ep, const char *header, size_t hlen,
                            bytes body, double deadline) except -1:
-        """Wait for room in `ep`'s full queue, up to `deadline` (Timeout),
-        then send."""
+        """Wait for room in `ep`'s full queue, up to `deadline`, and send:
+        SENT, FULL at the deadline, or UNCONNECTED if the connection was
+        lost.  The caller says what that means for its message."""
         cdef Peer peer = self.vouched(ep)
         cdef int status = self.send_waiting(ep.rid, header, hlen, body, deadline)
-        if status == FULL:
-            raise Timeout(f"send queue to {ep.address} is full", None, None)
-        if status != SENT:
-            raise PeerUnreachable(f"connection to {ep.address} was lost")
-        if peer is not None:
-            peer.total += 1
-        self.last_peer = peer
-        return 0
+        if status == SENT:
+            if peer is not None:
+                peer.total += 1
+            self.last_peer = peer
+        return status
 
     cdef int send_waiting(self, bytes rid, const char *header, size_t hlen, bytes body,
                           double deadline) except -1:
@@ -927,11 +927,11 @@ cdef class Client:
         cdef Endpoint ep
         cdef int status
         topic_utf8(topic, &t, &tlen)
-        method_of(msg)
+        method = method_of(msg)
         cdef bytes body = self.encode(ob, context, msg)
         cdef size_t hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
         if endpoints is None:
-            endpoints = self.routes.live(self.routes.lookup_fanout(topic))
+            endpoints = self.fanout_targets(topic, method)
         pending = []
         for ep in endpoints:                # (a typed loop variable admits None)
             if ep is None:
@@ -1001,6 +1001,21 @@ cdef class Client:
         self.no_listeners += 1
         raise NoListeners(None, topic, method)
 
+    cdef tuple fanout_targets(self, object topic, object method):
+        """The fanout consumers of `topic` that are not down.  Those that
+        are (they failed to connect, or stopped answering probes) are
+        passed over at once, as by every send, and skipped: counted, and
+        named at a bounded rate (each fanout would, while they are down)."""
+        cdef tuple endpoints = self.routes.lookup_fanout(topic)
+        cdef tuple live = self.routes.live(endpoints)
+        if len(live) != len(endpoints):
+            down = [(<Endpoint>ep).address for ep in endpoints if ep not in live]
+            self.fanout_unreachable += len(down)
+            THROTTLED.warning(("down", topic), "fanout of %s to %s skipped %s: down (it failed "
+                              "to connect, or stopped answering probes)", method, topic,
+                              ", ".join(down))
+        return live
+
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                            bytes body, double deadline, object topic, object method):
         """Send to one consumer: the first, round-robin, that is connected
@@ -1013,6 +1028,7 @@ cdef class Client:
             self.none_live(ob, endpoints, topic, method)
         cdef list reached = []
         cdef list waiting = []
+        cdef list connected_full
         start = self.turn(topic, n) if n > 1 else 0
         for k in range(n):
             ep = <Endpoint>live[(start + k) % n]
@@ -1023,83 +1039,114 @@ cdef class Client:
                 if k == 0 and n > 1 and ob.dialling(ep.rid):
                     self.wait_connected(ob, [ep], header, hlen, body,
                                         min(deadline, _monotonic() + FIRST_DIAL_GRACE),
-                                        reached, True)
+                                        reached, [], True)
                     if reached:
                         return ep
                 waiting.append(ep)
             elif status == FULL and full is None:
                 full = ep
-        if full is not None:                    # backpressure
-            try:
-                ob.send_blocking(full, header, hlen, body,
-                                 min(deadline, _monotonic() + self.send_timeout))
-            except Timeout as exc:              # named with what was sent
-                raise Timeout(exc.info, topic, method) from None
-            return full
-        if waiting:
-            self.wait_connected(ob, waiting, header, hlen, body, deadline, reached, True)
-        if not reached:
+        if full is None and waiting:
+            connected_full = []
+            self.wait_connected(ob, waiting, header, hlen, body, deadline, reached,
+                                connected_full, True)
+            if reached:
+                return <Endpoint>reached[0]
+            if connected_full:
+                full = <Endpoint>connected_full[0]
+        if full is None:
             raise PeerUnreachable(
                 f"no connection to any of the {n} consumer(s) of {topic} in time" +
                 self.unreachable(ob, list(live)), topic, method)
-        return <Endpoint>reached[0]
+        # Backpressure: every consumer that could take it is full.
+        status = ob.send_blocking(full, header, hlen, body,
+                                  min(deadline, _monotonic() + self.send_timeout))
+        if status == FULL:
+            raise Timeout(f"send queue to {full.address} is full", topic, method)
+        if status != SENT:
+            raise PeerUnreachable(f"connection to {full.address} was lost", topic, method)
+        return full
 
     cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
-                        bytes body, double deadline):
-        """Send to every one of `endpoints` that can be reached within the
-        connect timeout; returns those that could not."""
+                        bytes body, double deadline, list full):
+        """Send to every one of `endpoints`: first to each that is connected
+        and has room, then to the others as they connect (up to the connect
+        timeout) or make room (up to `deadline`), all at once, so that none
+        waits behind another.  Returns those never connected, or that must
+        never be dialled; those still full at `deadline` are left in `full`."""
         cdef list pending = []
+        cdef list missed = []
         cdef Endpoint ep
         cdef int status
-        cdef list never = []
         for ep in endpoints:
             status = ob.try_send(ep, header, hlen, body)
             if status == FULL:
-                ob.send_blocking(ep, header, hlen, body,
-                                 min(deadline, _monotonic() + self.send_timeout))
+                full.append(ep)
             elif status == UNCONNECTED:
                 pending.append(ep)
             elif status == NEVER:
-                never.append(ep)
-        if pending:
-            pending = self.wait_connected(ob, pending, header, hlen, body, deadline, [], False)
-        return never + pending
+                missed.append(ep)
+        if pending or full:
+            missed += self.wait_connected(ob, pending, header, hlen, body, deadline, [], full,
+                                          False)
+        return missed
 
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
-                             bytes body, double deadline, list reached, bint one):
+                             bytes body, double deadline, list reached, list full, bint one):
         """Retry `pending` (not connected yet) until the connect timeout or
         `deadline`, sending as each connects: to the first only (one) or to
         each.  What was sent to goes into `reached`; returns those never
-        reached, marked down if the whole connect timeout passed."""
+        reached, marked down if the whole connect timeout passed.  One that
+        connects with a full queue goes into `full`: with `one` that ends
+        the wait (the caller waits for room there); otherwise every one in
+        `full` is retried too, until `deadline`, and those still full then
+        are left in it."""
         cdef long pause_ns = PAUSE_MIN_NS
         cdef double until = min(deadline, _monotonic() + self.connect_timeout)
         cdef bint whole = until < deadline
+        cdef double now
         cdef Endpoint ep
         cdef int status
         cdef list still
-        while pending:
-            if _monotonic() >= until:
+        cdef list missed = []
+        while pending or (full and not one):
+            now = _monotonic()
+            if pending and now >= until:
                 if whole:
                     for ep in pending:
                         self.routes.mark_down(ep.address, DOWN_FOR)
-                return pending
+                missed += pending
+                pending = []
+                continue
+            if now >= deadline:
+                break
             pause_ns = pause(pause_ns, self.green)
             still = []
             for ep in pending:
                 status = ob.try_send(ep, header, hlen, body)
-                if status == FULL:
-                    ob.send_blocking(ep, header, hlen, body,
-                                     min(deadline, _monotonic() + self.send_timeout))
-                    status = SENT
-                if status == UNCONNECTED:
+                if status == SENT:
+                    reached.append(ep)
+                    if one:
+                        return []
+                elif status == FULL:
+                    full.append(ep)
+                else:
                     still.append(ep)
-                if status != SENT:
-                    continue
-                reached.append(ep)
-                if one:
-                    return []
             pending = still
-        return pending
+            if one:
+                if full:
+                    break
+                continue
+            still = []
+            for ep in full:
+                status = ob.try_send(ep, header, hlen, body)
+                if status == SENT:
+                    reached.append(ep)
+                elif status == FULL:
+                    still.append(ep)
+                else:
+                    missed.append(ep)           # its connection was lost meanwhile
+            full[:] = still
+        return missed + pending
 
     # -- public operations -------------------------------------------------
 
@@ -1139,51 +1186,62 @@ cdef class Client:
         cdef Py_ssize_t tlen
         cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
-        method_of(msg)
+        method = method_of(msg)
         endpoints = tuple(endpoints)
         for ep in endpoints:
             if not isinstance(ep, Endpoint):
                 raise TypeError(f"expected an Endpoint, not {type(ep).__name__}")
         cdef bytes body
         cdef size_t hlen
+        cdef list full = []
         cdef Outbox ob = self.enter()
         try:
             body = self.encode(ob, context, msg)
             hlen = write_header(header, KIND_FANOUT if fanout else KIND_CAST, 0, 0, t, tlen)
             missed = self.send_each(ob, endpoints, header, hlen, body,
-                                    _monotonic() + self.send_timeout)
+                                    _monotonic() + self.send_timeout, full)
             if missed:
                 raise PeerUnreachable(f"no connection to {(<Endpoint>missed[0]).address} "
                                       f"within {self.connect_timeout:g}s" +
-                                      self.unreachable(ob, missed))
+                                      self.unreachable(ob, missed), topic, method)
+            if full:
+                raise Timeout(f"send queue to {(<Endpoint>full[0]).address} is full", topic,
+                              method)
             self.casts += 1
         finally:
             self.leave(ob)
 
     def fanout_cast(self, context, topic, msg):
         """Send to every consumer registered with fanout=True on `topic`,
-        once each.  With none registered, nothing is sent; one that cannot
-        be reached is skipped (logged and counted), the others still get it."""
+        once each; returns how many were sent to.  With none registered,
+        nothing is sent.  One that is down or cannot be reached, or whose
+        queue stays full for rpc_cast_timeout, is skipped (logged and
+        counted); the others still get it."""
         cdef const char *t
         cdef Py_ssize_t tlen
         cdef char header[MAX_HEADER]
         topic_utf8(topic, &t, &tlen)
-        method_of(msg)
+        method = method_of(msg)
         cdef bytes body
         cdef size_t hlen
+        cdef list full = []
         cdef Outbox ob = self.enter()
         try:
             body = self.encode(ob, context, msg)
             hlen = write_header(header, KIND_FANOUT, 0, 0, t, tlen)
-            endpoints = self.routes.live(self.routes.lookup_fanout(topic))
-            missed = self.send_each(ob, endpoints, header, hlen, body,
-                                    _monotonic() + self.send_timeout)
+            live = self.fanout_targets(topic, method)
+            missed = self.send_each(ob, live, header, hlen, body,
+                                    _monotonic() + self.send_timeout, full)
             for ep in missed:
                 self.fanout_unreachable += 1
-                LOG.warning("fanout to %s skipped %s: not reachable%s", topic, ep.address,
-                            self.unreachable(ob, [ep]))
+                LOG.warning("fanout of %s to %s skipped %s: not reachable%s", method, topic,
+                            ep.address, self.unreachable(ob, [ep]))
+            for ep in full:
+                self.fanout_unreachable += 1
+                LOG.warning("fanout of %s to %s skipped %s: its queue stayed full for %gs",
+                            method, topic, ep.address, self.send_timeout)
             self.fanouts += 1
-            return len(endpoints) - len(missed)
+            return len(live) - len(missed) - len(full)
         finally:
             self.leave(ob)
 
@@ -1344,9 +1402,12 @@ cdef class Client:
             hlen = write_header(header, KIND_PING, 0, msg_id, t, tlen)
             start = _monotonic()
             deadline = start + wait
-            if self.send_each(ob, (endpoint,), header, hlen, body, deadline):
+            full = []
+            if self.send_each(ob, (endpoint,), header, hlen, body, deadline, full):
                 raise PeerUnreachable(f"no connection to {endpoint.address} in time" +
                                       self.unreachable(ob, [endpoint]), topic, "ping")
+            if full:
+                raise Timeout(f"send queue to {endpoint.address} is full", topic, "ping")
             reply = ob.wait_reply(msg_id, deadline)
             if reply is None:
                 self.timeouts += 1

@@ -350,6 +350,73 @@ def test_a_receive_loop_that_dies_withdraws_its_process_at_once(ipc_dir, client)
     assert code == 0
 
 
+# -- fanouts -------------------------------------------------------------------------
+
+def test_a_fanout_reaches_every_other_consumer_while_one_queue_stays_full(ipc_dir, client,
+                                                                         caplog):
+    """A consumer whose queue stays full (stopped, its socket buffers
+    filled) is skipped after rpc_cast_timeout: every other consumer still
+    gets each fanout, and the one skipped is counted and named with the
+    topic and method.  A cast to it alone raises a Timeout naming them."""
+    live = ServiceProcess("fan-live", ipc_dir, topic="fan")
+    frozen = ServiceProcess("fan-frozen", ipc_dir, topic="fan")
+    try:
+        # No probes in this test's time: they would pass the frozen one
+        # over as down, before its queue is full.
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_topic_backlog=1, rpc_zmq_socket_buffer=4096, rpc_cast_timeout=1.0,
+                    rpc_zmq_heartbeat_interval=60, rpc_zmq_heartbeat_timeout=120)
+        caplog.set_level(logging.WARNING, logger="nova_zmq_fast")
+        key = unique()
+        client.fanout_cast(CTX, "fan", msg("record", key=key, value=0))
+        assert wait_until(lambda: client.call(CTX, "fan.fan-frozen",
+                                              msg("count", key="fanout:" + key)) == 1, 10)
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        pad, sent = "x" * 100000, 1
+        for _ in range(1000):                   # until the frozen one's buffers are full
+            client.fanout_cast(CTX, "fan", msg("record", key=key, value=pad))
+            sent += 1
+            if client.stats()["client"]["fanout_unreachable"]:
+                break
+        for _ in range(2):                      # and for as long as it stays so
+            client.fanout_cast(CTX, "fan", msg("record", key=key, value=pad))
+            sent += 1
+        assert client.stats()["client"]["fanout_unreachable"] == 3
+        assert wait_until(lambda: client.call(CTX, "fan.fan-live",
+                                              msg("count", key="fanout:" + key)) == sent, 20)
+        skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert len(skipped) == 3, skipped
+        assert all("record to fan skipped " + frozen.address in m for m in skipped), skipped
+        with pytest.raises(client.Timeout, match="topic: fan, RPC method: record"):
+            client.cast_to_server(CTX, {"address": frozen.address}, "fan",
+                                  msg("record", key=key, value=0))
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        codes = [live.stop(), frozen.stop()]
+    assert codes == [0, 0]
+
+
+def test_a_fanout_counts_the_consumers_it_passes_over_as_down(ipc_dir, services, client,
+                                                             caplog):
+    """A consumer marked down (it failed to connect, or stopped answering
+    probes) is passed over at once, as by every send: for a fanout that
+    means skipped, so counted and named, never dropped in silence."""
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                rpc_zmq_heartbeat_interval=60,
+                rpc_zmq_heartbeat_timeout=120)
+    caplog.set_level(logging.WARNING, logger="nova_zmq_fast")
+    routes = client._runtime().routes
+    down = services["h2"].address
+    routes.mark_down(down, 60)
+    key = unique()
+    client.fanout_cast(CTX, "svc", msg("record", key=key, value=1))
+    assert client.stats()["client"]["fanout_unreachable"] == 1
+    assert any(down in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
+    routes.mark_up(down)
+    assert wait_until(lambda: client.call(CTX, "svc.h1", msg("count", key="fanout:" + key)), 10)
+    assert client.call(CTX, "svc.h2", msg("count", key="fanout:" + key)) == 0
+
+
 # -- liveness -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("heartbeat_timeout, call_timeout", [(1.0, 0.5), (3.0, 2.5)],
