@@ -288,6 +288,8 @@ cdef class Courier:
         while not self.stopping:
             try:
                 self._loop_once()
+            except TransportClosed:
+                return                      # the context is shut down: nothing can be sent
             except Exception:
                 THROTTLED.error("loop", "the courier failed; going on", exc_info=True)
                 time.sleep(0.1)
@@ -295,6 +297,7 @@ cdef class Courier:
     cdef _loop_once(self):
         cdef zmq_pollitem_t items[2]
         cdef long timeout_ms
+        cdef int rc = 0
         # Asleep from here on for _wake(): a route cached or a job queued
         # after this line writes to the pipe, so parking below cannot miss it.
         self.sleeping = True
@@ -315,8 +318,10 @@ cdef class Courier:
         items[1].events = ZMQ_POLLIN
         if not self.jobs and not self.stopping:
             with nogil:
-                zmq_poll(items, 2, timeout_ms)
+                rc = zmq_poll(items, 2, timeout_ms)
         self.sleeping = False
+        if rc == -1 and zmq_errno() != EINTR:
+            raise_zmq_error(zmq_errno())    # ETERM (TransportClosed) above all
         try:
             self.os.read(self.wake_read, 4096)
         except BlockingIOError:

@@ -24,3 +24,4 @@ cdef class Authenticator:
 
     cdef list _receive(self)
     cdef _answer(self, list request)
+    cdef tuple _decide(self, list request)

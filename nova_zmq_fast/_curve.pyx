@@ -28,14 +28,18 @@ from nova_zmq_fast._zmq cimport Context, check, raise_zmq_error, set_int
 
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._zmq import libzmq_version
+from nova_zmq_fast.exceptions import TransportClosed
+from nova_zmq_fast.logs import RateLimitedLog
 
 LOG = logging.getLogger("nova_zmq_fast.curve")
+THROTTLED = RateLimitedLog(LOG)
 
 ZAP_ENDPOINT = b"inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"nova_zmq_fast"
 cdef enum:
     KEY_LEN = 40                    # Z85 of 32 bytes
 RELOAD_EVERY = 1.0                  # seconds between checks of the allow-list's files
+STOP_WAIT = 5.0                     # seconds stop() waits for the handler's thread
 MIN_VERSION = (4, 3, 3)
 
 
@@ -288,17 +292,24 @@ cdef class Authenticator:
         if token is not self.serving or self.serving is None:
             raise RuntimeError("the ZAP handler's loop runs on the thread start() makes")
         while not self.stopping:
-            request = self._receive()
-            if request is None:
-                if time.monotonic() - self.allow.checked >= RELOAD_EVERY:
-                    self.allow.reload()
-                continue
-            self._answer(request)
+            try:
+                request = self._receive()
+                if request is None:
+                    if time.monotonic() - self.allow.checked >= RELOAD_EVERY:
+                        self.allow.reload()
+                    continue
+                self._answer(request)
+            except TransportClosed:
+                return                  # the context is shut down: no handshake is left
+            except Exception:
+                # Every CURVE handshake of the context waits for this loop.
+                THROTTLED.error("serve", "the ZAP handler failed; going on", exc_info=True)
+                time.sleep(0.1)
 
     cdef list _receive(self):
         """One ZAP request's frames, or None after the receive timeout."""
         cdef zmq_msg_t part
-        cdef int rc
+        cdef int rc, err
         cdef list frames = []
         zmq_msg_init(&part)
         try:
@@ -306,8 +317,9 @@ cdef class Authenticator:
                 with nogil:
                     rc = zmq_msg_recv(&part, self.sock, 0)
                 if rc == -1:
-                    if frames:
-                        raise_zmq_error(zmq_errno())
+                    err = zmq_errno()
+                    if frames or (err != EAGAIN and err != EINTR):
+                        raise_zmq_error(err)        # ETERM: TransportClosed
                     return None
                 frames.append(PyBytes_FromStringAndSize(<const char *>zmq_msg_data(&part),
                                                         zmq_msg_size(&part)))
@@ -317,20 +329,14 @@ cdef class Authenticator:
             zmq_msg_close(&part)
 
     cdef _answer(self, list request):
-        cdef char z85[KEY_LEN + 1]
-        status, text, user = b"400", b"not allowed", b""
-        if len(request) >= 7 and request[0] == b"1.0" and request[5] == b"CURVE" \
-                and request[2] == ZAP_DOMAIN and len(request[6]) == 32:
-            zmq_z85_encode(z85, <const unsigned char *>PyBytes_AS_STRING(request[6]), 32)
-            key = z85[:KEY_LEN]
-            if self.allow.allows(key):
-                status, text, user = b"200", b"OK", key
-            else:
-                self.log.warning("refused", "refused a connection from %s: its key %s is "
-                                 "not in the allow-list", request[3].decode(errors="replace"),
-                                 key.decode())
-        else:
-            self.log.warning("malformed", "refused a malformed ZAP request")
+        try:
+            status, text, user = self._decide(request)
+        except Exception:
+            # Refused, and answered all the same: unanswered, the handshake
+            # would hang.
+            THROTTLED.error("decide", "the ZAP handler failed on a request; refused",
+                            exc_info=True)
+            status, text, user = b"500", b"internal error", b""
         if status == b"200":
             self.accepted += 1
         else:
@@ -341,17 +347,45 @@ cdef class Authenticator:
             check(zmq_send(self.sock, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame),
                            ZMQ_SNDMORE if i < len(reply) - 1 else 0))
 
+    cdef tuple _decide(self, list request):
+        """(status, text, user id) for a ZAP request: 200 for an allowed
+        CURVE key, 400 for anything else."""
+        cdef char z85[KEY_LEN + 1]
+        if len(request) >= 7 and request[0] == b"1.0" and request[5] == b"CURVE" \
+                and request[2] == ZAP_DOMAIN and len(request[6]) == 32:
+            zmq_z85_encode(z85, <const unsigned char *>PyBytes_AS_STRING(request[6]), 32)
+            key = z85[:KEY_LEN]
+            if self.allow.allows(key):
+                return b"200", b"OK", key
+            self.log.warning("refused", "refused a connection from %s: its key %s is "
+                             "not in the allow-list", request[3].decode(errors="replace"),
+                             key.decode())
+        else:
+            self.log.warning("malformed", "refused a malformed ZAP request")
+        return b"400", b"not allowed", b""
+
     def stop(self):
         """Stop answering and release the socket (call before the context
-        terminates)."""
+        terminates).  A thread still busy after STOP_WAIT seconds (a log
+        handler that blocks) keeps its socket, which is closed when this
+        object goes, once the thread has ended; returns False then."""
         self.stopping = True
-        thread, self.thread = self.thread, None
+        thread = self.thread
         if thread is not None and thread is not unpatched("threading").current_thread():
-            thread.join(5)
+            thread.join(STOP_WAIT)
+            if thread.is_alive():
+                # A socket belongs to one thread: closing it under this one
+                # would be a use after free in libzmq.
+                LOG.error("the ZAP handler did not stop within %gs; leaving its socket open",
+                          STOP_WAIT)
+                return False
+        self.thread = None
         if self.sock != NULL:
             self.ctx.close_socket(self.sock, 0)
             self.sock = NULL
+        return True
 
     def __dealloc__(self):
-        if self.sock != NULL and self.thread is None:
+        # Its thread, if any, has ended: it holds this object until then.
+        if self.sock != NULL:
             self.ctx.close_socket(self.sock, 0)

@@ -2,8 +2,10 @@
 processes with their own keys, this test process as the client with its
 own, real handshakes over loopback; a raw capture of the service's port
 shows what crosses the wire."""
+import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
 import socket
@@ -200,43 +202,152 @@ ctx.term()
 """
 
 
-def test_a_curve_server_without_its_zap_handler_refuses_everyone(keys):
-    """Should the ZAP handler not run (not started yet, or already stopped
-    while the socket is still open), a CURVE server refuses every
-    handshake, even one with an allowed key: never "any key will do".
-    (The peer is pyzmq, in a process of its own: one libzmq per process.)"""
+@contextlib.contextmanager
+def bare_curve_server(keys):
+    """A CURVE server on a context of its own, with no ZAP handler: the
+    test gives it one.  Yields (context, server)."""
     from nova_zmq_fast import _server, _zmq
     from nova_zmq_fast.exceptions import serialize_remote_exception
-    secret = _curve.load_secret_key(keys["server"][0])
-    mine = _curve.load_secret_key(keys["client"][0])           # an allowed key
     ctx = _zmq.Context()
     server = _server.serve(ctx, "tcp://127.0.0.1:0", "h", "tcp://127.0.0.1:0",
                            max_message_size=4096, serialize_failure=serialize_remote_exception,
-                           curve_secret=secret)
+                           curve_secret=_curve.load_secret_key(keys["server"][0]))
     try:
         server.add_consumer("svc", False, type("Api", (), {"echo": lambda self, c, v: v})(),
                             False, None)
         server.start()
-        def peer():
-            out = subprocess.run(
-                [sys.executable, "-c", CURVE_PEER, server.bound,
-                 _curve.public_key(secret).decode(), _curve.public_key(mine).decode(),
-                 mine.decode()],
-                cwd=ROOT, capture_output=True, text=True, timeout=60)
-            return out.stdout.split() or [out.stderr[-2000:]]
+        yield ctx, server
+    finally:
+        assert server.stop(2)
+        ctx.term()
 
-        assert peer() == ["nothing"]
+
+def peer_call(keys, server, name, wait=False):
+    """A call from a pyzmq peer (a process of its own: one libzmq per
+    process) with the key pair `name`: ["answered"] or ["nothing"].  With
+    `wait`, the running process, not its answer."""
+    secret = _curve.load_secret_key(keys["server"][0])
+    mine = _curve.load_secret_key(keys[name][0])
+    argv = [sys.executable, "-c", CURVE_PEER, server.bound, _curve.public_key(secret).decode(),
+            _curve.public_key(mine).decode(), mine.decode()]
+    if wait:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return out.stdout.split() or [out.stderr[-2000:]]
+
+
+def zap_threads():
+    return {t for t in threading.enumerate() if t.name == "nova_zmq_fast-zap"}
+
+
+def test_a_curve_server_without_its_zap_handler_refuses_everyone(keys):
+    """Should the ZAP handler not run (not started yet, or already stopped
+    while the socket is still open), a CURVE server refuses every
+    handshake, even one with an allowed key: never "any key will do"."""
+    from nova_zmq_fast import _server
+    with bare_curve_server(keys) as (ctx, server):
+        assert peer_call(keys, server, "client") == ["nothing"]        # an allowed key
         # The same peer, once a handler runs with an allow-list that has
         # its key: answered (so "nothing" above was the refusal).
         zap = _curve.Authenticator(ctx, _curve.AllowList(keys["allowed"]), _server.PEERS_LOG)
         zap.start()
         try:
-            assert peer() == ["answered"]
+            assert peer_call(keys, server, "client") == ["answered"]
         finally:
             zap.stop()
+
+
+def test_a_zap_handler_that_fails_on_a_request_refuses_it_and_answers_the_next(keys):
+    """Every CURVE handshake of a context waits for its ZAP handler: a
+    request it fails on (here a logging filter raises, once) is refused,
+    and the handler goes on to admit the next client."""
+    from nova_zmq_fast.logs import RateLimitedLog
+
+    class RaiseOnce(logging.Filter):
+        fired = False
+
+        def filter(self, record):
+            if not self.fired:
+                self.fired = True
+                raise RuntimeError("a logging filter that raises")
+            return True
+    logger = logging.getLogger("tests.zap.fragile")
+    fragile = RaiseOnce()
+    logger.addFilter(fragile)
+    try:
+        with bare_curve_server(keys) as (ctx, server):
+            zap = _curve.Authenticator(ctx, _curve.AllowList(keys["allowed"]),
+                                       RateLimitedLog(logger))
+            zap.start()
+            try:
+                assert peer_call(keys, server, "stranger") == ["nothing"]
+                assert fragile.fired
+                assert peer_call(keys, server, "client") == ["answered"]
+            finally:
+                zap.stop()
     finally:
-        assert server.stop(2)
-        ctx.term()
+        logger.removeFilter(fragile)
+
+
+def test_the_zap_handler_ends_when_its_context_is_shut_down(keys):
+    """After zmq_ctx_shutdown() (cleanup() ending what other threads wait
+    on) no handshake is left to answer: the handler's thread ends, rather
+    than spin on ETERM."""
+    from nova_zmq_fast import _server, _zmq
+    ctx = _zmq.Context()
+    before = zap_threads()
+    zap = _curve.Authenticator(ctx, _curve.AllowList(keys["allowed"]), _server.PEERS_LOG)
+    zap.start()
+    thread, = zap_threads() - before
+    ctx.shutdown()
+    thread.join(10)
+    ended = not thread.is_alive()
+    zap.stop()
+    ctx.term()
+    assert ended
+
+
+def test_a_zap_handler_that_will_not_stop_keeps_its_socket_until_it_ends(keys, monkeypatch):
+    """stop() while the handler is stuck (here a log handler that blocks):
+    its socket stays open under it (closing it from another thread is a
+    use after free in libzmq), and is closed once it has ended."""
+    from nova_zmq_fast.logs import RateLimitedLog
+    monkeypatch.setattr(_curve, "STOP_WAIT", 0.5, raising=False)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    blocked, release = threading.Event(), threading.Event()
+
+    class Blocking(logging.Filter):
+        def filter(self, record):
+            blocked.set()
+            release.wait(60)
+            return True
+    logger = logging.getLogger("tests.zap.blocking")
+    blocking = Blocking()
+    logger.addFilter(blocking)
+    try:
+        with bare_curve_server(keys) as (ctx, server):
+            before = zap_threads()
+            zap = _curve.Authenticator(ctx, _curve.AllowList(keys["allowed"]),
+                                       RateLimitedLog(logger))
+            zap.start()
+            thread, = zap_threads() - before
+            peer = peer_call(keys, server, "stranger", wait=True)   # refused: logged
+            try:
+                assert blocked.wait(30)
+                open_sockets = ctx.sockets
+                assert zap.stop() is False
+                assert ctx.sockets == open_sockets
+            finally:
+                release.set()
+                peer.wait(60)
+            thread.join(10)
+            assert not thread.is_alive() and errors == []
+            del zap                         # its thread ended: it goes, with its socket
+            assert ctx.sockets == open_sockets - 1
+    finally:
+        logger.removeFilter(blocking)
 
 
 class RingListing:

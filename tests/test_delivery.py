@@ -460,6 +460,19 @@ def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client, hear
     assert codes == [0, 0, 0]
 
 
+def test_the_courier_ends_when_its_context_is_shut_down(services, client):
+    """zmq_ctx_shutdown() (cleanup() ending what other threads wait on)
+    ends every wait on the context: the courier's thread ends too, rather
+    than spin on its poll."""
+    before = set(threading.enumerate())
+    assert client.call(CTX, "svc", msg("echo", value=1)) == 1      # a route: the courier runs
+    courier, = [t for t in set(threading.enumerate()) - before
+                if t.name == "nova_zmq_fast-courier"]
+    client._runtime().context.shutdown()
+    courier.join(10)
+    assert not courier.is_alive()
+
+
 # -- at least once ---------------------------------------------------------------------
 
 def journals(paths):
