@@ -141,9 +141,20 @@ class Runtime:
         first use."""
         with self.lock:
             if self.server is None:
-                self.server = self._bind()
-                self.node = Endpoint(self.options.rpc_zmq_host, self.server.address,
-                                     self.curve[0] if self.curve else None)
+                server = self._bind()
+                try:
+                    # Endpoint() refuses an address nobody could dial (a bad
+                    # rpc_zmq_advertise_address): then nothing stays bound.
+                    self.node = Endpoint(self.options.rpc_zmq_host, server.address,
+                                         self.curve[0] if self.curve else None)
+                except BaseException as exc:
+                    server.stop(0)
+                    self._stop_zap()
+                    if isinstance(exc, ValueError):
+                        raise ValueError(f"{exc}: check rpc_zmq_advertise_address and "
+                                         f"rpc_zmq_host") from None
+                    raise
+                self.server = server
                 if self.options.port:
                     _listening[self.options.port] = self
             return self.server

@@ -210,8 +210,10 @@ def cast(context, topic, msg, at_least_once=None):
 
 
 def fanout_cast(context, topic, msg):
-    """Invoke a method on every fanout consumer of `topic`, once each."""
-    (_runtime_ or _runtime()).client.fanout_cast(context, topic, msg)
+    """Invoke a method on every fanout consumer of `topic`, once each.
+    Returns how many it reached; those it could not are counted in
+    stats()["client"]["fanout_unreachable"] and named in a warning."""
+    return (_runtime_ or _runtime()).client.fanout_cast(context, topic, msg)
 
 
 def _server_endpoint(server_params):
