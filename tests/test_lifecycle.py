@@ -164,6 +164,16 @@ def test_cleanup_closes_everything_when_discovery_fails_to_withdraw(client):
     assert server.closed and rt.context.closed
 
 
+def test_an_advertised_address_nobody_can_dial_leaves_nothing_bound(client):
+    client.init(rpc_zmq_ipc_dir=client._options.rpc_zmq_ipc_dir, rpc_zmq_host="client",
+                rpc_zmq_advertise_address="not a host")
+    conn = client.create_connection()
+    for _ in range(2):                  # refused each time, and nothing left behind
+        with pytest.raises(ValueError, match="rpc_zmq_advertise_address"):
+            conn.create_consumer("never-served", lambda ctxt, msg: None)
+        assert client._runtime().server is None and sockets_open() == 0
+
+
 def test_usable_again_after_cleanup(services, client):
     assert client.call(CTX, "svc", {"method": "echo", "args": {"value": 1}}) == 1
     client.cleanup()
