@@ -1232,18 +1232,24 @@ cdef class Client:
             live = self.fanout_targets(topic, method)
             missed = self.send_each(ob, live, header, hlen, body,
                                     _monotonic() + self.send_timeout, full)
-            for ep in missed:
-                self.fanout_unreachable += 1
-                LOG.warning("fanout of %s to %s skipped %s: not reachable%s", method, topic,
-                            ep.address, self.unreachable(ob, [ep]))
-            for ep in full:
-                self.fanout_unreachable += 1
-                LOG.warning("fanout of %s to %s skipped %s: its queue stayed full for %gs",
-                            method, topic, ep.address, self.send_timeout)
-            self.fanouts += 1
-            return len(live) - len(missed) - len(full)
+            return len(live) - self.fanout_skipped(ob, topic, method, missed, full)
         finally:
             self.leave(ob)
+
+    def fanout_skipped(self, Outbox ob not None, topic, method, list missed, list full):
+        """A fanout is done: count it, and count and name the consumers
+        it skipped, unreachable (`missed`) or whose queue stayed full for
+        rpc_cast_timeout (`full`).  Returns how many were skipped."""
+        cdef Endpoint ep
+        for ep in missed:
+            LOG.warning("fanout of %s to %s skipped %s: not reachable%s", method, topic,
+                        ep.address, self.unreachable(ob, [ep]))
+        for ep in full:
+            LOG.warning("fanout of %s to %s skipped %s: its queue stayed full for %gs",
+                        method, topic, ep.address, self.send_timeout)
+        self.fanout_unreachable += len(missed) + len(full)
+        self.fanouts += 1
+        return len(missed) + len(full)
 
     def notify(self, context, topic, msg):
         """Deliver a notification (any dict) to one consumer of `topic`.

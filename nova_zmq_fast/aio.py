@@ -307,14 +307,15 @@ async def fanout_cast(context, topic, msg):
     client = caller.client
     total, pending = client.try_fanout(caller.outbox, context, topic, msg)
     pause = PAUSE_MIN
-    limit = caller.loop.time() + client.connect_timeout
+    # As the threaded fanout: each consumer not connected or full yet gets
+    # until rpc_cast_timeout, all of them at once.
+    limit = caller.loop.time() + client.send_timeout
     while pending and caller.loop.time() < limit:
         await asyncio.sleep(pause)
         pause = min(pause * 2, PAUSE_MAX)
         _, pending = client.try_fanout(caller.outbox, context, topic, msg, pending)
-    client.fanout_unreachable += len(pending)
-    client.fanouts += 1
-    return total - len(pending)
+    method = msg.get("method") if isinstance(msg, dict) else None
+    return total - client.fanout_skipped(caller.outbox, topic, method, pending, [])
 
 
 async def notify(context, topic, msg, envelope=False):
