@@ -31,6 +31,8 @@ cdef enum:                          # indexes into Server.counters
     DROPPED_FRAMES, DROPPED_HEADER, DROPPED_VERSION, DROPPED_OVERSIZE,
     DROPPED_BODY, DROPPED_TOPIC, DROPPED_REVOKED, REPLIES_UNDELIVERABLE,
     ACKS, DUPLICATES, PINGS,
+    REPLIES_DELAYED,                # waited for room in the control socket's queue
+    REPLIES_HANDOFF_TIMEOUT,        # ... and found none in send_timeout: dropped
     NCOUNTERS
 
 
@@ -66,6 +68,8 @@ cdef class Server:
     cdef int epoch
     cdef object serialize_failure   # exception -> msgpack-able failure
     cdef object on_failure          # called once if the receive loop dies
+    cdef double send_timeout        # the longest a reply waits for the leader to take it
+    cdef bint green                 # ... in a green thread (eventlet), cooperatively
     cdef public object before_close # called by stop() just before the sockets close
     cdef AllowList allow            # with CURVE: the keys accepted, and those revoked
     cdef object log                 # a RateLimitedLog for what peers cause
@@ -98,6 +102,9 @@ cdef class Server:
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc)
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body)
+    cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                       const char *header, size_t hlen, const char *data,
+                       size_t size) noexcept nogil
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id)
     cdef _close_sockets(self, int linger_ms)
 
@@ -109,8 +116,8 @@ cdef class Replier:
     cdef readonly bint done
     cdef readonly bint multi        # a multicall: values may stream (chunk, then end)
     cdef readonly bint cast         # an at-least-once cast: its answer is the ACK
-    cdef uint64_t gen               # with `thread`: a loop-led server's token, for
-    cdef unsigned long thread       # replies sent straight from the loop's thread
+    cdef uint64_t gen               # with `thread`: the token of the thread that received
+    cdef unsigned long thread       # the request, for replies sent straight from there
 
     cdef uint64_t _gen(self)
 

@@ -21,7 +21,11 @@ no second socket to check).  Anything else that must reach the leader (a
 stop request, or a reply from a worker that lost the token or from a
 deferred consumer answering later) is sent *into* the ROUTER by an inproc
 DEALER whose routing id is a random secret; the leader recognises it by
-that id and forwards the reply.
+that id and forwards the reply.  The leader never waits to send: a caller
+that is gone, or whose queue is full, loses the reply (counted).  Other
+threads do wait, for room in the control socket's queue, up to
+rpc_cast_timeout: a leader stuck in a handler holds their replies back
+instead of losing them.
 
 Bad input never stops the loop: a message with the wrong frame count, a bad
 header, an unknown version, an oversized body, undecodable msgpack or a
@@ -46,7 +50,8 @@ from libc.string cimport memcmp
 
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport (
-    Context, check, fork_epoch, ms_until, now as _now, raise_zmq_error, set_int)
+    PAUSE_MIN_NS, Context, check, fork_epoch, ms_until, now as _now, pause, raise_zmq_error,
+    set_int)
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._dispatch cimport PROXY_DEFERRED, Consumer, RpcContext, Subscription
 from nova_zmq_fast._routes cimport host_base_len
@@ -88,11 +93,18 @@ cdef enum Received:                 # what _recv() found
     GOT_CONTROL = 3                 # a forwarded reply, already sent on
     GOT_STOP = 4
 
+cdef enum Sent:                     # what one attempt to send a reply did (_try_send)
+    REPLY_SENT = 0                  # onto the caller's connection
+    REPLY_HANDED = 1                # into the control socket, for the leader to forward
+    REPLY_DROPPED = 2               # the caller is gone or full, or the server closed
+    CONTROL_FULL = 3                # the control socket's queue is full: try again
+
 _COUNTER_NAMES = (
     "received", "handled", "replies", "handler_errors",
     "dropped_frame_count", "dropped_bad_header", "dropped_version",
     "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
+    "replies_delayed", "replies_handoff_timeout",
 )
 # At-least-once casts remembered, to recognise one sent again: at 10,000
 # such casts a second, the last 20 seconds.
@@ -104,7 +116,9 @@ cdef class Replier:
     """Answers one call later, from any thread (the oslo.messaging driver
     hands requests to its executor and replies from there).  The reply goes
     through the server's control socket to whichever worker leads, or
-    straight out from the thread of an event loop that leads the server."""
+    straight out from the thread that received the request while that
+    thread still leads (an event loop that leads the server, or a worker
+    whose consumer answered at once)."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Replier is not supposed to be instantiated from Python")
@@ -170,9 +184,9 @@ cdef class Replier:
                                 PyBytes_GET_SIZE(self.identity), kind, self.msg_id, body)
 
     cdef uint64_t _gen(self):
-        """On the thread of the event loop that leads the server: its token,
-        so the reply goes straight out; elsewhere 0, through the control
-        socket."""
+        """On the thread that received the request: the token it held then
+        (the reply goes straight out if it still leads); elsewhere 0,
+        through the control socket."""
         if self.gen != 0 and PyThread_get_thread_ident() == self.thread:
             return self.gen
         return 0
@@ -198,16 +212,20 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
           int socket_buffer=0,
           double patience=0.005, double quiet=0.05, serialize_failure,
           on_failure=None, bytes curve_secret=None,
-          AllowList allow=None):
+          AllowList allow=None, double send_timeout=30.0, bint green=False):
     """Bind a Server to `bind`; peers reach it at `address`, which is
     also the routing id it announces (outboxes address it by that).  With
     `curve_secret` (Z85) it speaks only CURVE and requires the context's
-    ZAP handler to accept each client (`allow` is its allow-list).  It
-    serves once start() is called."""
+    ZAP handler to accept each client (`allow` is its allow-list).  A
+    reply from a thread that does not lead waits up to `send_timeout`
+    (rpc_cast_timeout) for the leader to take it; in a green thread when
+    `green` (eventlet), cooperatively.  It serves once start() is called."""
     cdef Server server = Server.__new__(Server)
     server._setup(ctx, bind, host, address, max_message_size, max_threads, backlog,
                   socket_buffer, patience, quiet, serialize_failure, on_failure, curve_secret,
                   allow)
+    server.send_timeout = max(0.0, send_timeout)
+    server.green = green
     return server
 
 
@@ -492,6 +510,9 @@ cdef class Server:
             zmq_msg_init(&parts[i])
         try:
             while True:
+                if self.stopping:
+                    self._drain(w, gen, parts)
+                    return False
                 got = self._recv(parts, &h, 0)
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
@@ -574,6 +595,9 @@ cdef class Server:
             zmq_msg_init(&parts[i])
         try:
             while True:
+                if self.stopping:           # without waiting for STOP, which may be lost
+                    self._drain(w, gen, parts)
+                    return
                 got = self._recv(parts, &h, -1)
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
@@ -792,9 +816,8 @@ cdef class Server:
                 replier.msg_id = h.msg_id
                 replier.multi = h.flags & FLAG_MULTI
                 replier.cast = acked
-                if gen == self.loop_gen:
-                    replier.gen = gen
-                    replier.thread = self.loop_thread
+                replier.gen = gen
+                replier.thread = PyThread_get_thread_ident()
                 consumer.proxy(ctxt, msg, replier)
                 handed_off = True
             else:
@@ -892,36 +915,64 @@ cdef class Server:
 
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body):
-        """Send [identity, header, body] back to the caller: directly while
-        this worker holds the token `gen`, else (gen 0: not a worker) via the
-        control socket for the leader to forward.  Either way under the token
-        mutex, so the token cannot move in between."""
+        """Send [identity, header, body] back to the caller: straight out
+        while this thread leads with the token `gen`, else through the
+        control socket for the leader to forward.  The leader never waits;
+        any other thread (a worker replaced while its handler ran, or
+        wherever a deferred consumer answers) waits for room in the control
+        socket's queue, which the leader empties as it forwards, up to
+        `send_timeout` (green threads cooperatively), then drops the reply.
+        Every reply dropped is counted in replies_undeliverable."""
         cdef char header[MAX_HEADER]
         cdef size_t hlen = write_header(header, kind, 0, msg_id, NULL, 0)
-        cdef int ok = 0
         cdef const char *data = PyBytes_AS_STRING(body)
         cdef size_t size = PyBytes_GET_SIZE(body)
+        cdef int status
+        cdef long pause_ns = PAUSE_MIN_NS
+        cdef double deadline = 0
         if not self.lf_ready:
             return
-        with nogil:
-            lf_lock(&self.lf)
-            if not self.lf.closed and self.sock != NULL:
-                if gen != 0 and self.lf.owner == gen:
-                    if zmq_send(self.sock, identity, identity_len,
-                                ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                        zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
-                        zmq_send(self.sock, data, size, 0)
-                        ok = 1
-                elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                    zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
-                    zmq_send(self.control, header, hlen, ZMQ_SNDMORE)
-                    zmq_send(self.control, data, size, 0)
-                    ok = 2
-            lf_unlock(&self.lf)
-        if ok == 1:
+        while True:
+            with nogil:
+                status = self._try_send(gen, identity, identity_len, header, hlen, data, size)
+            if status != CONTROL_FULL:
+                break
+            if deadline == 0:
+                self.counters[REPLIES_DELAYED] += 1
+                deadline = _now() + self.send_timeout
+            elif _now() >= deadline:
+                self.counters[REPLIES_HANDOFF_TIMEOUT] += 1
+                status = REPLY_DROPPED
+                break
+            pause_ns = pause(pause_ns, self.green and gen == 0)
+        if status == REPLY_SENT:
             self.counters[REPLIES] += 1
-        elif ok == 0:
+        elif status == REPLY_DROPPED:
             self.counters[REPLIES_UNDELIVERABLE] += 1
+
+    cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                       const char *header, size_t hlen, const char *data,
+                       size_t size) noexcept nogil:
+        """One attempt at _send_reply's send, never waiting, under the token
+        mutex so that the token cannot move in between."""
+        cdef int status = REPLY_DROPPED
+        lf_lock(&self.lf)
+        if not self.lf.closed and self.sock != NULL:
+            if gen != 0 and self.lf.owner == gen:
+                if zmq_send(self.sock, identity, identity_len,
+                            ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
+                    zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
+                    zmq_send(self.sock, data, size, 0)
+                    status = REPLY_SENT
+            elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
+                zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
+                zmq_send(self.control, header, hlen, ZMQ_SNDMORE)
+                zmq_send(self.control, data, size, 0)
+                status = REPLY_HANDED
+            elif zmq_errno() == EAGAIN:
+                status = CONTROL_FULL
+        lf_unlock(&self.lf)
+        return status
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -954,10 +1005,11 @@ cdef class Server:
         self.stopping = True
         # The leader drains and closes the token; if nobody leads (never
         # started, or every worker is inside a handler) close it ourselves.
-        # STOP goes again every 50 ms: a draining leader whose handler
-        # outlasted `patience` has lost the token, and the STOP with it, to
-        # a follower now waiting for messages (and a full control pipe
-        # drops it).
+        # A leader sees `stopping` before each message; STOP only wakes
+        # one blocked on an empty queue (so there is room for it).  It goes
+        # again every 50 ms: a draining leader whose handler outlasted
+        # `patience` has lost the token, and the STOP with it, to a follower
+        # now waiting for messages.
         with self.threads_lock:
             started = self.started
         next_stop = 0.0

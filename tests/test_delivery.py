@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from nova_zmq_fast._client import KINDS
 from tests.helpers.ledger import balanced
 from tests.conftest import (
     ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
@@ -142,6 +143,88 @@ def test_backpressure_reaches_a_fast_sender_in_seconds_of_work(ipc_dir, client):
     finally:
         client.cleanup()
         assert svc.stop() == 0
+
+
+# A service whose one worker thread can be kept in a handler while another
+# thread answers calls held by a deferred consumer: those replies must wait
+# for the leader, not be dropped.
+HELD = """
+import signal, sys, threading, time
+from nova_zmq_fast import rpc
+
+rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="held", rpc_thread_pool_size=1,
+         rpc_zmq_topic_backlog=100)
+held = []
+
+class Control:
+    def held(self, ctxt):
+        return len(held)
+
+    def answer_all_while_busy(self, ctxt):
+        # The only worker is in here: nobody forwards replies until it
+        # returns, which it does once the answering thread had to wait
+        # (or, were replies dropped, has answered them all).
+        server = rpc._runtime().server
+        answered = [0]
+
+        def answer():
+            for replier in held:
+                replier.result("ok")
+                answered[0] += 1
+        threading.Thread(target=answer).start()
+        deadline = time.monotonic() + 30
+        while (answered[0] < len(held) and not server.stats()["replies_delayed"]
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+
+    def stats(self, ctxt):
+        return rpc._runtime().server.stats()
+
+conn = rpc.create_connection()
+conn.create_consumer("held", lambda ctxt, msg, replier: held.append(replier), deferred=True)
+conn.create_consumer("held-control", Control())
+conn.consume_in_thread()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("READY", conn.address, flush=True)
+while not done.is_set():
+    time.sleep(0.05)
+rpc.cleanup()
+"""
+
+
+def test_replies_from_other_threads_wait_for_a_busy_leader(ipc_dir, client):
+    """1,500 calls held by a deferred consumer are answered from another
+    thread while the server's only worker is inside a handler: more than
+    the control socket's queue holds (about 1,100 here).  Every caller gets
+    its reply once the worker is back; none is dropped."""
+    n = 1500
+    service = ChildProcess("held", [sys.executable, "-c", HELD, str(ipc_dir)])
+    try:
+        core = client._runtime().client
+        ob = core.new_outbox()
+        pending, answered = set(), set()
+        deadline = time.monotonic() + 30
+        while len(pending) < n and time.monotonic() < deadline:
+            msg_id = core.try_request(ob, KINDS["call"], CTX, "held", msg("m"))
+            if msg_id is None:
+                time.sleep(0.001)           # not connected yet, or full: again
+            else:
+                pending.add(msg_id)
+        assert wait_until(lambda: client.call(CTX, "held-control", msg("held")) == n, 10)
+        client.call(CTX, "held-control", msg("answer_all_while_busy"))
+
+        def all_answered():
+            answered.update(m for m, kind, _ in ob.replies() if kind == KINDS["result"])
+            return answered >= pending
+        wait_until(all_answered, 20)
+        stats = client.call(CTX, "held-control", msg("stats"))
+        assert len(answered & pending) == n, stats
+        assert stats["replies_delayed"] > 0, stats
+        assert stats["replies_undeliverable"] == stats["replies_handoff_timeout"] == 0, stats
+    finally:
+        assert service.stop() == 0
 
 
 # -- connections come and go ----------------------------------------------------------
