@@ -33,6 +33,7 @@ cdef enum:                          # indexes into Server.counters
     ACKS, DUPLICATES, PINGS,
     REPLIES_DELAYED,                # waited for room in the control socket's queue
     REPLIES_HANDOFF_TIMEOUT,        # ... and found none in send_timeout: dropped
+    STREAMS_TRUNCATED,              # multicalls that lost values: FAILURE instead of END
     NCOUNTERS
 
 
@@ -75,6 +76,7 @@ cdef class Server:
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with
     cdef object seen                # OrderedDict: at-least-once msg_id -> handled yet
+    cdef dict broken                # (caller, msg_id) of a stream that lost values -> how many
     cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
     cdef unsigned long loop_thread  # ... and that loop's thread
     cdef Worker loop_worker
@@ -105,6 +107,11 @@ cdef class Server:
     cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
                        const char *header, size_t hlen, const char *data,
                        size_t size) noexcept nogil
+    cdef bint _send_now(self, const char *identity, size_t identity_len, const char *header,
+                        size_t hlen, const char *data, size_t size) noexcept nogil
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id)
+    cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
+                             uint64_t msg_id)
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id)
     cdef _close_sockets(self, int linger_ms)
 

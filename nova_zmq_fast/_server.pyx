@@ -27,6 +27,17 @@ threads do wait, for room in the control socket's queue, up to
 rpc_cast_timeout: a leader stuck in a handler holds their replies back
 instead of losing them.
 
+A multicall streams its values as CHUNKs, then END.  Once a CHUNK is lost
+(the caller reads more slowly than the server yields, and its queue of
+ZMQ_SNDHWM replies is full), the stream is *broken*: its later CHUNKs are
+dropped too, so that the caller never sees a gap, and its end (END, or a
+last value sent as RESULT) goes as a FAILURE (StreamTruncated).  A caller
+therefore gets every value up to the first lost one and then that
+failure, or, when the FAILURE finds its queue still full, a Timeout: never
+a stream that ends normally without all its values.  (Holding the
+generator back instead cannot work: after `patience` its values go
+through the leader, which must not wait for one caller.)
+
 Bad input never stops the loop: a message with the wrong frame count, a bad
 header, an unknown version, an oversized body, undecodable msgpack or a
 topic this node does not serve is dropped and counted in `stats()`.  If its
@@ -61,7 +72,8 @@ from nova_zmq_fast._curve import ZAP_DOMAIN
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
-    MalformedEnvelope, MessageTooLarge, SerializationError, UnsupportedRpcVersion)
+    MalformedEnvelope, MessageTooLarge, SerializationError, StreamTruncated,
+    UnsupportedRpcVersion)
 
 LOG = logging.getLogger("nova_zmq_fast.server")
 PEERS_LOG = RateLimitedLog(LOG)
@@ -104,11 +116,14 @@ _COUNTER_NAMES = (
     "dropped_frame_count", "dropped_bad_header", "dropped_version",
     "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
-    "replies_delayed", "replies_handoff_timeout",
+    "replies_delayed", "replies_handoff_timeout", "streams_truncated",
 )
 # At-least-once casts remembered, to recognise one sent again: at 10,000
 # such casts a second, the last 20 seconds.
 SEEN_MAX = 200000
+# Broken streams remembered until their end (a deferred consumer may never
+# end one): the oldest are forgotten past this.
+BROKEN_MAX = 1024
 
 
 @cython.final
@@ -271,6 +286,7 @@ cdef class Server:
         self.allow = allow
         self.log = PEERS_LOG
         self.seen = collections.OrderedDict()
+        self.broken = {}
         self.about = {"host": host, "address": address, "pid": os.getpid(),
                       "transport": __version__, "envelope": VERSION}
         if lf_init(&self.lf, <int64_t>(patience * 1e9)) != 0:
@@ -690,15 +706,34 @@ cdef class Server:
     cdef int _control(self, zmq_msg_t *parts, int n) except -1:
         """A message from our own control socket: [secret, b"STOP"] or
         [secret, b"FWD", identity, header, body] to send on to a caller."""
-        if n == 5:
-            if (zmq_msg_send(&parts[2], self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1):
-                self.counters[REPLIES_UNDELIVERABLE] += 1
-            else:
-                zmq_msg_send(&parts[3], self.sock, ZMQ_SNDMORE)
-                zmq_msg_send(&parts[4], self.sock, 0)
-                self.counters[REPLIES] += 1
+        cdef Header h
+        cdef const char *identity = <const char *>zmq_msg_data(&parts[2])
+        cdef size_t identity_len = zmq_msg_size(&parts[2])
+        cdef char header[MAX_HEADER]
+        if n != 5:
+            return GOT_STOP
+        # (The header is one of ours: it parses.)
+        if self.broken:
+            parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+            fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id)
+            if fate is not None:
+                if not fate:
+                    return GOT_CONTROL
+                if self._send_now(identity, identity_len, header,
+                                  write_header(header, KIND_FAILURE, 0, h.msg_id, NULL, 0),
+                                  PyBytes_AS_STRING(fate), PyBytes_GET_SIZE(fate)):
+                    self.counters[REPLIES] += 1
+                else:
+                    self._lost(identity, identity_len, KIND_FAILURE, h.msg_id)
+                return GOT_CONTROL
+        if zmq_msg_send(&parts[2], self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
+            parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+            self._lost(identity, identity_len, h.kind, h.msg_id)
             return GOT_CONTROL
-        return GOT_STOP
+        zmq_msg_send(&parts[3], self.sock, ZMQ_SNDMORE)
+        zmq_msg_send(&parts[4], self.sock, 0)
+        self.counters[REPLIES] += 1
+        return GOT_CONTROL
 
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts):
         """Stop requested: serve what is already queued or still arriving
@@ -924,14 +959,23 @@ cdef class Server:
         `send_timeout` (green threads cooperatively), then drops the reply.
         Every reply dropped is counted in replies_undeliverable."""
         cdef char header[MAX_HEADER]
-        cdef size_t hlen = write_header(header, kind, 0, msg_id, NULL, 0)
-        cdef const char *data = PyBytes_AS_STRING(body)
-        cdef size_t size = PyBytes_GET_SIZE(body)
+        cdef size_t hlen
+        cdef const char *data
+        cdef size_t size
         cdef int status
         cdef long pause_ns = PAUSE_MIN_NS
         cdef double deadline = 0
         if not self.lf_ready:
             return
+        if self.broken:
+            fate = self._stream_fate(identity, identity_len, kind, msg_id)
+            if fate is not None:
+                if not fate:
+                    return
+                kind, body = KIND_FAILURE, fate
+        hlen = write_header(header, kind, 0, msg_id, NULL, 0)
+        data = PyBytes_AS_STRING(body)
+        size = PyBytes_GET_SIZE(body)
         while True:
             with nogil:
                 status = self._try_send(gen, identity, identity_len, header, hlen, data, size)
@@ -948,7 +992,40 @@ cdef class Server:
         if status == REPLY_SENT:
             self.counters[REPLIES] += 1
         elif status == REPLY_DROPPED:
+            self._lost(identity, identity_len, kind, msg_id)
+
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id):
+        """A reply was dropped: counted; a lost CHUNK breaks its stream."""
+        self.counters[REPLIES_UNDELIVERABLE] += 1
+        if kind == KIND_CHUNK:
+            key = (identity[:identity_len], msg_id)
+            self.broken[key] = self.broken.get(key, 0) + 1
+            if len(self.broken) > BROKEN_MAX:
+                del self.broken[next(iter(self.broken))]
+
+    cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
+                             uint64_t msg_id):
+        """What becomes of a reply about to be sent while some stream is
+        broken (see the module docstring): None, send it as it is; b"",
+        drop it (counted); else the FAILURE body to send in its place (of
+        the broken stream's END, or a last value sent as RESULT)."""
+        key = (identity[:identity_len], msg_id)
+        lost = self.broken.get(key)
+        if lost is None or kind == KIND_HEARTBEAT:
+            return None
+        if kind == KIND_CHUNK:
+            self.broken[key] = lost + 1
             self.counters[REPLIES_UNDELIVERABLE] += 1
+            return b""
+        del self.broken[key]                # the stream's last reply
+        if kind == KIND_FAILURE:
+            return None                     # a failure already
+        self.counters[STREAMS_TRUNCATED] += 1       # END, or a last value (RESULT)
+        try:
+            return _packb(self.serialize_failure(StreamTruncated(lost=lost)))
+        except Exception:
+            return _packb(["builtins", "RuntimeError",
+                           f"{lost} value(s) of the stream were lost on the way", [], ""])
 
     cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
                        const char *header, size_t hlen, const char *data,
@@ -959,10 +1036,7 @@ cdef class Server:
         lf_lock(&self.lf)
         if not self.lf.closed and self.sock != NULL:
             if gen != 0 and self.lf.owner == gen:
-                if zmq_send(self.sock, identity, identity_len,
-                            ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                    zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
-                    zmq_send(self.sock, data, size, 0)
+                if self._send_now(identity, identity_len, header, hlen, data, size):
                     status = REPLY_SENT
             elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
                 zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
@@ -973,6 +1047,17 @@ cdef class Server:
                 status = CONTROL_FULL
         lf_unlock(&self.lf)
         return status
+
+    cdef bint _send_now(self, const char *identity, size_t identity_len, const char *header,
+                        size_t hlen, const char *data, size_t size) noexcept nogil:
+        """Send a reply on the socket, never waiting (only the leader may):
+        False if the caller is gone or its queue is full."""
+        if zmq_send(self.sock, identity, identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
+            return False
+        # The routing frame went through: the rest cannot block or fail.
+        zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
+        zmq_send(self.sock, data, size, 0)
+        return True
 
     # -- lifecycle ---------------------------------------------------------
 
