@@ -37,6 +37,23 @@ cdef enum:                          # indexes into Server.counters
     NCOUNTERS
 
 
+cdef enum SeenAs:                   # what Seen.begin() found
+    SEEN_NEW, SEEN_RUNNING, SEEN_HANDLED
+
+
+cdef class Seen:
+    cdef double window               # seconds a handled cast is remembered
+    cdef dict running                # key -> None: not answered yet
+    cdef object handled              # OrderedDict key -> when it may go, oldest first
+    cdef readonly unsigned long long forgotten_early
+
+    @staticmethod
+    cdef Seen new(double window)
+    cdef int begin(self, bytes key) except -1
+    cdef done(self, bytes key)
+    cdef forget(self, bytes key)
+
+
 cdef class Worker:
     cdef object packer              # msgpack packers are not thread-safe
 
@@ -75,7 +92,7 @@ cdef class Server:
     cdef AllowList allow            # with CURVE: the keys accepted, and those revoked
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with
-    cdef object seen                # OrderedDict: at-least-once msg_id -> handled yet
+    cdef Seen seen                  # at-least-once casts received: never run twice
     cdef dict broken                # (caller, msg_id) of a stream that lost values -> how many
     cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
     cdef unsigned long loop_thread  # ... and that loop's thread
@@ -130,4 +147,5 @@ cdef class Replier:
 
     cdef _check(self)
     cdef _acknowledge(self)
+    cdef _abandon(self)
     cdef _send(self, int kind, bytes body)

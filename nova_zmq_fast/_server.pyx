@@ -57,7 +57,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport (
@@ -118,25 +118,40 @@ _COUNTER_NAMES = (
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
     "replies_delayed", "replies_handoff_timeout", "streams_truncated",
 )
-# At-least-once casts remembered, to recognise one sent again: at 10,000
-# such casts a second, the last 20 seconds.
-SEEN_MAX = 200000
+# Handled at-least-once casts remembered at most (see Seen): about 190
+# bytes each, 75 MB.
+SEEN_MAX = 400000
 # Broken streams remembered until their end (a deferred consumer may never
 # end one): the oldest are forgotten past this.
 BROKEN_MAX = 1024
 
 
 @cython.final
+@cython.no_gc_clear                 # __dealloc__ reads its fields
 cdef class Replier:
     """Answers one call later, from any thread (the oslo.messaging driver
     hands requests to its executor and replies from there).  The reply goes
     through the server's control socket to whichever worker leads, or
     straight out from the thread that received the request while that
     thread still leads (an event loop that leads the server, or a worker
-    whose consumer answered at once)."""
+    whose consumer answered at once).
+
+    Released unanswered (its work dropped: an executor shut down, a
+    listener stopped with requests queued), it abandons its request."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Replier is not supposed to be instantiated from Python")
+
+    def __dealloc__(self):
+        if not self.done and self.cast and self.server is not None:
+            self._abandon()
+
+    def abandon(self):
+        """This request will not be answered: an at-least-once cast is
+        forgotten, so that its sender's resend runs it (a call is left to
+        its caller's timeout)."""
+        self._check()
+        self._abandon()
 
     def result(self, value):
         """The final value (of an at-least-once cast: its handler is done,
@@ -190,6 +205,14 @@ cdef class Replier:
             self.done = True
             self.server._ack(self._gen(), self.identity, self.msg_id)
 
+    cdef _abandon(self):
+        if not self.done:
+            self.done = True
+            if self.cast and self.server.seen is not None:
+                self.server.seen.forget(_seen_key(PyBytes_AS_STRING(self.identity),
+                                                  PyBytes_GET_SIZE(self.identity),
+                                                  self.msg_id))
+
     cdef _send(self, int kind, bytes body):
         self._check()
         if self.done:
@@ -227,28 +250,89 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
           int socket_buffer=0,
           double patience=0.005, double quiet=0.05, serialize_failure,
           on_failure=None, bytes curve_secret=None,
-          AllowList allow=None, double send_timeout=30.0, bint green=False):
+          AllowList allow=None, double send_timeout=30.0, bint green=False,
+          double ack_timeout=30.0):
     """Bind a Server to `bind`; peers reach it at `address`, which is
     also the routing id it announces (outboxes address it by that).  With
     `curve_secret` (Z85) it speaks only CURVE and requires the context's
     ZAP handler to accept each client (`allow` is its allow-list).  A
     reply from a thread that does not lead waits up to `send_timeout`
     (rpc_cast_timeout) for the leader to take it; in a green thread when
-    `green` (eventlet), cooperatively.  It serves once start() is called."""
+    `green` (eventlet), cooperatively.  `ack_timeout` is
+    rpc_zmq_ack_timeout, which sizes the window of at-least-once casts
+    (Seen).  It serves once start() is called."""
     cdef Server server = Server.__new__(Server)
     server._setup(ctx, bind, host, address, max_message_size, max_threads, backlog,
                   socket_buffer, patience, quiet, serialize_failure, on_failure, curve_secret,
                   allow)
     server.send_timeout = max(0.0, send_timeout)
     server.green = green
+    server.seen.window = 2 * max(0.0, ack_timeout)
     return server
 
 
-cdef inline tuple _seen_key(zmq_msg_t *identity, uint64_t msg_id):
-    """An at-least-once cast's key in the dedup window: its sender's
-    routing id (stable across reconnects) and its id."""
-    return (PyBytes_FromStringAndSize(<const char *>zmq_msg_data(identity),
-                                      zmq_msg_size(identity)), msg_id)
+cdef bytes _seen_key(const char *identity, size_t identity_len, uint64_t msg_id):
+    """An at-least-once cast's key in Seen: its sender's routing id (stable
+    across reconnects), then its id (8 bytes: the length tells them apart)."""
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, identity_len + 8)
+    memcpy(PyBytes_AS_STRING(key), identity, identity_len)
+    memcpy(PyBytes_AS_STRING(key) + identity_len, &msg_id, 8)
+    return key
+
+
+@cython.final
+cdef class Seen:
+    """The at-least-once casts a server received, by sender and id, so
+    that one sent again (its ACK lost, or late) never runs twice.
+
+    A cast is *running* from its arrival until its handler is done (its
+    ACK goes), or until its Replier is released unanswered: its work was
+    dropped, so the resend must run.  Running casts are never forgotten.
+    A handled cast is remembered for `window` seconds, twice
+    rpc_zmq_ack_timeout: its sender sends it again rpc_zmq_ack_timeout
+    after the last send it has no ACK for.  At most SEEN_MAX are kept:
+    beyond SEEN_MAX / window casts a second (6,666 at the default 30 s)
+    the oldest go sooner, counted in `forgotten_early`.  One thread at a
+    time, under the GIL (no call here lets it go)."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Seen is not supposed to be instantiated from Python")
+
+    @staticmethod
+    cdef Seen new(double window):
+        cdef Seen seen = Seen.__new__(Seen)
+        seen.window = window
+        seen.running = {}
+        seen.handled = collections.OrderedDict()
+        return seen
+
+    cdef int begin(self, bytes key) except -1:
+        """A cast arrived: SEEN_NEW (now running), SEEN_RUNNING or
+        SEEN_HANDLED."""
+        if key in self.running:
+            return SEEN_RUNNING
+        if key in self.handled:
+            return SEEN_HANDLED
+        self.running[key] = None
+        return SEEN_NEW
+
+    cdef done(self, bytes key):
+        """Its handler is done: remembered as handled for `window`."""
+        cdef double now = _now()
+        self.running.pop(key, None)
+        self.handled[key] = now + self.window
+        self.handled.move_to_end(key)
+        while self.handled:
+            oldest = next(iter(self.handled))
+            if len(self.handled) > SEEN_MAX:
+                self.forgotten_early += <double>self.handled[oldest] > now
+            elif <double>self.handled[oldest] > now:
+                break
+            del self.handled[oldest]
+
+    cdef forget(self, bytes key):
+        """Never to be answered (see Replier.abandon): a resend runs."""
+        self.running.pop(key, None)
 
 
 cdef class Server:
@@ -261,6 +345,7 @@ cdef class Server:
         self.direct = {}
         self.fanouts = {}
         self.spawn_tokens = set()
+        self.seen = Seen.new(60.0)          # serve() sizes it
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Server is not supposed to be instantiated from Python; "
@@ -285,7 +370,6 @@ cdef class Server:
         self.on_failure = on_failure
         self.allow = allow
         self.log = PEERS_LOG
-        self.seen = collections.OrderedDict()
         self.broken = {}
         self.about = {"host": host, "address": address, "pid": os.getpid(),
                       "transport": __version__, "envelope": VERSION}
@@ -768,6 +852,7 @@ cdef class Server:
         cdef uint64_t msg_id = h.msg_id
         cdef Subscription sub
         cdef Consumer consumer
+        cdef int seen
         cdef size_t size = zmq_msg_size(&parts[2])
         # A cast at least once: answered (REFUSED, FAILURE, ACK) like a call.
         cdef bint answered = kind == KIND_CALL or kind == KIND_PING or (
@@ -802,18 +887,15 @@ cdef class Server:
             return
         if kind == KIND_CAST and h.flags & FLAG_ACK:
             # Keyed by the sender too: one peer's ids cannot shadow another's.
-            key = _seen_key(&parts[0], msg_id)
-            done = self.seen.get(key)
-            if done is not None:
+            seen = self.seen.begin(_seen_key(<const char *>zmq_msg_data(&parts[0]),
+                                             zmq_msg_size(&parts[0]), msg_id))
+            if seen != SEEN_NEW:
                 # Sent again (its ACK was lost, or late): never run twice.
                 self.counters[DUPLICATES] += 1
-                if done:
+                if seen == SEEN_HANDLED:
                     self._send_reply(gen, <const char *>zmq_msg_data(&parts[0]),
                                      zmq_msg_size(&parts[0]), KIND_ACK, msg_id, b"")
                 return                  # still running: its ACK comes when it ends
-            self.seen[key] = False
-            while len(self.seen) > SEEN_MAX:
-                self.seen.popitem(last=False)
         if kind == KIND_PING:
             self.counters[PINGS] += 1
             self._pong(w, gen, &parts[0], h, sub, <dict>(<list>body)[1])
@@ -866,12 +948,10 @@ cdef class Server:
             # BaseException too: a handler raising SystemExit or
             # KeyboardInterrupt must not stop the loop that serves everyone.
             if replier is not None and acked:
+                # The hand-off failed and its handler never runs: no ACK,
+                # and forgotten, so that the sender's resend runs it.
                 acked = False
-                if not replier.done:
-                    # The hand-off failed and its handler never runs: no
-                    # ACK, and forgotten, so that the sender's resend runs it.
-                    replier.done = True
-                    self.seen.pop(_seen_key(identity, h.msg_id), None)
+                replier._abandon()
             if kind == KIND_CALL:
                 self._fail(w, gen, identity, h.msg_id, exc)
             else:
@@ -943,7 +1023,8 @@ cdef class Server:
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id):
         """An at-least-once cast's handler is done: remember it as handled
         (a resend is answered, not run) and tell its sender."""
-        self.seen[(identity, msg_id)] = True
+        self.seen.done(_seen_key(PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
+                                 msg_id))
         self.counters[ACKS] += 1
         self._send_reply(gen, PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
                          KIND_ACK, msg_id, b"")
@@ -1062,7 +1143,9 @@ cdef class Server:
     # -- lifecycle ---------------------------------------------------------
 
     def stats(self):
-        return {name: self.counters[i] for i, name in enumerate(_COUNTER_NAMES)}
+        counters = {name: self.counters[i] for i, name in enumerate(_COUNTER_NAMES)}
+        counters["dedup_forgotten_early"] = self.seen.forgotten_early
+        return counters
 
     def handler_error(self, topic, method, exc):
         """A handler of `topic` raised and no caller is told: counted in

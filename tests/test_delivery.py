@@ -651,6 +651,59 @@ def test_without_at_least_once_the_loss_is_counted(ipc_dir, client, tmp_path):
     assert missing <= sum(lost.values()) + stats["discarded"], stats
 
 
+# A deferred consumer whose first at-least-once cast is never answered: its
+# Replier is released (argv[2] "released"), as when an executor drops
+# queued work, or kept and abandoned from another thread ("abandoned").
+UNANSWERED = """
+import signal, sys, threading, time
+from nova_zmq_fast import rpc
+
+rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="unanswered")
+runs, kept = [], []
+
+def proxy(ctxt, msg, replier):
+    runs.append(msg["args"]["n"])
+    if len(runs) > 1:
+        replier.result(None)
+    elif sys.argv[2] == "abandoned":
+        kept.append(replier)
+        threading.Thread(target=lambda: kept[0].abandon()).start()
+
+class Control:
+    def runs(self, ctxt):
+        return list(runs)
+
+conn = rpc.create_connection()
+conn.create_consumer("unanswered", proxy, deferred=True)
+conn.create_consumer("unanswered-control", Control())
+conn.consume_in_thread()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("READY", conn.address, flush=True)
+while not done.is_set():
+    time.sleep(0.05)
+rpc.cleanup()
+"""
+
+
+@pytest.mark.parametrize("how", ["released", "abandoned"])
+def test_an_unanswered_at_least_once_cast_runs_when_sent_again(ipc_dir, client, how):
+    """The server forgets a cast whose Replier goes unanswered, so the
+    sender's resend (after rpc_zmq_ack_timeout) runs it, and is ACKed,
+    instead of being dropped for good as a duplicate of one still running."""
+    service = ChildProcess("unanswered", [sys.executable, "-c", UNANSWERED, str(ipc_dir), how])
+    try:
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_ack_timeout=0.3)
+        client.cast(CTX, "unanswered", msg("m", n=1), at_least_once=True)
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 1, 20), \
+            client.stats()["client"]
+        assert client.call(CTX, "unanswered-control", msg("runs")) == [1, 1]
+    finally:
+        assert service.stop() == 0
+
+
 # -- held notifications ----------------------------------------------------------------
 
 def test_held_notifications_reach_a_listener_that_starts_later(ipc_dir, client):
