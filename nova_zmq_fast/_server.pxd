@@ -1,5 +1,6 @@
 # The serving side: one listening socket per process, its worker pool and
 # receive loop.  Behaviour in _server.pyx; the token protocol in csrc/leader.h.
+cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
 from nova_zmq_fast._libzmq cimport zmq_msg_t
@@ -108,6 +109,8 @@ cdef class Server:
     cdef int _drop(self, int counter, str what) except -1
     cdef _discard_rest(self)
     cdef int _control(self, zmq_msg_t *parts, int n) except -1
+    cdef bint _forward_broken(self, zmq_msg_t *parts) except -1
+    cdef _forward_lost(self, zmq_msg_t *parts)
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts)
     cdef _handle(self, Worker w, uint64_t gen, zmq_msg_t *parts, Header *h)
     cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
@@ -121,11 +124,14 @@ cdef class Server:
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc)
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body)
-    cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
-                       const char *header, size_t hlen, const char *data,
-                       size_t size) noexcept nogil
-    cdef bint _send_now(self, const char *identity, size_t identity_len, const char *header,
-                        size_t hlen, const char *data, size_t size) noexcept nogil
+    @cython.final                   # on every reply: called directly, inlined
+    cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                              const char *header, size_t hlen, const char *data,
+                              size_t size) noexcept nogil
+    @cython.final
+    cdef inline bint _send_now(self, const char *identity, size_t identity_len,
+                               const char *header, size_t hlen, const char *data,
+                               size_t size) noexcept nogil
     cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id)
     cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
                              uint64_t msg_id)

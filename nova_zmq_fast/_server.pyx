@@ -790,34 +790,44 @@ cdef class Server:
     cdef int _control(self, zmq_msg_t *parts, int n) except -1:
         """A message from our own control socket: [secret, b"STOP"] or
         [secret, b"FWD", identity, header, body] to send on to a caller."""
-        cdef Header h
-        cdef const char *identity = <const char *>zmq_msg_data(&parts[2])
-        cdef size_t identity_len = zmq_msg_size(&parts[2])
-        cdef char header[MAX_HEADER]
         if n != 5:
             return GOT_STOP
-        # (The header is one of ours: it parses.)
-        if self.broken:
-            parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
-            fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id)
-            if fate is not None:
-                if not fate:
-                    return GOT_CONTROL
-                if self._send_now(identity, identity_len, header,
-                                  write_header(header, KIND_FAILURE, 0, h.msg_id, NULL, 0),
-                                  PyBytes_AS_STRING(fate), PyBytes_GET_SIZE(fate)):
-                    self.counters[REPLIES] += 1
-                else:
-                    self._lost(identity, identity_len, KIND_FAILURE, h.msg_id)
-                return GOT_CONTROL
+        if self.broken and self._forward_broken(parts):
+            return GOT_CONTROL
         if zmq_msg_send(&parts[2], self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
-            parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
-            self._lost(identity, identity_len, h.kind, h.msg_id)
+            self._forward_lost(parts)
             return GOT_CONTROL
         zmq_msg_send(&parts[3], self.sock, ZMQ_SNDMORE)
         zmq_msg_send(&parts[4], self.sock, 0)
         self.counters[REPLIES] += 1
         return GOT_CONTROL
+
+    cdef bint _forward_broken(self, zmq_msg_t *parts) except -1:
+        """_control's reply while some stream is broken: True if it went
+        as _stream_fate says (dropped, or a FAILURE in its place)."""
+        cdef Header h
+        cdef char header[MAX_HEADER]
+        cdef const char *identity = <const char *>zmq_msg_data(&parts[2])
+        cdef size_t identity_len = zmq_msg_size(&parts[2])
+        # (The header is one of ours: it parses.)
+        parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+        fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id)
+        if fate is None:
+            return False
+        if fate:
+            if self._send_now(identity, identity_len, header,
+                              write_header(header, KIND_FAILURE, 0, h.msg_id, NULL, 0),
+                              PyBytes_AS_STRING(fate), PyBytes_GET_SIZE(fate)):
+                self.counters[REPLIES] += 1
+            else:
+                self._lost(identity, identity_len, KIND_FAILURE, h.msg_id)
+        return True
+
+    cdef _forward_lost(self, zmq_msg_t *parts):
+        cdef Header h
+        parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+        self._lost(<const char *>zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), h.kind,
+                   h.msg_id)
 
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts):
         """Stop requested: serve what is already queued or still arriving
@@ -1108,9 +1118,10 @@ cdef class Server:
             return _packb(["builtins", "RuntimeError",
                            f"{lost} value(s) of the stream were lost on the way", [], ""])
 
-    cdef int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
-                       const char *header, size_t hlen, const char *data,
-                       size_t size) noexcept nogil:
+    @cython.final
+    cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                              const char *header, size_t hlen, const char *data,
+                              size_t size) noexcept nogil:
         """One attempt at _send_reply's send, never waiting, under the token
         mutex so that the token cannot move in between."""
         cdef int status = REPLY_DROPPED
@@ -1129,8 +1140,10 @@ cdef class Server:
         lf_unlock(&self.lf)
         return status
 
-    cdef bint _send_now(self, const char *identity, size_t identity_len, const char *header,
-                        size_t hlen, const char *data, size_t size) noexcept nogil:
+    @cython.final
+    cdef inline bint _send_now(self, const char *identity, size_t identity_len,
+                               const char *header, size_t hlen, const char *data,
+                               size_t size) noexcept nogil:
         """Send a reply on the socket, never waiting (only the leader may):
         False if the caller is gone or its queue is full."""
         if zmq_send(self.sock, identity, identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
