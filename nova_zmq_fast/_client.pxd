@@ -15,9 +15,6 @@ cdef enum SendStatus:               # what one attempt to hand a message to a pe
     NEVER                           # must not be dialled (CURVE keys): skip, don't wait
 
 
-cdef long pause(long pause_ns, bint green)
-
-
 cdef class Peer:
     cdef double dialled             # when the outbox first dialled it
     cdef bytes key                  # the CURVE key it was dialled with, or None

@@ -32,17 +32,17 @@ import select
 import struct
 import sys
 import threading
-import time
 import weakref
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint64_t
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport Context, check, fork_epoch, ms_until, raise_zmq_error, set_int
+from nova_zmq_fast._zmq cimport (
+    PAUSE_MIN_NS, Context, check, fork_epoch, ms_until, pause, raise_zmq_error, set_int)
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
@@ -67,8 +67,6 @@ cdef double DOWN_FOR = 2.0
 cdef double FIRST_DIAL_GRACE = 0.1
 # The longest wait a timeout can ask for (a year): float('inf') means this.
 cdef double MAX_WAIT = 365 * 86400.0
-cdef long PAUSE_MIN_NS = 20000
-cdef long PAUSE_MAX_NS = 5000000
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -107,20 +105,6 @@ cdef inline object method_of(object msg):
     if args is not None and not isinstance(args, dict):
         raise InvalidMessage("message 'args' must be a dict")
     return method
-
-
-cdef long pause(long pause_ns, bint green):
-    """Sleep `pause_ns` (cooperatively under eventlet, GIL released
-    otherwise); returns the next, longer pause."""
-    cdef timespec ts
-    if green:
-        time.sleep(pause_ns * 1e-9)         # patched: yields to other greenlets
-    else:
-        ts.tv_sec = 0
-        ts.tv_nsec = pause_ns
-        with nogil:
-            nanosleep(&ts, NULL)
-    return min(pause_ns * 2, PAUSE_MAX_NS)
 
 
 FLUSH_TOPIC = "nova_zmq_fast.flush"

@@ -36,9 +36,10 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport uint64_t
 
 from nova_zmq_fast._libzmq cimport *
-from nova_zmq_fast._zmq cimport check, fork_epoch, ms_until, now as _now, raise_zmq_error
+from nova_zmq_fast._zmq cimport (
+    PAUSE_MIN_NS, check, fork_epoch, ms_until, now as _now, pause, raise_zmq_error)
 from nova_zmq_fast._envelope cimport *
-from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox, pause
+from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
 from nova_zmq_fast._green import unpatched
@@ -154,7 +155,7 @@ cdef class Courier:
         it.  Waits (up to rpc_cast_timeout) while 10 x rpc_zmq_topic_backlog
         casts are already on their way: backpressure, as for any send."""
         cdef double deadline = _now() + self.client.send_timeout
-        cdef long pause_ns = 20000
+        cdef long pause_ns = PAUSE_MIN_NS
         while not self.has_room():
             if self.closed:
                 break                       # refused below

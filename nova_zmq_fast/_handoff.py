@@ -411,7 +411,8 @@ class ThreadHandoff:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if pending:
             LOG.warning("%d handed-over request(s) still queued or running at close: those "
-                        "not started are dropped (their callers time out)", pending)
+                        "not started are dropped (their callers time out; at-least-once "
+                        "casts run when they are sent again)", pending)
 
 
 def monkey_patched():

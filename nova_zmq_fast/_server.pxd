@@ -1,5 +1,6 @@
 # The serving side: one listening socket per process, its worker pool and
 # receive loop.  Behaviour in _server.pyx; the token protocol in csrc/leader.h.
+cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
 from nova_zmq_fast._libzmq cimport zmq_msg_t
@@ -31,7 +32,27 @@ cdef enum:                          # indexes into Server.counters
     DROPPED_FRAMES, DROPPED_HEADER, DROPPED_VERSION, DROPPED_OVERSIZE,
     DROPPED_BODY, DROPPED_TOPIC, DROPPED_REVOKED, REPLIES_UNDELIVERABLE,
     ACKS, DUPLICATES, PINGS,
+    REPLIES_DELAYED,                # waited for room in the control socket's queue
+    REPLIES_HANDOFF_TIMEOUT,        # ... and found none in send_timeout: dropped
+    STREAMS_TRUNCATED,              # multicalls that lost values: FAILURE instead of END
     NCOUNTERS
+
+
+cdef enum SeenAs:                   # what Seen.begin() found
+    SEEN_NEW, SEEN_RUNNING, SEEN_HANDLED
+
+
+cdef class Seen:
+    cdef double window               # seconds a handled cast is remembered
+    cdef dict running                # key -> None: not answered yet
+    cdef object handled              # OrderedDict key -> when it may go, oldest first
+    cdef readonly unsigned long long forgotten_early
+
+    @staticmethod
+    cdef Seen new(double window)
+    cdef int begin(self, bytes key) except -1
+    cdef done(self, bytes key)
+    cdef forget(self, bytes key)
 
 
 cdef class Worker:
@@ -66,11 +87,14 @@ cdef class Server:
     cdef int epoch
     cdef object serialize_failure   # exception -> msgpack-able failure
     cdef object on_failure          # called once if the receive loop dies
+    cdef double send_timeout        # the longest a reply waits for the leader to take it
+    cdef bint green                 # ... in a green thread (eventlet), cooperatively
     cdef public object before_close # called by stop() just before the sockets close
     cdef AllowList allow            # with CURVE: the keys accepted, and those revoked
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with
-    cdef object seen                # OrderedDict: at-least-once msg_id -> handled yet
+    cdef Seen seen                  # at-least-once casts received: never run twice
+    cdef dict broken                # (caller, msg_id) of a stream that lost values -> how many
     cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
     cdef unsigned long loop_thread  # ... and that loop's thread
     cdef Worker loop_worker
@@ -85,6 +109,8 @@ cdef class Server:
     cdef int _drop(self, int counter, str what) except -1
     cdef _discard_rest(self)
     cdef int _control(self, zmq_msg_t *parts, int n) except -1
+    cdef bint _forward_broken(self, zmq_msg_t *parts) except -1
+    cdef _forward_lost(self, zmq_msg_t *parts)
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts)
     cdef _handle(self, Worker w, uint64_t gen, zmq_msg_t *parts, Header *h)
     cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
@@ -98,6 +124,17 @@ cdef class Server:
     cdef _fail(self, Worker w, uint64_t gen, zmq_msg_t *identity, uint64_t msg_id, exc)
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body)
+    @cython.final                   # on every reply: called directly, inlined
+    cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                              const char *header, size_t hlen, const char *data,
+                              size_t size) noexcept nogil
+    @cython.final
+    cdef inline bint _send_now(self, const char *identity, size_t identity_len,
+                               const char *header, size_t hlen, const char *data,
+                               size_t size) noexcept nogil
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id)
+    cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
+                             uint64_t msg_id)
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id)
     cdef _close_sockets(self, int linger_ms)
 
@@ -109,11 +146,12 @@ cdef class Replier:
     cdef readonly bint done
     cdef readonly bint multi        # a multicall: values may stream (chunk, then end)
     cdef readonly bint cast         # an at-least-once cast: its answer is the ACK
-    cdef uint64_t gen               # with `thread`: a loop-led server's token, for
-    cdef unsigned long thread       # replies sent straight from the loop's thread
+    cdef uint64_t gen               # with `thread`: the token of the thread that received
+    cdef unsigned long thread       # the request, for replies sent straight from there
 
     cdef uint64_t _gen(self)
 
     cdef _check(self)
     cdef _acknowledge(self)
+    cdef _abandon(self)
     cdef _send(self, int kind, bytes body)

@@ -21,7 +21,22 @@ no second socket to check).  Anything else that must reach the leader (a
 stop request, or a reply from a worker that lost the token or from a
 deferred consumer answering later) is sent *into* the ROUTER by an inproc
 DEALER whose routing id is a random secret; the leader recognises it by
-that id and forwards the reply.
+that id and forwards the reply.  The leader never waits to send: a caller
+that is gone, or whose queue is full, loses the reply (counted).  Other
+threads do wait, for room in the control socket's queue, up to
+rpc_cast_timeout: a leader stuck in a handler holds their replies back
+instead of losing them.
+
+A multicall streams its values as CHUNKs, then END.  Once a CHUNK is lost
+(the caller reads more slowly than the server yields, and its queue of
+ZMQ_SNDHWM replies is full), the stream is *broken*: its later CHUNKs are
+dropped too, so that the caller never sees a gap, and its end (END, or a
+last value sent as RESULT) goes as a FAILURE (StreamTruncated).  A caller
+therefore gets every value up to the first lost one and then that
+failure, or, when the FAILURE finds its queue still full, a Timeout: never
+a stream that ends normally without all its values.  (Holding the
+generator back instead cannot work: after `patience` its values go
+through the leader, which must not wait for one caller.)
 
 Bad input never stops the loop: a message with the wrong frame count, a bad
 header, an unknown version, an oversized body, undecodable msgpack or a
@@ -42,11 +57,12 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport (
-    Context, check, fork_epoch, ms_until, now as _now, raise_zmq_error, set_int)
+    PAUSE_MIN_NS, Context, check, fork_epoch, ms_until, now as _now, pause, raise_zmq_error,
+    set_int)
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._dispatch cimport PROXY_DEFERRED, Consumer, RpcContext, Subscription
 from nova_zmq_fast._routes cimport host_base_len
@@ -57,7 +73,7 @@ from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
     ClientException, MalformedEnvelope, MessageTooLarge, SerializationError,
-    UnsupportedRpcVersion, expected)
+    StreamTruncated, UnsupportedRpcVersion, expected)
 
 LOG = logging.getLogger("nova_zmq_fast.server")
 PEERS_LOG = RateLimitedLog(LOG)
@@ -94,26 +110,53 @@ cdef enum Received:                 # what _recv() found
     GOT_CONTROL = 3                 # a forwarded reply, already sent on
     GOT_STOP = 4
 
+cdef enum Sent:                     # what one attempt to send a reply did (_try_send)
+    REPLY_SENT = 0                  # onto the caller's connection
+    REPLY_HANDED = 1                # into the control socket, for the leader to forward
+    REPLY_DROPPED = 2               # the caller is gone or full, or the server closed
+    CONTROL_FULL = 3                # the control socket's queue is full: try again
+
 _COUNTER_NAMES = (
     "received", "handled", "replies", "handler_errors",
     "dropped_frame_count", "dropped_bad_header", "dropped_version",
     "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
+    "replies_delayed", "replies_handoff_timeout", "streams_truncated",
 )
-# At-least-once casts remembered, to recognise one sent again: at 10,000
-# such casts a second, the last 20 seconds.
-SEEN_MAX = 200000
+# Handled at-least-once casts remembered at most (see Seen): about 190
+# bytes each, 75 MB.
+SEEN_MAX = 400000
+# Broken streams remembered until their end (a deferred consumer may never
+# end one): the oldest are forgotten past this.
+BROKEN_MAX = 1024
 
 
 @cython.final
+@cython.no_gc_clear                 # __dealloc__ reads its fields
 cdef class Replier:
     """Answers one call later, from any thread (the oslo.messaging driver
     hands requests to its executor and replies from there).  The reply goes
     through the server's control socket to whichever worker leads, or
-    straight out from the thread of an event loop that leads the server."""
+    straight out from the thread that received the request while that
+    thread still leads (an event loop that leads the server, or a worker
+    whose consumer answered at once).
+
+    Released unanswered (its work dropped: an executor shut down, a
+    listener stopped with requests queued), it abandons its request."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Replier is not supposed to be instantiated from Python")
+
+    def __dealloc__(self):
+        if not self.done and self.cast and self.server is not None:
+            self._abandon()
+
+    def abandon(self):
+        """This request will not be answered: an at-least-once cast is
+        forgotten, so that its sender's resend runs it (a call is left to
+        its caller's timeout)."""
+        self._check()
+        self._abandon()
 
     def result(self, value):
         """The final value (of an at-least-once cast: its handler is done,
@@ -167,6 +210,14 @@ cdef class Replier:
             self.done = True
             self.server._ack(self._gen(), self.identity, self.msg_id)
 
+    cdef _abandon(self):
+        if not self.done:
+            self.done = True
+            if self.cast and self.server.seen is not None:
+                self.server.seen.forget(_seen_key(PyBytes_AS_STRING(self.identity),
+                                                  PyBytes_GET_SIZE(self.identity),
+                                                  self.msg_id))
+
     cdef _send(self, int kind, bytes body):
         self._check()
         if self.done:
@@ -176,9 +227,9 @@ cdef class Replier:
                                 PyBytes_GET_SIZE(self.identity), kind, self.msg_id, body)
 
     cdef uint64_t _gen(self):
-        """On the thread of the event loop that leads the server: its token,
-        so the reply goes straight out; elsewhere 0, through the control
-        socket."""
+        """On the thread that received the request: the token it held then
+        (the reply goes straight out if it still leads); elsewhere 0,
+        through the control socket."""
         if self.gen != 0 and PyThread_get_thread_ident() == self.thread:
             return self.gen
         return 0
@@ -204,24 +255,89 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
           int socket_buffer=0,
           double patience=0.005, double quiet=0.05, serialize_failure,
           on_failure=None, bytes curve_secret=None,
-          AllowList allow=None):
+          AllowList allow=None, double send_timeout=30.0, bint green=False,
+          double ack_timeout=30.0):
     """Bind a Server to `bind`; peers reach it at `address`, which is
     also the routing id it announces (outboxes address it by that).  With
     `curve_secret` (Z85) it speaks only CURVE and requires the context's
-    ZAP handler to accept each client (`allow` is its allow-list).  It
-    serves once start() is called."""
+    ZAP handler to accept each client (`allow` is its allow-list).  A
+    reply from a thread that does not lead waits up to `send_timeout`
+    (rpc_cast_timeout) for the leader to take it; in a green thread when
+    `green` (eventlet), cooperatively.  `ack_timeout` is
+    rpc_zmq_ack_timeout, which sizes the window of at-least-once casts
+    (Seen).  It serves once start() is called."""
     cdef Server server = Server.__new__(Server)
     server._setup(ctx, bind, host, address, max_message_size, max_threads, backlog,
                   socket_buffer, patience, quiet, serialize_failure, on_failure, curve_secret,
                   allow)
+    server.send_timeout = max(0.0, send_timeout)
+    server.green = green
+    server.seen.window = 2 * max(0.0, ack_timeout)
     return server
 
 
-cdef inline tuple _seen_key(zmq_msg_t *identity, uint64_t msg_id):
-    """An at-least-once cast's key in the dedup window: its sender's
-    routing id (stable across reconnects) and its id."""
-    return (PyBytes_FromStringAndSize(<const char *>zmq_msg_data(identity),
-                                      zmq_msg_size(identity)), msg_id)
+cdef bytes _seen_key(const char *identity, size_t identity_len, uint64_t msg_id):
+    """An at-least-once cast's key in Seen: its sender's routing id (stable
+    across reconnects), then its id (8 bytes: the length tells them apart)."""
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, identity_len + 8)
+    memcpy(PyBytes_AS_STRING(key), identity, identity_len)
+    memcpy(PyBytes_AS_STRING(key) + identity_len, &msg_id, 8)
+    return key
+
+
+@cython.final
+cdef class Seen:
+    """The at-least-once casts a server received, by sender and id, so
+    that one sent again (its ACK lost, or late) never runs twice.
+
+    A cast is *running* from its arrival until its handler is done (its
+    ACK goes), or until its Replier is released unanswered: its work was
+    dropped, so the resend must run.  Running casts are never forgotten.
+    A handled cast is remembered for `window` seconds, twice
+    rpc_zmq_ack_timeout: its sender sends it again rpc_zmq_ack_timeout
+    after the last send it has no ACK for.  At most SEEN_MAX are kept:
+    beyond SEEN_MAX / window casts a second (6,666 at the default 30 s)
+    the oldest go sooner, counted in `forgotten_early`.  One thread at a
+    time, under the GIL (no call here lets it go)."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Seen is not supposed to be instantiated from Python")
+
+    @staticmethod
+    cdef Seen new(double window):
+        cdef Seen seen = Seen.__new__(Seen)
+        seen.window = window
+        seen.running = {}
+        seen.handled = collections.OrderedDict()
+        return seen
+
+    cdef int begin(self, bytes key) except -1:
+        """A cast arrived: SEEN_NEW (now running), SEEN_RUNNING or
+        SEEN_HANDLED."""
+        if key in self.running:
+            return SEEN_RUNNING
+        if key in self.handled:
+            return SEEN_HANDLED
+        self.running[key] = None
+        return SEEN_NEW
+
+    cdef done(self, bytes key):
+        """Its handler is done: remembered as handled for `window`."""
+        cdef double now = _now()
+        self.running.pop(key, None)
+        self.handled[key] = now + self.window
+        self.handled.move_to_end(key)
+        while self.handled:
+            oldest = next(iter(self.handled))
+            if len(self.handled) > SEEN_MAX:
+                self.forgotten_early += <double>self.handled[oldest] > now
+            elif <double>self.handled[oldest] > now:
+                break
+            del self.handled[oldest]
+
+    cdef forget(self, bytes key):
+        """Never to be answered (see Replier.abandon): a resend runs."""
+        self.running.pop(key, None)
 
 
 cdef class Server:
@@ -234,6 +350,7 @@ cdef class Server:
         self.direct = {}
         self.fanouts = {}
         self.spawn_tokens = set()
+        self.seen = Seen.new(60.0)          # serve() sizes it
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Server is not supposed to be instantiated from Python; "
@@ -258,7 +375,7 @@ cdef class Server:
         self.on_failure = on_failure
         self.allow = allow
         self.log = PEERS_LOG
-        self.seen = collections.OrderedDict()
+        self.broken = {}
         self.about = {"host": host, "address": address, "pid": os.getpid(),
                       "transport": __version__, "envelope": VERSION}
         if lf_init(&self.lf, <int64_t>(patience * 1e9)) != 0:
@@ -498,6 +615,9 @@ cdef class Server:
             zmq_msg_init(&parts[i])
         try:
             while True:
+                if self.stopping:
+                    self._drain(w, gen, parts)
+                    return False
                 got = self._recv(parts, &h, 0)
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
@@ -580,6 +700,9 @@ cdef class Server:
             zmq_msg_init(&parts[i])
         try:
             while True:
+                if self.stopping:           # without waiting for STOP, which may be lost
+                    self._drain(w, gen, parts)
+                    return
                 got = self._recv(parts, &h, -1)
                 if got == GOT_REQUEST:
                     lf_busy(&self.lf, gen)
@@ -672,15 +795,44 @@ cdef class Server:
     cdef int _control(self, zmq_msg_t *parts, int n) except -1:
         """A message from our own control socket: [secret, b"STOP"] or
         [secret, b"FWD", identity, header, body] to send on to a caller."""
-        if n == 5:
-            if (zmq_msg_send(&parts[2], self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1):
-                self.counters[REPLIES_UNDELIVERABLE] += 1
-            else:
-                zmq_msg_send(&parts[3], self.sock, ZMQ_SNDMORE)
-                zmq_msg_send(&parts[4], self.sock, 0)
-                self.counters[REPLIES] += 1
+        if n != 5:
+            return GOT_STOP
+        if self.broken and self._forward_broken(parts):
             return GOT_CONTROL
-        return GOT_STOP
+        if zmq_msg_send(&parts[2], self.sock, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
+            self._forward_lost(parts)
+            return GOT_CONTROL
+        zmq_msg_send(&parts[3], self.sock, ZMQ_SNDMORE)
+        zmq_msg_send(&parts[4], self.sock, 0)
+        self.counters[REPLIES] += 1
+        return GOT_CONTROL
+
+    cdef bint _forward_broken(self, zmq_msg_t *parts) except -1:
+        """_control's reply while some stream is broken: True if it went
+        as _stream_fate says (dropped, or a FAILURE in its place)."""
+        cdef Header h
+        cdef char header[MAX_HEADER]
+        cdef const char *identity = <const char *>zmq_msg_data(&parts[2])
+        cdef size_t identity_len = zmq_msg_size(&parts[2])
+        # (The header is one of ours: it parses.)
+        parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+        fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id)
+        if fate is None:
+            return False
+        if fate:
+            if self._send_now(identity, identity_len, header,
+                              write_header(header, KIND_FAILURE, 0, h.msg_id, NULL, 0),
+                              PyBytes_AS_STRING(fate), PyBytes_GET_SIZE(fate)):
+                self.counters[REPLIES] += 1
+            else:
+                self._lost(identity, identity_len, KIND_FAILURE, h.msg_id)
+        return True
+
+    cdef _forward_lost(self, zmq_msg_t *parts):
+        cdef Header h
+        parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
+        self._lost(<const char *>zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), h.kind,
+                   h.msg_id)
 
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts):
         """Stop requested: serve what is already queued or still arriving
@@ -715,6 +867,7 @@ cdef class Server:
         cdef uint64_t msg_id = h.msg_id
         cdef Subscription sub
         cdef Consumer consumer
+        cdef int seen
         cdef size_t size = zmq_msg_size(&parts[2])
         # A cast at least once: answered (REFUSED, FAILURE, ACK) like a call.
         cdef bint answered = kind == KIND_CALL or kind == KIND_PING or (
@@ -749,18 +902,15 @@ cdef class Server:
             return
         if kind == KIND_CAST and h.flags & FLAG_ACK:
             # Keyed by the sender too: one peer's ids cannot shadow another's.
-            key = _seen_key(&parts[0], msg_id)
-            done = self.seen.get(key)
-            if done is not None:
+            seen = self.seen.begin(_seen_key(<const char *>zmq_msg_data(&parts[0]),
+                                             zmq_msg_size(&parts[0]), msg_id))
+            if seen != SEEN_NEW:
                 # Sent again (its ACK was lost, or late): never run twice.
                 self.counters[DUPLICATES] += 1
-                if done:
+                if seen == SEEN_HANDLED:
                     self._send_reply(gen, <const char *>zmq_msg_data(&parts[0]),
                                      zmq_msg_size(&parts[0]), KIND_ACK, msg_id, b"")
                 return                  # still running: its ACK comes when it ends
-            self.seen[key] = False
-            while len(self.seen) > SEEN_MAX:
-                self.seen.popitem(last=False)
         if kind == KIND_PING:
             self.counters[PINGS] += 1
             self._pong(w, gen, &parts[0], h, sub, <dict>(<list>body)[1])
@@ -798,9 +948,8 @@ cdef class Server:
                 replier.msg_id = h.msg_id
                 replier.multi = h.flags & FLAG_MULTI
                 replier.cast = acked
-                if gen == self.loop_gen:
-                    replier.gen = gen
-                    replier.thread = self.loop_thread
+                replier.gen = gen
+                replier.thread = PyThread_get_thread_ident()
                 consumer.proxy(ctxt, msg, replier)
                 handed_off = True
             else:
@@ -814,12 +963,10 @@ cdef class Server:
             # BaseException too: a handler raising SystemExit or
             # KeyboardInterrupt must not stop the loop that serves everyone.
             if replier is not None and acked:
+                # The hand-off failed and its handler never runs: no ACK,
+                # and forgotten, so that the sender's resend runs it.
                 acked = False
-                if not replier.done:
-                    # The hand-off failed and its handler never runs: no
-                    # ACK, and forgotten, so that the sender's resend runs it.
-                    replier.done = True
-                    self.seen.pop(_seen_key(identity, h.msg_id), None)
+                replier._abandon()
             if kind == KIND_CALL:
                 self._fail(w, gen, identity, h.msg_id, exc)
             else:
@@ -891,48 +1038,132 @@ cdef class Server:
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id):
         """An at-least-once cast's handler is done: remember it as handled
         (a resend is answered, not run) and tell its sender."""
-        self.seen[(identity, msg_id)] = True
+        self.seen.done(_seen_key(PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
+                                 msg_id))
         self.counters[ACKS] += 1
         self._send_reply(gen, PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
                          KIND_ACK, msg_id, b"")
 
     cdef _send_reply(self, uint64_t gen, const char *identity, size_t identity_len,
                      int kind, uint64_t msg_id, bytes body):
-        """Send [identity, header, body] back to the caller: directly while
-        this worker holds the token `gen`, else (gen 0: not a worker) via the
-        control socket for the leader to forward.  Either way under the token
-        mutex, so the token cannot move in between."""
+        """Send [identity, header, body] back to the caller: straight out
+        while this thread leads with the token `gen`, else through the
+        control socket for the leader to forward.  The leader never waits;
+        any other thread (a worker replaced while its handler ran, or
+        wherever a deferred consumer answers) waits for room in the control
+        socket's queue, which the leader empties as it forwards, up to
+        `send_timeout` (green threads cooperatively), then drops the reply.
+        Every reply dropped is counted in replies_undeliverable."""
         cdef char header[MAX_HEADER]
-        cdef size_t hlen = write_header(header, kind, 0, msg_id, NULL, 0)
-        cdef int ok = 0
-        cdef const char *data = PyBytes_AS_STRING(body)
-        cdef size_t size = PyBytes_GET_SIZE(body)
+        cdef size_t hlen
+        cdef const char *data
+        cdef size_t size
+        cdef int status
+        cdef long pause_ns = PAUSE_MIN_NS
+        cdef double deadline = 0
         if not self.lf_ready:
             return
-        with nogil:
-            lf_lock(&self.lf)
-            if not self.lf.closed and self.sock != NULL:
-                if gen != 0 and self.lf.owner == gen:
-                    if zmq_send(self.sock, identity, identity_len,
-                                ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                        zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
-                        zmq_send(self.sock, data, size, 0)
-                        ok = 1
-                elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
-                    zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
-                    zmq_send(self.control, header, hlen, ZMQ_SNDMORE)
-                    zmq_send(self.control, data, size, 0)
-                    ok = 2
-            lf_unlock(&self.lf)
-        if ok == 1:
+        if self.broken:
+            fate = self._stream_fate(identity, identity_len, kind, msg_id)
+            if fate is not None:
+                if not fate:
+                    return
+                kind, body = KIND_FAILURE, fate
+        hlen = write_header(header, kind, 0, msg_id, NULL, 0)
+        data = PyBytes_AS_STRING(body)
+        size = PyBytes_GET_SIZE(body)
+        while True:
+            with nogil:
+                status = self._try_send(gen, identity, identity_len, header, hlen, data, size)
+            if status != CONTROL_FULL:
+                break
+            if deadline == 0:
+                self.counters[REPLIES_DELAYED] += 1
+                deadline = _now() + self.send_timeout
+            elif _now() >= deadline:
+                self.counters[REPLIES_HANDOFF_TIMEOUT] += 1
+                status = REPLY_DROPPED
+                break
+            pause_ns = pause(pause_ns, self.green and gen == 0)
+        if status == REPLY_SENT:
             self.counters[REPLIES] += 1
-        elif ok == 0:
+        elif status == REPLY_DROPPED:
+            self._lost(identity, identity_len, kind, msg_id)
+
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id):
+        """A reply was dropped: counted; a lost CHUNK breaks its stream."""
+        self.counters[REPLIES_UNDELIVERABLE] += 1
+        if kind == KIND_CHUNK:
+            key = (identity[:identity_len], msg_id)
+            self.broken[key] = self.broken.get(key, 0) + 1
+            if len(self.broken) > BROKEN_MAX:
+                del self.broken[next(iter(self.broken))]
+
+    cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
+                             uint64_t msg_id):
+        """What becomes of a reply about to be sent while some stream is
+        broken (see the module docstring): None, send it as it is; b"",
+        drop it (counted); else the FAILURE body to send in its place (of
+        the broken stream's END, or a last value sent as RESULT)."""
+        key = (identity[:identity_len], msg_id)
+        lost = self.broken.get(key)
+        if lost is None or kind == KIND_HEARTBEAT:
+            return None
+        if kind == KIND_CHUNK:
+            self.broken[key] = lost + 1
             self.counters[REPLIES_UNDELIVERABLE] += 1
+            return b""
+        del self.broken[key]                # the stream's last reply
+        if kind == KIND_FAILURE:
+            return None                     # a failure already
+        self.counters[STREAMS_TRUNCATED] += 1       # END, or a last value (RESULT)
+        try:
+            return _packb(self.serialize_failure(StreamTruncated(lost=lost)))
+        except Exception:
+            return _packb(["builtins", "RuntimeError",
+                           f"{lost} value(s) of the stream were lost on the way", [], ""])
+
+    @cython.final
+    cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
+                              const char *header, size_t hlen, const char *data,
+                              size_t size) noexcept nogil:
+        """One attempt at _send_reply's send, never waiting, under the token
+        mutex so that the token cannot move in between."""
+        cdef int status = REPLY_DROPPED
+        lf_lock(&self.lf)
+        if not self.lf.closed and self.sock != NULL:
+            if gen != 0 and self.lf.owner == gen:
+                if self._send_now(identity, identity_len, header, hlen, data, size):
+                    status = REPLY_SENT
+            elif zmq_send(self.control, b"FWD", 3, ZMQ_SNDMORE | ZMQ_DONTWAIT) != -1:
+                zmq_send(self.control, identity, identity_len, ZMQ_SNDMORE)
+                zmq_send(self.control, header, hlen, ZMQ_SNDMORE)
+                zmq_send(self.control, data, size, 0)
+                status = REPLY_HANDED
+            elif zmq_errno() == EAGAIN:
+                status = CONTROL_FULL
+        lf_unlock(&self.lf)
+        return status
+
+    @cython.final
+    cdef inline bint _send_now(self, const char *identity, size_t identity_len,
+                               const char *header, size_t hlen, const char *data,
+                               size_t size) noexcept nogil:
+        """Send a reply on the socket, never waiting (only the leader may):
+        False if the caller is gone or its queue is full."""
+        if zmq_send(self.sock, identity, identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) == -1:
+            return False
+        # The routing frame went through: the rest cannot block or fail.
+        zmq_send(self.sock, header, hlen, ZMQ_SNDMORE)
+        zmq_send(self.sock, data, size, 0)
+        return True
 
     # -- lifecycle ---------------------------------------------------------
 
     def stats(self):
-        return {name: self.counters[i] for i, name in enumerate(_COUNTER_NAMES)}
+        counters = {name: self.counters[i] for i, name in enumerate(_COUNTER_NAMES)}
+        counters["dedup_forgotten_early"] = self.seen.forgotten_early
+        return counters
 
     def handler_error(self, topic, method, exc):
         """A handler of `topic` raised and no caller is told: counted in
@@ -960,10 +1191,11 @@ cdef class Server:
         self.stopping = True
         # The leader drains and closes the token; if nobody leads (never
         # started, or every worker is inside a handler) close it ourselves.
-        # STOP goes again every 50 ms: a draining leader whose handler
-        # outlasted `patience` has lost the token, and the STOP with it, to
-        # a follower now waiting for messages (and a full control pipe
-        # drops it).
+        # A leader sees `stopping` before each message; STOP only wakes
+        # one blocked on an empty queue (so there is room for it).  It goes
+        # again every 50 ms: a draining leader whose handler outlasted
+        # `patience` has lost the token, and the STOP with it, to a follower
+        # now waiting for messages.
         with self.threads_lock:
             started = self.started
         next_stop = 0.0

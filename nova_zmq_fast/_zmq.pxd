@@ -1,5 +1,6 @@
-# The libzmq context and the single place where libzmq errors become Python
-# exceptions.  Every other module cimports these.
+# The libzmq context, the single place where libzmq errors become Python
+# exceptions, and the pause of every polling wait.  Every other module
+# cimports these.
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef class Context:
@@ -15,6 +16,12 @@ cdef int raise_zmq_error(int err) except -1
 cdef int check(int rc) except -1
 cdef int set_int(void *sock, int option, int value) except -1
 cdef int fork_epoch() noexcept
+
+cdef enum:                          # pause(): the first wait, and the longest
+    PAUSE_MIN_NS = 20000
+    PAUSE_MAX_NS = 5000000
+
+cdef long pause(long pause_ns, bint green)
 
 
 cdef inline double now() noexcept nogil:

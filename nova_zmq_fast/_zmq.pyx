@@ -9,11 +9,13 @@ blocking loops catch and retry.
 """
 import os
 import re
+import time
 
 from nova_zmq_fast.exceptions import TransportClosed
 
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno as c_errno
+from posix.time cimport nanosleep, timespec
 
 from nova_zmq_fast._libzmq cimport *
 
@@ -57,6 +59,21 @@ cdef inline int check(int rc) except -1:
 
 cdef int set_int(void *sock, int option, int value) except -1:
     return check(zmq_setsockopt(sock, option, &value, sizeof(int)))
+
+
+cdef long pause(long pause_ns, bint green):
+    """Sleep `pause_ns` (cooperatively under eventlet, GIL released
+    otherwise); returns the next, longer pause.  Every wait for room that
+    cannot block in libzmq itself polls with it."""
+    cdef timespec ts
+    if green:
+        time.sleep(pause_ns * 1e-9)         # patched: yields to other greenlets
+    else:
+        ts.tv_sec = 0
+        ts.tv_nsec = pause_ns
+        with nogil:
+            nanosleep(&ts, NULL)
+    return min(pause_ns * 2, PAUSE_MAX_NS)
 
 
 def libzmq_version():

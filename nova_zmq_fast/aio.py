@@ -32,7 +32,9 @@ runs the method there (a coroutine or async generator as a task) and sends
 the reply straight out, with no thread hand-off.  Otherwise (the process
 already serves with threads) the receive loop's threads hand each request
 to the event loop (call_soon_threadsafe, _handoff.Deferred) and replies go
-back through the server's control socket.  Either way a Replier answers.
+back through the server's control socket (waiting there, on the loop, only
+while the receive loop is too far behind to take them: at most
+rpc_cast_timeout).  Either way a Replier answers.
 """
 import asyncio
 import collections

@@ -87,6 +87,16 @@ class PeerUnreachable(Timeout):
     msg_fmt = "%(info)s"
 
 
+class StreamTruncated(RPCException):
+    """A multicall's stream lost values on the way: its caller read them
+    more slowly than the server produced them, until its queue was full.
+    The values before the first lost one arrived; this takes the place of
+    the stream's normal end."""
+
+    msg_fmt = ("%(lost)s value(s) of this multicall's stream were lost on the way (the "
+               "caller read too slowly): the stream is incomplete")
+
+
 class InvalidRPCConnectionReuse(RPCException):
     """A Connection used after close()."""
 

@@ -117,6 +117,9 @@ class _Inbox:
         self._wake()
 
     def close(self):
+        # What was never polled is dropped: its Repliers, released, let
+        # at-least-once casts among it run when they are sent again.
+        self.items.clear()
         for fd in (self._read, self._write):
             try:
                 self._os.close(fd)

@@ -201,7 +201,9 @@ class Runtime:
                     socket_buffer=opts.rpc_zmq_socket_buffer,
                     serialize_failure=serialize_remote_exception,
                     on_failure=self._server_failed,
-                    curve_secret=self.curve[1] if self.curve else None, allow=allow)
+                    curve_secret=self.curve[1] if self.curve else None, allow=allow,
+                    send_timeout=opts.rpc_cast_timeout, green=self.client.green,
+                    ack_timeout=opts.rpc_zmq_ack_timeout)
             except OSError as exc:
                 # EADDRINUSE: another process took the free port first, or a
                 # fixed port is still held by a server just closed.

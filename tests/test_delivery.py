@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from nova_zmq_fast._client import KINDS
 from tests.helpers.ledger import balanced
 from tests.conftest import (
     ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
@@ -142,6 +143,167 @@ def test_backpressure_reaches_a_fast_sender_in_seconds_of_work(ipc_dir, client):
     finally:
         client.cleanup()
         assert svc.stop() == 0
+
+
+# A service whose one worker thread can be kept in a handler while another
+# thread answers calls (or streams to a multicall) held by a deferred
+# consumer: those replies wait for the leader, up to rpc_cast_timeout
+# (argv[2]).
+HELD = """
+import signal, sys, threading, time
+from nova_zmq_fast import rpc
+
+rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="held", rpc_thread_pool_size=1,
+         rpc_zmq_topic_backlog=100, rpc_cast_timeout=float(sys.argv[2]))
+held, streams = [], []
+
+class Control:
+    def held(self, ctxt):
+        return len(held) + len(streams)
+
+    def answer_all_while_busy(self, ctxt):
+        # The only worker is in here: nobody forwards replies until it
+        # returns, which it does once the answering thread had to wait
+        # (or, were replies dropped, has answered them all).
+        server = rpc._runtime().server
+        answered = [0]
+
+        def answer():
+            for replier in held:
+                replier.result("ok")
+                answered[0] += 1
+        threading.Thread(target=answer).start()
+        deadline = time.monotonic() + 30
+        while (answered[0] < len(held) and not server.stats()["replies_delayed"]
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+
+    def stream_while_busy(self, ctxt, n):
+        # Back once a value found no room until rpc_cast_timeout.
+        server = rpc._runtime().server
+        replier = streams[0]
+
+        def stream():
+            for i in range(n):
+                replier.chunk(i)
+            replier.end()
+        threading.Thread(target=stream).start()
+        deadline = time.monotonic() + 30
+        while not server.stats()["replies_handoff_timeout"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def stats(self, ctxt):
+        return rpc._runtime().server.stats()
+
+conn = rpc.create_connection()
+conn.create_consumer("held", lambda ctxt, msg, replier: held.append(replier), deferred=True)
+conn.create_consumer("held-stream", lambda ctxt, msg, replier: streams.append(replier),
+                     deferred=True)
+conn.create_consumer("held-control", Control())
+conn.consume_in_thread()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("READY", conn.address, flush=True)
+while not done.is_set():
+    time.sleep(0.05)
+rpc.cleanup()
+"""
+
+
+def test_replies_from_other_threads_wait_for_a_busy_leader(ipc_dir, client):
+    """1,500 calls held by a deferred consumer are answered from another
+    thread while the server's only worker is inside a handler: more than
+    the control socket's queue holds (about 1,100 here).  Every caller gets
+    its reply once the worker is back; none is dropped."""
+    n = 1500
+    service = ChildProcess("held", [sys.executable, "-c", HELD, str(ipc_dir), "30"])
+    try:
+        core = client._runtime().client
+        ob = core.new_outbox()
+        pending, answered = set(), set()
+        deadline = time.monotonic() + 30
+        while len(pending) < n and time.monotonic() < deadline:
+            msg_id = core.try_request(ob, KINDS["call"], CTX, "held", msg("m"))
+            if msg_id is None:
+                time.sleep(0.001)           # not connected yet, or full: again
+            else:
+                pending.add(msg_id)
+        assert wait_until(lambda: client.call(CTX, "held-control", msg("held")) == n, 10)
+        client.call(CTX, "held-control", msg("answer_all_while_busy"))
+
+        def all_answered():
+            answered.update(m for m, kind, _ in ob.replies() if kind == KINDS["result"])
+            return answered >= pending
+        wait_until(all_answered, 20)
+        stats = client.call(CTX, "held-control", msg("stats"))
+        assert len(answered & pending) == n, stats
+        assert stats["replies_delayed"] > 0, stats
+        assert stats["replies_undeliverable"] == stats["replies_handoff_timeout"] == 0, stats
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_stream_that_lost_values_never_ends_normally(ipc_dir, client):
+    """A caller that stops reading a long multicall until its queue is full
+    loses values.  Whatever it then reads is every value up to the first
+    lost one, in order, and the stream ends with StreamTruncated or, since
+    that too finds the queue full while the server keeps up with the
+    generator, Timeout: never a normal end."""
+    n = 1000000
+    options = {"rpc_zmq_socket_buffer": 65536}
+    svc = ServiceProcess("trunc", ipc_dir, topic="trunc", options=options)
+    try:
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", **options)
+        stream = client.multicall(CTX, "trunc.trunc", msg("numbers", n=n), timeout=5)
+        values = [next(stream)]
+
+        def dropped():
+            # From another thread: a call on this one would read (and keep)
+            # the stream's values while it waits for its own reply.
+            stats = []
+            asker = threading.Thread(target=lambda: stats.append(
+                client.call(CTX, "trunc.trunc", msg("stats"))))
+            asker.start()
+            asker.join(30)
+            return stats and stats[0]["replies_undeliverable"] > 0
+        assert wait_until(dropped, 60)          # not reading until the server dropped some
+        ended = None
+        try:
+            values.extend(stream)
+        except (client.StreamTruncated, client.Timeout) as exc:
+            ended = exc
+        stats = client.call(CTX, "trunc.trunc", msg("stats"))
+        print(f"\n{len(values)} of {n} values, then {ended!r}; server: {stats}")
+        assert values == list(range(len(values)))       # a prefix: no gap
+        assert len(values) < n
+        assert ended is not None, "the stream ended normally"
+        assert stats["streams_truncated"] == 1
+    finally:
+        assert svc.stop() == 0
+
+
+def test_a_stream_that_lost_a_value_at_the_hand_off_ends_in_failure(ipc_dir, client):
+    """A deferred consumer streams 5,000 values while the server's only
+    worker is in a handler: about 1,100 wait for it, the next finds no room
+    within rpc_cast_timeout and is dropped.  The caller gets the values
+    before it, in order, then StreamTruncated."""
+    n = 5000
+    service = ChildProcess("held", [sys.executable, "-c", HELD, str(ipc_dir), "1.0"])
+    try:
+        stream = client.multicall(CTX, "held-stream", msg("m"), timeout=30)
+        assert wait_until(lambda: client.call(CTX, "held-control", msg("held")) == 1, 10)
+        client.call(CTX, "held-control", msg("stream_while_busy", n=n))
+        values = []
+        with pytest.raises(client.StreamTruncated, match="lost on the way"):
+            for value in stream:
+                values.append(value)
+        assert values == list(range(len(values))) and 0 < len(values) < n
+        stats = client.call(CTX, "held-control", msg("stats"))
+        assert stats["replies_handoff_timeout"] == stats["streams_truncated"] == 1, stats
+        assert stats["replies_undeliverable"] == n - len(values), stats
+    finally:
+        assert service.stop() == 0
 
 
 # -- connections come and go ----------------------------------------------------------
@@ -677,6 +839,59 @@ def test_without_at_least_once_the_loss_is_counted(ipc_dir, client, tmp_path):
     # when discovery declared the server dead (counted as discarded then)
     # or at cleanup.
     assert missing <= sum(lost.values()) + stats["discarded"], stats
+
+
+# A deferred consumer whose first at-least-once cast is never answered: its
+# Replier is released (argv[2] "released"), as when an executor drops
+# queued work, or kept and abandoned from another thread ("abandoned").
+UNANSWERED = """
+import signal, sys, threading, time
+from nova_zmq_fast import rpc
+
+rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="unanswered")
+runs, kept = [], []
+
+def proxy(ctxt, msg, replier):
+    runs.append(msg["args"]["n"])
+    if len(runs) > 1:
+        replier.result(None)
+    elif sys.argv[2] == "abandoned":
+        kept.append(replier)
+        threading.Thread(target=lambda: kept[0].abandon()).start()
+
+class Control:
+    def runs(self, ctxt):
+        return list(runs)
+
+conn = rpc.create_connection()
+conn.create_consumer("unanswered", proxy, deferred=True)
+conn.create_consumer("unanswered-control", Control())
+conn.consume_in_thread()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("READY", conn.address, flush=True)
+while not done.is_set():
+    time.sleep(0.05)
+rpc.cleanup()
+"""
+
+
+@pytest.mark.parametrize("how", ["released", "abandoned"])
+def test_an_unanswered_at_least_once_cast_runs_when_sent_again(ipc_dir, client, how):
+    """The server forgets a cast whose Replier goes unanswered, so the
+    sender's resend (after rpc_zmq_ack_timeout) runs it, and is ACKed,
+    instead of being dropped for good as a duplicate of one still running."""
+    service = ChildProcess("unanswered", [sys.executable, "-c", UNANSWERED, str(ipc_dir), how])
+    try:
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                    rpc_zmq_ack_timeout=0.3)
+        client.cast(CTX, "unanswered", msg("m", n=1), at_least_once=True)
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 1, 20), \
+            client.stats()["client"]
+        assert client.call(CTX, "unanswered-control", msg("runs")) == [1, 1]
+    finally:
+        assert service.stop() == 0
 
 
 # -- held notifications ----------------------------------------------------------------

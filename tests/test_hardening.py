@@ -24,7 +24,8 @@ def test_no_way_of_building_or_calling_it_crashes(module, tmp_path):
 
 def test_internal_classes_refuse_to_be_built_from_python():
     from nova_zmq_fast import _dispatch, _server
-    for cls in (_server.Server, _server.Replier, _dispatch.Consumer, _dispatch.Subscription):
+    for cls in (_server.Server, _server.Replier, _server.Seen, _dispatch.Consumer,
+                _dispatch.Subscription):
         with pytest.raises(TypeError, match="not supposed to be instantiated"):
             cls()
     replier = _server.Replier.__new__(_server.Replier)

@@ -53,6 +53,10 @@ class TestService:
                 time.sleep(delay)
             yield {"i": i, "host": self.host, "t": time.time()}
 
+    def numbers(self, ctxt, n):
+        """0 .. n-1, as fast as they can go: a stream a reader falls behind."""
+        yield from range(n)
+
     def fail(self, ctxt, kind, text):
         if kind == "value":
             raise ValueError(text)
