@@ -979,8 +979,8 @@ cdef class Client:
         """Raise what a send with no live consumer to take it raises:
         PeerUnreachable if discovery knows some, else NoListeners."""
         if endpoints:
-            raise PeerUnreachable(f"every consumer of {topic} failed to connect in the "
-                                  f"last {DOWN_FOR:g}s" +
+            raise PeerUnreachable(f"no consumer of {topic} can be reached now: each failed "
+                                  f"to connect, or to answer a liveness probe, moments ago" +
                                   self.unreachable(ob, list(endpoints)), topic, method)
         self.no_listeners += 1
         raise NoListeners(None, topic, method)

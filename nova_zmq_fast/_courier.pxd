@@ -23,13 +23,15 @@ cdef class Probe:
     cdef double sent                # when it was sent
     cdef double answered            # when the server last answered (or was first probed)
     cdef double wanted              # when a route in use last held it
+    cdef bint connected             # answered on the current probe connection
 
 
 cdef class Courier:
     cdef Client client
     cdef RouteTable routes
     cdef object options
-    cdef Outbox ob                  # used by the courier's thread only
+    cdef Outbox ob                  # used by the courier's thread only: casts
+    cdef Outbox probe_ob            # ... and PINGs, on connections of their own
     cdef object jobs                # deque of Parcels from any thread
     cdef int wake_read, wake_write
     cdef object os                  # the unpatched os module (eventlet)
@@ -66,7 +68,7 @@ cdef class Courier:
     cdef _wake(self)
     cdef _loop_once(self)
     cdef _take_jobs(self)
-    cdef _read_replies(self)
+    cdef _read_replies(self, Outbox ob)
     cdef _send_unsent(self, double now)
     cdef bint _send(self, Parcel p, double now) except -1
     cdef _probe(self, double now)

@@ -6,8 +6,11 @@ Runtime, with an outbox of its own, woken by messages, replies and timers.
 
   * Liveness.  Every rpc_zmq_heartbeat_interval it PINGs the servers this
     process sends to (those of the routes in use).  A server's receive loop
-    answers a PING itself, on the courier's own connection, so an answer
-    does not wait behind the service's code or behind the callers' queues.
+    answers a PING itself, and PINGs travel on a connection of their own
+    (the courier's probe outbox), which the server's ROUTER reads in turn
+    with every other: an answer waits neither behind the service's code nor
+    behind the casts queued for it, the courier's own included, so a server
+    that is busy but reading is never taken for a dead one.
     A server that leaves a PING unanswered for rpc_zmq_heartbeat_timeout
     (frozen, cut off, or with every worker stuck) is marked down in the
     route table, and every thread passes it over until it answers again.
@@ -130,6 +133,9 @@ cdef class Courier:
         os.set_blocking(self.wake_write, False)
         self.ob = Outbox(self.client.ctx, 0, self.client.backlog, False, self.client.curve,
                          self.client.max_message_size, self.client.socket_buffer)
+        self.probe_ob = Outbox(self.client.ctx, 0, self.client.backlog, False,
+                               self.client.curve, self.client.max_message_size,
+                               self.client.socket_buffer)
         self.stopping = self.draining = False
         now = _now()
         self.next_probe = now + self.probe_every
@@ -249,9 +255,10 @@ cdef class Courier:
         self.jobs.clear()
         self.held.clear()
         self.held_count = self.held_bytes = 0
-        if self.ob is not None:
-            self.ob.close(0)
-            self.ob = None
+        for ob in (self.ob, self.probe_ob):
+            if ob is not None:
+                (<Outbox>ob).close(0)
+        self.ob = self.probe_ob = None
         for fd in (self.wake_read, self.wake_write):
             if fd >= 0:
                 os.close(fd)
@@ -296,7 +303,7 @@ cdef class Courier:
                 time.sleep(0.1)
 
     cdef _loop_once(self):
-        cdef zmq_pollitem_t items[2]
+        cdef zmq_pollitem_t items[3]
         cdef long timeout_ms
         cdef int rc = 0
         # Asleep from here on for _wake(): a route cached or a job queued
@@ -314,12 +321,14 @@ cdef class Courier:
             timeout_ms = ms_until(due)
         items[0].socket = self.ob.sock
         items[0].events = ZMQ_POLLIN
-        items[1].socket = NULL
-        items[1].fd = self.wake_read
+        items[1].socket = self.probe_ob.sock
         items[1].events = ZMQ_POLLIN
+        items[2].socket = NULL
+        items[2].fd = self.wake_read
+        items[2].events = ZMQ_POLLIN
         if not self.jobs and not self.stopping:
             with nogil:
-                rc = zmq_poll(items, 2, timeout_ms)
+                rc = zmq_poll(items, 3, timeout_ms)
         self.sleeping = False
         if rc == -1 and zmq_errno() != EINTR:
             raise_zmq_error(zmq_errno())    # ETERM (TransportClosed) above all
@@ -331,7 +340,8 @@ cdef class Courier:
             return
         now = _now()
         self._take_jobs()
-        self._read_replies()
+        self._read_replies(self.ob)
+        self._read_replies(self.probe_ob)
         if now >= self.next_refresh:
             self.next_refresh = now + self.routes.interval
             try:
@@ -355,18 +365,19 @@ cdef class Courier:
             else:
                 self.unsent.append(p)
 
-    cdef _read_replies(self):
-        """Every reply waiting on the courier's outbox, without blocking:
-        probe answers, and ACK, REFUSED or FAILURE for at-least-once casts."""
+    cdef _read_replies(self, Outbox ob):
+        """Every reply waiting on one of the courier's outboxes, without
+        blocking: probe answers, and ACK, REFUSED or FAILURE for
+        at-least-once casts."""
         cdef zmq_msg_t part
         cdef Header h
         cdef Parcel p
         zmq_msg_init(&part)
         try:
-            while zmq_msg_recv(&part, self.ob.sock, ZMQ_DONTWAIT) != -1:
+            while zmq_msg_recv(&part, ob.sock, ZMQ_DONTWAIT) != -1:
                 address = (<const char *>zmq_msg_data(&part))[:zmq_msg_size(&part)].decode(
                     "utf-8", "replace")
-                if self.ob.read_reply(&part, &h) is None:
+                if ob.read_reply(&part, &h) is None:
                     continue
                 probed = self.probe_ids.pop(h.msg_id, None)
                 if probed is not None:
@@ -374,6 +385,7 @@ cdef class Courier:
                     if probe is not None and (<Probe>probe).ping_id == h.msg_id:
                         (<Probe>probe).ping_id = 0
                         (<Probe>probe).answered = _now()
+                        (<Probe>probe).connected = True
                     self.routes.mark_up(probed)
                     continue
                 p = self.pending.pop(h.msg_id, None)
@@ -483,25 +495,34 @@ cdef class Courier:
                 self.routes.mark_down(address, self.probe_timeout + 2 * self.probe_every)
                 self._resend_from(address, now)
             if probe.ping_id and now - probe.sent >= self.probe_timeout:
-                # Unanswered: ask again on a new connection.  The old one may
-                # be stale (a link that was cut), and TCP would take seconds
-                # to retransmit on it once the link is back.
+                # Unanswered: ask again on new connections, for casts too.
+                # The old ones may be stale (a link that was cut), and TCP
+                # would take seconds to retransmit on them once it is back.
                 self.probe_ids.pop(probe.ping_id, None)
                 probe.ping_id = 0
+                probe.connected = False
+                self.probe_ob.hang_up(probe.ep.rid)
                 self.ob.hang_up(probe.ep.rid)
             if probe.ping_id:
                 continue                    # still waiting for the last one
             self.next_id += 1
             hlen = write_header(header, KIND_PING, 0, self.next_id, PyBytes_AS_STRING(PROBE_TOPIC),
                                 PyBytes_GET_SIZE(PROBE_TOPIC))
-            status = self.ob.try_send(probe.ep, header, hlen, EMPTY_REQUEST)
+            status = self.probe_ob.try_send(probe.ep, header, hlen, EMPTY_REQUEST)
             if status == SENT:
                 probe.ping_id = self.next_id
                 probe.sent = now
                 self.probe_ids[self.next_id] = address
-            elif status == UNCONNECTED and any(
-                    (<Parcel>p).endpoint.address == address for p in self.pending.values()):
-                self._resend_from(address, now)     # its connection was lost
+            elif status == UNCONNECTED:
+                # A handshake that failed (a CURVE key refused, maybe allowed
+                # by now) is never retried by libzmq: why() hangs such
+                # connections up, so that the next probe, and cast, dials
+                # afresh.
+                self.probe_ob.why(address)
+                self.ob.why(address)
+                if probe.connected:         # it was, and the connection was lost
+                    probe.connected = False
+                    self._resend_from(address, now)
         if len(self.probe_ids) > 4 * len(self.probes) + 64:
             live = {(<Probe>probe).ping_id for probe in self.probes.values()}
             self.probe_ids = {k: v for k, v in self.probe_ids.items() if k in live}

@@ -50,9 +50,9 @@ cdef class Seen:
 
     @staticmethod
     cdef Seen new(double window)
-    cdef int begin(self, bytes key) except -1
-    cdef done(self, bytes key)
-    cdef forget(self, bytes key)
+    cdef int begin(self, object key) except -1
+    cdef done(self, object key)
+    cdef forget(self, object key)
 
 
 cdef class Worker:

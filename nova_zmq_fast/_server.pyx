@@ -214,9 +214,7 @@ cdef class Replier:
         if not self.done:
             self.done = True
             if self.cast and self.server.seen is not None:
-                self.server.seen.forget(_seen_key(PyBytes_AS_STRING(self.identity),
-                                                  PyBytes_GET_SIZE(self.identity),
-                                                  self.msg_id))
+                self.server.seen.forget(_seen_key(self.msg_id))
 
     cdef _send(self, int kind, bytes body):
         self._check()
@@ -276,18 +274,18 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
     return server
 
 
-cdef bytes _seen_key(const char *identity, size_t identity_len, uint64_t msg_id):
-    """An at-least-once cast's key in Seen: its sender's routing id (stable
-    across reconnects), then its id (8 bytes: the length tells them apart)."""
-    cdef bytes key = PyBytes_FromStringAndSize(NULL, identity_len + 8)
-    memcpy(PyBytes_AS_STRING(key), identity, identity_len)
-    memcpy(PyBytes_AS_STRING(key) + identity_len, &msg_id, 8)
-    return key
+cdef inline object _seen_key(uint64_t msg_id):
+    """An at-least-once cast's key in Seen: its id alone.  A courier's ids
+    start at a random 32-bit prefix, so they do not collide between senders
+    (nor between restarts of one); the sender's routing id cannot be part
+    of the key: what was still queued on a connection replaced by a
+    reconnect arrives under a temporary one (ZMQ_ROUTER_HANDOVER)."""
+    return msg_id
 
 
 @cython.final
 cdef class Seen:
-    """The at-least-once casts a server received, by sender and id, so
+    """The at-least-once casts a server received, by id, so
     that one sent again (its ACK lost, or late) never runs twice.
 
     A cast is *running* from its arrival until its handler is done (its
@@ -311,7 +309,7 @@ cdef class Seen:
         seen.handled = collections.OrderedDict()
         return seen
 
-    cdef int begin(self, bytes key) except -1:
+    cdef int begin(self, object key) except -1:
         """A cast arrived: SEEN_NEW (now running), SEEN_RUNNING or
         SEEN_HANDLED."""
         if key in self.running:
@@ -321,7 +319,7 @@ cdef class Seen:
         self.running[key] = None
         return SEEN_NEW
 
-    cdef done(self, bytes key):
+    cdef done(self, object key):
         """Its handler is done: remembered as handled for `window`."""
         cdef double now = _now()
         self.running.pop(key, None)
@@ -335,7 +333,7 @@ cdef class Seen:
                 break
             del self.handled[oldest]
 
-    cdef forget(self, bytes key):
+    cdef forget(self, object key):
         """Never to be answered (see Replier.abandon): a resend runs."""
         self.running.pop(key, None)
 
@@ -902,8 +900,7 @@ cdef class Server:
             return
         if kind == KIND_CAST and h.flags & FLAG_ACK:
             # Keyed by the sender too: one peer's ids cannot shadow another's.
-            seen = self.seen.begin(_seen_key(<const char *>zmq_msg_data(&parts[0]),
-                                             zmq_msg_size(&parts[0]), msg_id))
+            seen = self.seen.begin(_seen_key(msg_id))
             if seen != SEEN_NEW:
                 # Sent again (its ACK was lost, or late): never run twice.
                 self.counters[DUPLICATES] += 1
@@ -1038,8 +1035,7 @@ cdef class Server:
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id):
         """An at-least-once cast's handler is done: remember it as handled
         (a resend is answered, not run) and tell its sender."""
-        self.seen.done(_seen_key(PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
-                                 msg_id))
+        self.seen.done(_seen_key(msg_id))
         self.counters[ACKS] += 1
         self._send_reply(gen, PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
                          KIND_ACK, msg_id, b"")

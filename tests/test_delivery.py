@@ -622,6 +622,28 @@ def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client, hear
     assert codes == [0, 0, 0]
 
 
+def test_a_busy_server_behind_a_long_queue_of_casts_is_not_taken_for_dead(ipc_dir, client):
+    """Liveness probes travel on a connection of their own: a server with
+    seconds of at-least-once casts queued for it (one worker, 10 ms each,
+    6 s of work against a 1 s probe timeout) answers them at once, so it
+    is never passed over, nothing is sent again, and calls reach it."""
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
+                rpc_zmq_heartbeat_interval=0.25, rpc_zmq_heartbeat_timeout=1.0,
+                rpc_zmq_ack_timeout=120)
+    svc = ServiceProcess("busy", ipc_dir, topic="busy", options={"rpc_thread_pool_size": 1})
+    try:
+        for i in range(600):
+            client.cast(CTX, "busy", {"method": "slow_record", "args": {
+                "key": "queued", "value": i, "seconds": 0.01}}, at_least_once=True)
+        for _ in range(5):                  # while the queue drains
+            assert client.call(CTX, "busy", {"method": "whoami", "args": {}}, timeout=30) == "busy"
+        assert wait_until(lambda: client.stats()["client"]["at_least_once_acked"] == 600, 120)
+        assert client.stats()["client"]["at_least_once_resent"] == 0
+        assert client.call(CTX, "busy", {"method": "count", "args": {"key": "queued"}}) == 600
+    finally:
+        assert svc.stop() == 0
+
+
 def test_the_courier_ends_when_its_context_is_shut_down(services, client):
     """zmq_ctx_shutdown() (cleanup() ending what other threads wait on)
     ends every wait on the context: the courier's thread ends too, rather
