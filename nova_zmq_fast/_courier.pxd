@@ -52,6 +52,7 @@ cdef class Courier:
     # at-least-once casts
     cdef dict pending               # msg_id -> Parcel sent, not yet acknowledged
     cdef list unsent                # Parcels waiting for a consumer that can take them
+    cdef double unsent_pause        # until they are tried again
     cdef uint64_t next_id
     cdef double ack_timeout
     cdef Py_ssize_t max_pending
@@ -59,6 +60,7 @@ cdef class Courier:
     cdef dict held                  # topic -> deque of Parcels
     cdef Py_ssize_t held_count, held_bytes, hold_count, hold_bytes
     cdef double hold_seconds
+    cdef bint deliverable           # held notifications whose topic has a listener now
     cdef readonly unsigned long long acked, resent, rejected, lost
     cdef readonly unsigned long long held_total, held_delivered, held_expired, held_dropped
 

@@ -54,6 +54,10 @@ LOG = logging.getLogger("nova_zmq_fast.courier")
 THROTTLED = RateLimitedLog(LOG)
 PROBE_TOPIC = b"nova_zmq_fast.probe"
 SILENT_KEPT = 600.0     # seconds a silent server no route holds is still probed
+# How soon casts no consumer could take are tried again: at once after any
+# progress, then less often while none goes.
+cdef double UNSENT_PAUSE_MIN = 0.005
+cdef double UNSENT_PAUSE_MAX = 0.25
 STOP_WAIT = 5.0         # seconds close() waits for the thread once told to stop
 cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
 
@@ -104,6 +108,7 @@ cdef class Courier:
         self.hold_seconds = options.rpc_zmq_hold_notifications_seconds
         self.probes = {}
         self.probe_ids = {}
+        self.unsent_pause = UNSENT_PAUSE_MIN
         self.pending = {}
         self.unsent = []
         self.held = {}
@@ -165,6 +170,16 @@ cdef class Courier:
         while not self.has_room():
             if self.closed:
                 break                       # refused below
+            # Every consumer gone meanwhile: NoListeners now, as for a cast
+            # that found none.  (Down ones may come back: keep waiting.)
+            try:
+                listed = bool(self.routes.lookup(topic))
+            except DiscoveryUnavailable:
+                listed = True
+            except NoListeners:
+                listed = False
+            if not listed:
+                raise NoListeners(None, topic, method)
             if _now() >= deadline:
                 raise Timeout(f"{self.max_pending} at-least-once casts are already waiting "
                               f"for acknowledgement", topic, method)
@@ -218,10 +233,12 @@ cdef class Courier:
                 "peers_down": sorted(a for a in self.probes if self.routes.is_down(a))}
 
     def close(self, double linger):
-        """Stop once every at-least-once cast was acknowledged, waiting at
-        most `linger` seconds.  What is still unacknowledged then, and every
+        """Stop once every at-least-once cast was acknowledged, and every
+        held notification with a listener delivered, waiting at most
+        `linger` seconds.  What is still unacknowledged then, and every
         notification still held, is dropped, counted and named in a
-        warning; returns {topic: at-least-once casts dropped}.  Counted
+        warning; returns {topic: at-least-once casts and held notifications
+        dropped}.  Counted
         also when the thread does not stop (stuck in a backend or a log
         handler): it keeps its socket until it ends, and a later close()
         releases it."""
@@ -235,7 +252,8 @@ cdef class Courier:
                 self.draining = True
                 self.sleeping = True
                 self._wake()
-                while thread.is_alive() and _now() < deadline and self._busy():
+                while thread.is_alive() and _now() < deadline and (
+                        self._busy() or self.deliverable):
                     thread.join(0.01)
             self.stopping = True
             self.sleeping = True
@@ -279,9 +297,13 @@ cdef class Courier:
                         "cleanup: %s", sum(lost.values()), linger,
                         ", ".join(f"{t}: {n}" for t, n in sorted(lost.items())))
         if self.held_count:
-            LOG.warning("%d held notification(s) dropped at cleanup: no listener appeared",
-                        self.held_count)
+            held = {topic: len(queue) for topic, queue in self.held.items() if queue}
+            LOG.warning("%d held notification(s) not delivered within %gs, dropped at "
+                        "cleanup: %s", self.held_count, linger,
+                        ", ".join(f"{t}: {n}" for t, n in sorted(held.items())))
             self.held_dropped += self.held_count
+            for topic, n in held.items():
+                lost[topic] = lost.get(topic, 0) + n
         return lost
 
     def _busy(self):
@@ -312,7 +334,7 @@ cdef class Courier:
         cdef double now = _now()
         cdef double due = min(self.next_probe, self.next_refresh)
         if self.unsent:
-            due = now + 0.005               # a consumer may come within reach
+            due = now + self.unsent_pause   # a consumer may come within reach
         elif self.pending or self.held:
             due = min(due, now + 0.1)
         if self.routes.empty and not self._busy() and not self.held and not self.probes:
@@ -364,6 +386,7 @@ cdef class Courier:
                 self.held.setdefault(p.topic, collections.deque()).append(p)
             else:
                 self.unsent.append(p)
+                self.unsent_pause = UNSENT_PAUSE_MIN
 
     cdef _read_replies(self, Outbox ob):
         """Every reply waiting on one of the courier's outboxes, without
@@ -396,6 +419,7 @@ cdef class Courier:
                 elif h.kind == KIND_REFUSED:
                     p.refused.add(address)
                     self.unsent.append(p)
+                    self.unsent_pause = UNSENT_PAUSE_MIN
                     self.resent += 1
                 elif h.kind == KIND_FAILURE:
                     # The server could not even decode it: sending it again
@@ -425,6 +449,12 @@ cdef class Courier:
                 sent = False
             if not sent:
                 still.append(p)
+        # Nothing could go: try less often (nobody consumes, or every queue
+        # is full), up to UNSENT_PAUSE_MAX; anything sent: soon again.
+        if still and len(still) == len(self.unsent):
+            self.unsent_pause = min(self.unsent_pause * 2, UNSENT_PAUSE_MAX)
+        else:
+            self.unsent_pause = UNSENT_PAUSE_MIN
         self.unsent[:] = still
 
     cdef bint _send(self, Parcel p, double now) except -1:
@@ -543,6 +573,7 @@ cdef class Courier:
                 del self.pending[msg_id]
                 p.refused.add(address)
                 self.unsent.append(p)
+                self.unsent_pause = UNSENT_PAUSE_MIN
                 self.resent += 1
 
     cdef _check_acks(self, double now):
@@ -554,11 +585,13 @@ cdef class Courier:
                 del self.pending[msg_id]
                 p.refused.add(p.endpoint.address)
                 self.unsent.append(p)
+                self.unsent_pause = UNSENT_PAUSE_MIN
                 self.resent += 1
 
     cdef _deliver_held(self, double now):
         cdef Parcel p
         cdef Endpoint ep
+        self.deliverable = False
         for topic, queue in list(self.held.items()):
             while queue and (<Parcel>queue[0]).expires <= now:
                 p = queue.popleft()
@@ -580,5 +613,7 @@ cdef class Courier:
                     self.held_delivered += 1
                     self.held_count -= 1
                     self.held_bytes -= PyBytes_GET_SIZE(p.body)
+                # A listener is there: close() waits for the rest (linger).
+                self.deliverable = self.deliverable or bool(queue and endpoints)
             if not queue:
                 del self.held[topic]

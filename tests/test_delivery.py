@@ -13,11 +13,18 @@ import uuid
 import pytest
 
 from nova_zmq_fast._client import KINDS
+from nova_zmq_fast._green import unpatched
 from tests.helpers.ledger import balanced
 from tests.conftest import (
     ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
 
 CTX = {"user_id": "u"}
+
+
+def all_threads():
+    """Every thread, those the core starts through unpatched("threading")
+    included: once eventlet is imported, that is a module of its own."""
+    return set(threading.enumerate()) | set(unpatched("threading").enumerate())
 
 
 def msg(method, **args):
@@ -648,10 +655,9 @@ def test_the_courier_ends_when_its_context_is_shut_down(services, client):
     """zmq_ctx_shutdown() (cleanup() ending what other threads wait on)
     ends every wait on the context: the courier's thread ends too, rather
     than spin on its poll."""
-    before = set(threading.enumerate())
+    before = set(all_threads())
     assert client.call(CTX, "svc", msg("echo", value=1)) == 1      # a route: the courier runs
-    courier, = [t for t in set(threading.enumerate()) - before
-                if t.name == "nova_zmq_fast-courier"]
+    courier, = [t for t in set(all_threads()) - before if t.name == "nova_zmq_fast-courier"]
     client._runtime().context.shutdown()
     courier.join(10)
     assert not courier.is_alive()
@@ -778,12 +784,12 @@ def test_cleanup_counts_what_a_courier_that_will_not_stop_carries(ipc_dir, clien
     fetch = runtime.backend.fetch
 
     def hanging(topic, fanout):
-        if threading.current_thread().name == "nova_zmq_fast-courier":
+        if unpatched("threading").current_thread().name == "nova_zmq_fast-courier":
             blocked.set()
             release.wait(60)
         return fetch(topic, fanout)
     runtime.backend.fetch = hanging         # the courier's next route refresh
-    courier = [t for t in threading.enumerate() if t.name == "nova_zmq_fast-courier"]
+    courier = [t for t in all_threads() if t.name == "nova_zmq_fast-courier"]
     try:
         assert blocked.wait(10)
         lost = client.cleanup()
@@ -932,6 +938,28 @@ def test_held_notifications_reach_a_listener_that_starts_later(ipc_dir, client):
         assert client.call(CTX, "later.late", msg("records_for", key="raw")) == events
         stats = client.stats()["client"]
         assert stats["notifications_held_delivered"] == 5 and stats["notifications_held"] == 0
+    finally:
+        assert listener.stop() == 0
+
+
+def test_cleanup_delivers_held_notifications_to_a_listener_just_up_or_counts_them(
+        ipc_dir, client):
+    """cleanup() right after a listener appeared: within the linger, what
+    is held goes to it; whatever could not go is returned and counted.
+    Nothing is dropped unaccounted for."""
+    n = 20000
+    client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_linger=5,
+                rpc_zmq_hold_notifications=n, rpc_zmq_hold_notifications_bytes=64 << 20)
+    for i in range(n):
+        client.notify(CTX, "flush-raw", {"event_type": "x", "payload": {"i": i}})
+    listener = ServiceProcess("flush", ipc_dir, topic="flush")
+    try:
+        lost = client.cleanup()
+        dropped = client.stats()["client"]["notifications_held_dropped"]
+        assert lost.get("flush-raw", 0) == dropped
+        client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client")
+        assert wait_until(lambda: client.call(
+            CTX, "flush.flush", msg("count", key="raw")) + dropped == n, 30)
     finally:
         assert listener.stop() == 0
 

@@ -47,7 +47,7 @@ _options = None
 _runtime_ = None
 # What earlier runtimes, since cleaned up, discarded: stats() goes on
 # counting it, so that a loss reported at cleanup() can be read afterwards.
-_discarded_before = {"discarded": 0, "at_least_once_lost": 0}
+_discarded_before = {"discarded": 0, "at_least_once_lost": 0, "notifications_held_dropped": 0}
 
 
 def _runtime():
@@ -148,8 +148,9 @@ def cleanup():
     discovery and release every socket, thread and descriptor.
 
     Returns {address: messages sent there that its peer never confirmed
-    within rpc_zmq_linger, so may be lost}: empty when nothing was lost.
-    They are also named in a warning.  Takes at most three times
+    within rpc_zmq_linger, so may be lost, and topic: at-least-once casts
+    never acknowledged and held notifications never delivered}: empty
+    when nothing was lost.  They are also named in a warning.  Takes at most three times
     rpc_zmq_linger (see Runtime.close)."""
     global _runtime_
     with _lock:
@@ -170,8 +171,8 @@ atexit.register(cleanup)
 def stats():
     """Counters of this process: what was sent and, per connection, what
     was received, handled and dropped.  They start again after cleanup(),
-    except "discarded" and "at_least_once_lost": what was lost since the
-    process started."""
+    except "discarded", "at_least_once_lost" and
+    "notifications_held_dropped": what was lost since the process started."""
     rt = _runtime()
     client = dict(rt.client.stats(), **rt.courier.stats())
     for name, n in _discarded_before.items():
