@@ -896,8 +896,9 @@ cdef class Client:
     def try_fanout(self, Outbox ob not None, context, topic, msg, endpoints=None):
         """Send a FANOUT to each of `endpoints` (default: every live fanout
         consumer of `topic`) that is connected and has room, without
-        waiting: (how many endpoints there were, those not sent to yet, to
-        try again), leaving out any that must never be dialled."""
+        waiting: (how many endpoints it may reach, those not sent to yet,
+        to try again), leaving out (and counting) any that must never be
+        dialled."""
         self.hold(ob)
         try:
             return self.fanout_now(ob, context, topic, msg, endpoints)
@@ -917,6 +918,7 @@ cdef class Client:
         if endpoints is None:
             endpoints = self.fanout_targets(topic, method)
         pending = []
+        cdef Py_ssize_t never = 0
         for ep in endpoints:                # (a typed loop variable admits None)
             if ep is None:
                 raise TypeError("endpoints must be Endpoints, not None")
@@ -924,8 +926,9 @@ cdef class Client:
             if status == UNCONNECTED or status == FULL:
                 pending.append(ep)
             elif status == NEVER:
+                never += 1
                 self.fanout_unreachable += 1
-        return len(endpoints), pending
+        return len(endpoints) - never, pending
 
     def reply_value(self, bytes body not None):
         """A reply's body as its value (RPCException if malformed)."""

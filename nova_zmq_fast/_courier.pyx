@@ -112,9 +112,9 @@ cdef class Courier:
         self.pending = {}
         self.unsent = []
         self.held = {}
-        # Random high half: a server recognises a resent cast by its id,
-        # whichever process or restart of it sent it.
-        self.next_id = int.from_bytes(os.urandom(4), "little") << 32
+        # A random start: a server recognises a resent cast by its id
+        # alone, so two senders' ids must not meet (nor a restart's).
+        self.next_id = int.from_bytes(os.urandom(8), "little")
         self.epoch = fork_epoch()
 
     # -- for any thread --------------------------------------------------------------
@@ -253,7 +253,7 @@ cdef class Courier:
                 self.sleeping = True
                 self._wake()
                 while thread.is_alive() and _now() < deadline and (
-                        self._busy() or self.deliverable):
+                        self._busy() or self._held_deliverable()):
                     thread.join(0.01)
             self.stopping = True
             self.sleeping = True
@@ -298,6 +298,9 @@ cdef class Courier:
                         ", ".join(f"{t}: {n}" for t, n in sorted(lost.items())))
         if self.held_count:
             held = {topic: len(queue) for topic, queue in self.held.items() if queue}
+            for p in list(self.jobs):       # held, not taken by the thread yet
+                if p.header[1] == KIND_NOTIFY:
+                    held[p.topic] = held.get(p.topic, 0) + 1
             LOG.warning("%d held notification(s) not delivered within %gs, dropped at "
                         "cleanup: %s", self.held_count, linger,
                         ", ".join(f"{t}: {n}" for t, n in sorted(held.items())))
@@ -305,6 +308,19 @@ cdef class Courier:
             for topic, n in held.items():
                 lost[topic] = lost.get(topic, 0) + n
         return lost
+
+    def _held_deliverable(self):
+        """Are notifications held for a topic that has a listener now?
+        (From close(): the thread may not have looked yet.)"""
+        if self.deliverable:
+            return True
+        for topic in list(self.held):       # (one C call: no other thread runs meanwhile)
+            try:
+                if self.routes.live(self.routes.lookup(topic)):
+                    return True
+            except Exception:               # noqa: BLE001 (discovery unreachable: no)
+                pass
+        return False
 
     def _busy(self):
         return bool(self.pending or self.unsent or self.jobs)

@@ -63,7 +63,8 @@ def elevated_values(dict values, read_deleted=None):
     role added: what elevated() returns, for every context class."""
     values = _deepcopy(values)
     values["is_admin"] = True
-    roles = list(values.get("roles") or ())
+    roles = values.get("roles") or []
+    roles = [roles] if isinstance(roles, str) else list(roles)
     if "admin" not in roles:
         roles.append("admin")
     values["roles"] = roles

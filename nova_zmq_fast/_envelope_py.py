@@ -1,6 +1,7 @@
 """Pure-Python twin of the Cython envelope codec (`_envelope.pyx`).
 
-It is not used on the message path.  The property and fuzz tests run both
+It is not used on the message path (but for `to_primitive`, which both
+share).  The property and fuzz tests run both
 implementations on the same inputs and require identical results, which
 keeps the C parser honest about every byte of the format.
 """
@@ -75,14 +76,13 @@ def decode_header(data):
 def to_primitive(value):
     """What msgpack cannot encode itself, as openstack.common.rpc's JSON
     encoder turned it into something it could (both codecs pack with this
-    as `default`): a datetime becomes its text in timeutils.strtime's
-    format, a set a list, a mapping a dict.  Anything else is refused."""
+    as `default`, so it is on the message path): a datetime becomes its
+    text in timeutils.strtime's format (without its offset, as then), a
+    set a list.  Anything else is refused, not guessed at."""
     if isinstance(value, datetime.datetime):
         return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
     if isinstance(value, (set, frozenset)):
         return list(value)
-    if hasattr(value, "items") and callable(value.items):
-        return dict(value.items())
     raise TypeError(f"can not serialize {type(value).__name__!r} object")
 
 

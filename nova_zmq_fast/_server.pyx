@@ -295,8 +295,9 @@ cdef class Seen:
     rpc_zmq_ack_timeout: its sender sends it again rpc_zmq_ack_timeout
     after the last send it has no ACK for.  At most SEEN_MAX are kept:
     beyond SEEN_MAX / window casts a second (6,666 at the default 30 s)
-    the oldest go sooner, counted in `forgotten_early`.  One thread at a
-    time, under the GIL (no call here lets it go)."""
+    the oldest go sooner, counted in `forgotten_early`.  Called from any
+    thread (a Replier answers from wherever its handler ran), always under
+    the GIL, which no call here lets go."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Seen is not supposed to be instantiated from Python")
@@ -899,7 +900,7 @@ cdef class Server:
                 self._fail(w, gen, &parts[0], msg_id, exc)
             return
         if kind == KIND_CAST and h.flags & FLAG_ACK:
-            # Keyed by the sender too: one peer's ids cannot shadow another's.
+            # Keyed by its id alone (see _seen_key).
             seen = self.seen.begin(_seen_key(msg_id))
             if seen != SEEN_NEW:
                 # Sent again (its ACK was lost, or late): never run twice.

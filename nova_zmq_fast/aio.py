@@ -309,9 +309,7 @@ async def fanout_cast(context, topic, msg):
     client = caller.client
     total, pending = client.try_fanout(caller.outbox, context, topic, msg)
     pause = PAUSE_MIN
-    # As the threaded fanout: each consumer not connected or full yet gets
-    # until rpc_cast_timeout, all of them at once.
-    limit = caller.loop.time() + client.send_timeout
+    limit = caller.loop.time() + client.connect_timeout
     while pending and caller.loop.time() < limit:
         await asyncio.sleep(pause)
         pause = min(pause * 2, PAUSE_MAX)

@@ -203,8 +203,10 @@ class MalformedEnvelope(ValueError):
 
 # -- remote exceptions on the wire ------------------------------------------
 #
-# A failure travels as [module, class name, message, args, traceback text,
-# kwargs]; peers before kwargs sent the first five.
+# A failure travels as [module, class name, message, args, traceback text].
+# `args` is the exception's args, or {"args": [...], "kwargs": {...}} for one
+# that carries keyword arguments: a reader that predates kwargs takes a
+# non-list as [message], and still rebuilds the exception's type.
 
 def serialize_remote_exception(failure_info, log_failure=False):
     """The wire form of an exception (or of a sys.exc_info() tuple, as
@@ -225,40 +227,47 @@ def serialize_remote_exception(failure_info, log_failure=False):
     if log_failure:
         logging.getLogger("nova_zmq_fast.exceptions").error(
             "Returning exception %s to caller", text, exc_info=(type(exc), exc, exc.__traceback__))
-    args = list(exc.args)
+    from nova_zmq_fast._envelope_py import to_primitive
+
+    def packable(value, otherwise):
+        try:
+            msgpack.packb(value, use_bin_type=True, default=to_primitive)
+            return value
+        except (TypeError, ValueError, OverflowError):
+            return otherwise
+    args = packable(list(exc.args), [text])
     kwargs = getattr(exc, "kwargs", None)
-    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
-    try:
-        msgpack.packb(args, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        args = [text]
-    try:
-        msgpack.packb(kwargs, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        kwargs = {}
+    kwargs = packable(dict(kwargs), {}) if isinstance(kwargs, dict) else {}
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return [cls.__module__, cls.__qualname__, text, args, tb, kwargs]
+    return [cls.__module__, cls.__qualname__, text,
+            {"args": args, "kwargs": kwargs} if kwargs else args, tb]
 
 
 def deserialize_remote_exception(failure, allowed_modules):
     """Re-create the remote exception as its own type when its module is
     allowed (builtins by default), else as RemoteError.  Also takes
-    openstack.common.rpc's arguments, (conf, data): the options that name
-    allowed_rpc_exception_modules, and its JSON failure."""
+    openstack.common.rpc's arguments, (conf, data): options that name
+    allowed_rpc_exception_modules, and a failure in its JSON or ours."""
     import builtins
     import importlib
     import sys
 
-    if isinstance(allowed_modules, (str, bytes, dict)):
-        failure, allowed_modules = _failure_2012(allowed_modules), _allowed_2012(failure)
+    if hasattr(failure, "allowed_rpc_exception_modules"):
+        # (conf, data): data as 2012 sent it (JSON), or as above.
+        conf, failure = failure, allowed_modules
+        allowed_modules = tuple(conf.allowed_rpc_exception_modules or ())
+        if isinstance(failure, (str, bytes, dict)):
+            failure = _failure_2012(failure)
     try:
-        module, name, text, args, tb, *rest = failure
-        if len(rest) > 1:
-            raise ValueError("too many fields")
+        module, name, text, args, tb = failure
         module, name, text, tb = str(module), str(name), str(text), str(tb)
+        kwargs = {}
+        if isinstance(args, dict):
+            kwargs = args.get("kwargs")
+            kwargs = {str(k): v for k, v in kwargs.items()} if isinstance(kwargs, dict) else {}
+            args = args.get("args")
         args = list(args) if isinstance(args, (list, tuple)) else [text]
-        kwargs = rest[0] if rest and isinstance(rest[0], dict) else {}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return RemoteError("Unknown", "malformed failure reply", "")
     if module in ("builtins", "exceptions") and ("builtins" in allowed_modules
                                                  or "exceptions" in allowed_modules):
@@ -286,16 +295,11 @@ def _failure_2012(data):
     try:
         d = json.loads(data) if isinstance(data, (str, bytes)) else data
         tb = d.get("tb", "")
-        return [d.get("module"), d.get("class"), d.get("message", ""), d.get("args", []),
-                "".join(tb) if isinstance(tb, list) else tb, d.get("kwargs") or {}]
+        return [d.get("module"), d.get("class"), d.get("message", ""),
+                {"args": d.get("args", []), "kwargs": d.get("kwargs") or {}},
+                "".join(tb) if isinstance(tb, list) else tb]
     except (TypeError, ValueError, AttributeError):
         return None
-
-
-def _allowed_2012(conf):
-    if isinstance(conf, dict):
-        return tuple(conf.get("allowed_rpc_exception_modules", ()))
-    return tuple(getattr(conf, "allowed_rpc_exception_modules", ()))
 
 
 _remote_classes = {}

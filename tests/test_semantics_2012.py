@@ -212,3 +212,41 @@ def test_options_come_from_the_services_config_file(tmp_path, how):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == ["from-conf", 17, str(tmp_path)]
+
+
+def test_the_exception_codec_takes_the_2012_arguments_both_ways():
+    """serialize_remote_exception(sys.exc_info()) and
+    deserialize_remote_exception(conf, data), with data as this transport
+    sends it or as openstack.common.rpc sent it (JSON)."""
+    from nova_zmq_fast.rpc import common
+
+    class Conf:
+        allowed_rpc_exception_modules = ["builtins", "tests.helpers.errors"]
+    try:
+        raise InstanceNotFound(instance_id=7)
+    except InstanceNotFound:
+        data = common.serialize_remote_exception(sys.exc_info())
+    exc = common.deserialize_remote_exception(Conf(), data)
+    assert isinstance(exc, InstanceNotFound)
+    assert exc.kwargs == {"instance_id": 7, "code": 404}
+    legacy = json.dumps({"class": "InstanceNotFound", "module": "tests.helpers.errors",
+                         "message": "Instance 8 could not be found.",
+                         "tb": ["Traceback (most recent call last):\n", "  ...\n"],
+                         "args": ["Instance 8 could not be found."],
+                         "kwargs": {"instance_id": 8}})
+    exc = common.deserialize_remote_exception(Conf(), legacy)
+    assert isinstance(exc, InstanceNotFound) and exc.kwargs == {"instance_id": 8, "code": 404}
+    assert remote_message(exc) == "Instance 8 could not be found."
+
+
+def test_a_failure_with_kwargs_is_still_read_by_a_reader_that_takes_only_lists():
+    """The wire form stays five fields; a reader that predates kwargs (it
+    rebuilds from [message] when args is not a list) keeps the type."""
+    from nova_zmq_fast.exceptions import serialize_remote_exception
+    module, name, text, args, tb = serialize_remote_exception(InstanceNotFound(instance_id=9))
+    assert (module, name) == ("tests.helpers.errors", "InstanceNotFound")
+    assert isinstance(args, dict) and args["kwargs"] == {"instance_id": 9, "code": 404}
+    rebuilt = InstanceNotFound(*(args if isinstance(args, (list, tuple)) else [text]))
+    assert str(rebuilt) == "Instance 9 could not be found."
+    plain = serialize_remote_exception(ValueError("v"))
+    assert len(plain) == 5 and plain[3] == ["v"]
