@@ -60,7 +60,6 @@ cdef class Courier:
     cdef dict held                  # topic -> deque of Parcels
     cdef Py_ssize_t held_count, held_bytes, hold_count, hold_bytes
     cdef double hold_seconds
-    cdef bint deliverable           # held notifications whose topic has a listener now
     cdef readonly unsigned long long acked, resent, rejected, lost
     cdef readonly unsigned long long held_total, held_delivered, held_expired, held_dropped
 

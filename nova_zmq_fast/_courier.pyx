@@ -311,9 +311,7 @@ cdef class Courier:
 
     def _held_deliverable(self):
         """Are notifications held for a topic that has a listener now?
-        (From close(): the thread may not have looked yet.)"""
-        if self.deliverable:
-            return True
+        Asked of the route table from close(), whose wait ends otherwise."""
         for topic in list(self.held):       # (one C call: no other thread runs meanwhile)
             try:
                 if self.routes.live(self.routes.lookup(topic)):
@@ -607,7 +605,6 @@ cdef class Courier:
     cdef _deliver_held(self, double now):
         cdef Parcel p
         cdef Endpoint ep
-        self.deliverable = False
         for topic, queue in list(self.held.items()):
             while queue and (<Parcel>queue[0]).expires <= now:
                 p = queue.popleft()
@@ -629,7 +626,5 @@ cdef class Courier:
                     self.held_delivered += 1
                     self.held_count -= 1
                     self.held_bytes -= PyBytes_GET_SIZE(p.body)
-                # A listener is there: close() waits for the rest (linger).
-                self.deliverable = self.deliverable or bool(queue and endpoints)
             if not queue:
                 del self.held[topic]
