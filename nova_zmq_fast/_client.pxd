@@ -33,7 +33,9 @@ cdef class Outbox:
     cdef unsigned long dead_seen    # the route table's dead_count, last seen
     cdef unsigned long routes_seen  # the route table's generation, last seen
     cdef Peer last_peer             # who the last message went to
-    cdef dict streams               # msg_id -> list: replies for open multicalls
+    cdef dict streams               # msg_id -> list: replies for those waiting, open multicalls
+    cdef dict waiters               # green: msg_id -> the Event its green thread waits on
+    cdef object listener            # green: the hub's watch on the socket, while any waits
     cdef int linger_ms              # for messages still queued when the thread ends
     cdef int backlog                # ZMQ_SNDHWM: messages queued per peer
     cdef bint green                 # wait cooperatively (eventlet), never in libzmq
@@ -66,7 +68,12 @@ cdef class Outbox:
     cdef int send_waiting(self, bytes rid, const char *header, size_t hlen, bytes body,
                           double deadline) except -1
     cdef object read_reply(self, zmq_msg_t *part, Header *h)
+    cdef int take(self, zmq_msg_t *part) except -1
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline)
+    cdef int read_until(self, list pending, double deadline) except -1
+    cdef int await_green(self, uint64_t msg_id, list pending, double deadline) except -1
+    cdef int drain(self) except -1
+    cdef int settle(self) except -1
     cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1
 
 

@@ -1,16 +1,18 @@
 """The calling side: cast, fanout, notify, call and multicall.
 
 Each calling thread owns one ROUTER socket (its *outbox*), connected to every
-peer that thread has talked to.  A server announces its advertised address
+peer that thread has talked to; under eventlet the green threads of an OS
+thread share its outbox, waiting for their replies side by side.  A server announces its advertised address
 as its ZeroMQ routing id, so a request goes out as [peer address, header,
 body]; the server answers on the same connection, so the reply comes back to the very thread
 that waits for it: no reply-dispatcher thread and no hand-off, and the
 round trip has the same hops as a raw REQ/REP exchange.  Sockets are never
-one per message: when a thread (or green thread) ends, its outbox goes to a
-pool of spares, connections and all, and the next new thread takes it.  So a
-service that runs each request in a new green thread does not pay a socket
-and a connection per request, and what an ended thread sent is still
-confirmed, or counted, at cleanup().
+one per message: when a thread ends, its outbox goes to a pool of spares,
+connections and all, and the next new thread takes it.  So a service that
+runs each request in a new thread does not pay a socket and a connection
+per request, nor one per green thread (hundreds of green threads calling at
+once use one socket and one connection per server), and what an ended
+thread sent is still confirmed, or counted, at cleanup().
 
 Where a message goes: the route table (_routes.pyx) gives the consumers of
 the topic; round-robin picks where to start, and the message goes to the
@@ -31,7 +33,6 @@ import os
 import select
 import struct
 import sys
-import threading
 import weakref
 
 cimport cython
@@ -46,13 +47,15 @@ from nova_zmq_fast._zmq cimport (
 from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
+from nova_zmq_fast import _green
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.exceptions import (
     InvalidMessage, MalformedEnvelope, MessageTooLarge, NoListeners,
     PeerUnreachable, RPCException, SerializationError, Timeout, TransportClosed)
 
-cdef object _get_ident = threading.get_ident
+# OS threads: the green threads of one share its outbox.
+cdef object _get_ident = unpatched("threading").get_ident
 _finalizing = sys.is_finalizing
 cdef object _monitor_names = itertools.count()
 LOG = logging.getLogger("nova_zmq_fast.client")
@@ -139,6 +142,7 @@ cdef class Outbox:
         self.sock = ctx.socket(ZMQ_ROUTER)
         self.peers = {}
         self.streams = {}
+        self.waiters = {}
         self.packer = new_packer()
         self.last_id = 0
         self.dead_seen = 0
@@ -327,23 +331,26 @@ cdef class Outbox:
         cdef bytes body = self.packer.pack([{}, {}])
         cdef Peer peer
         cdef size_t hlen
+        cdef uint64_t msg_id
         asked = {}                          # msg_id -> (rid, peer, its total then)
         lost = {}
         for rid, peer in list(self.peers.items()):
             if peer.total == peer.confirmed:
                 continue
             self.last_id += 1
-            hlen = write_header(header, KIND_PING, 0, self.last_id,
+            msg_id = self.last_id
+            hlen = write_header(header, KIND_PING, 0, msg_id,
                                 PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic))
+            self.streams[msg_id] = []           # expected before it is sent
             # Behind a full queue the PING waits its turn, up to the deadline.
             if self.send_waiting(rid, header, hlen, body, deadline) != SENT:
                 # Disconnected (libzmq dropped its queue), or still full at
                 # the deadline: nothing confirms it in time.
+                self.streams.pop(msg_id, None)
                 lost[rid.decode()] = peer.total - peer.confirmed
                 peer.confirmed = peer.total
                 continue
-            asked[self.last_id] = (rid, peer, peer.total)
-            self.streams[self.last_id] = []
+            asked[msg_id] = (rid, peer, peer.total)
         try:
             for msg_id, (rid, peer, total) in asked.items():
                 if self.wait_reply(msg_id, deadline) is None:
@@ -384,6 +391,7 @@ cdef class Outbox:
         cdef Peer peer = self.peers.pop(rid, None)
         if peer is not None:
             zmq_disconnect(self.sock, rid)
+            self.settle()
         return peer
 
     cdef Peer vouched(self, Endpoint ep):
@@ -415,8 +423,11 @@ cdef class Outbox:
                 break
             err = zmq_errno()
             if err == EHOSTUNREACH:
-                return UNCONNECTED if self.dial(ep) else NEVER
+                rc = UNCONNECTED if self.dial(ep) else NEVER
+                self.settle()
+                return rc
             if err == EAGAIN:
+                self.settle()
                 return FULL
             if err == EINTR:
                 PyErr_CheckSignals()
@@ -429,6 +440,7 @@ cdef class Outbox:
         if peer is not None:
             peer.total += 1                 # unconfirmed until a reply or flush() hears back
         self.last_peer = peer
+        self.settle()
         return SENT
 
     cdef int send_blocking(self, Endpoint ep, const char *header, size_t hlen,
@@ -469,17 +481,20 @@ cdef class Outbox:
                 break
             err = zmq_errno()
             if err == EHOSTUNREACH:
+                self.settle()
                 return UNCONNECTED
             if err == EINTR:
                 PyErr_CheckSignals()
             elif err != EAGAIN:
                 raise_zmq_error(err)
             elif self.green:
+                self.settle()
                 pause_ns = pause(pause_ns, True)
         # The routing frame went through: the rest of the message cannot
         # block or fail on the high-water mark.
         check(zmq_send(self.sock, header, hlen, ZMQ_SNDMORE))
         check(zmq_send(self.sock, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0))
+        self.settle()
         return SENT
 
     cdef object read_reply(self, zmq_msg_t *part, Header *h):
@@ -500,61 +515,135 @@ cdef class Outbox:
             return None
         return body
 
+    cdef int take(self, zmq_msg_t *part) except -1:
+        """The rest of a reply whose first frame is in `part`, kept for
+        whoever waits for its msg_id (waking its green thread); dropped if
+        nobody does (a call that timed out) or malformed."""
+        cdef Header h
+        body = self.read_reply(part, &h)
+        if body is None:
+            return 0
+        cdef list pending = self.streams.get(h.msg_id)
+        if pending is not None:
+            pending.append((h.kind, body))
+            if self.waiters:
+                woken = self.waiters.pop(h.msg_id, None)
+                if woken is not None:
+                    woken.send()
+        return 0
+
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline):
         """Wait for the next reply to `msg_id`: (kind, body bytes), or None
-        at the deadline.  Replies for other open multicall streams are kept
-        for them; stale ones (calls that already timed out) are dropped."""
-        cdef zmq_msg_t part
-        cdef Header h
-        cdef bytes body
+        at the deadline.  Replies read meanwhile for other calls and open
+        multicall streams are kept for them; stale ones (calls that
+        already timed out) are dropped."""
         cdef list pending = self.streams.get(msg_id)
         if pending:
             return pending.pop(0)
+        cdef bint own = pending is None
+        if own:
+            pending = self.streams[msg_id] = []
+        try:
+            if self.green:
+                self.await_green(msg_id, pending, deadline)
+            else:
+                self.read_until(pending, deadline)
+            return pending.pop(0) if pending else None
+        finally:
+            if own:
+                self.streams.pop(msg_id, None)
+
+    cdef int read_until(self, list pending, double deadline) except -1:
+        """Read replies, blocking in libzmq, until one is in `pending` or
+        the deadline passes."""
+        cdef zmq_msg_t part
         zmq_msg_init(&part)
         try:
-            while True:
+            while not pending:
                 if not self.next_frame(&part, deadline):
-                    return None
-                body = self.read_reply(&part, &h)
-                if body is None:
-                    continue
-                if h.msg_id == msg_id:
-                    return (h.kind, body)
-                pending = self.streams.get(h.msg_id)
-                if pending is not None:
-                    pending.append((h.kind, body))
+                    return 0
+                self.take(&part)
         finally:
             zmq_msg_close(&part)
+        return 0
+
+    cdef int await_green(self, uint64_t msg_id, list pending, double deadline) except -1:
+        """Wait cooperatively until a reply is in `pending` or the deadline
+        passes.  Every green thread of an OS thread shares its outbox, and
+        any number of them may wait at once: none reads the socket while
+        parked.  The hub watches the socket's ZMQ_FD and reads what arrives
+        (drain()), waking the green threads whose replies came."""
+        cdef double left
+        cdef int fd
+        cdef size_t size = sizeof(int)
+        while True:
+            self.drain()                    # what is already there: no edge announces it
+            if pending:
+                return 0
+            left = deadline - _monotonic()
+            if left <= 0:
+                return 0
+            woken = _green.event()
+            self.waiters[msg_id] = woken
+            try:
+                if self.listener is None:
+                    check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
+                    self.listener = _green.watch(fd, self.on_readable)
+                woken.wait(left)
+            finally:
+                if self.waiters.get(msg_id) is woken:
+                    del self.waiters[msg_id]
+                if not self.waiters and self.listener is not None:
+                    _green.unwatch(self.listener)
+                    self.listener = None
+
+    def on_readable(self):
+        """The hub saw ZMQ_FD readable: read what came.  Never raises into
+        the hub: on an error (the context terminated at cleanup) every
+        waiter is woken, to meet it in drain() itself."""
+        try:
+            self.drain()
+        except BaseException:
+            woken, self.waiters = list(self.waiters.values()), {}
+            if self.listener is not None:
+                _green.unwatch(self.listener)
+                self.listener = None
+            for event in woken:
+                event.send()
+
+    cdef int drain(self) except -1:
+        """Read every reply already queued, without waiting (take()).  Also
+        clears ZMQ_FD's edge, so the hub sees the next arrival."""
+        cdef zmq_msg_t part
+        cdef int err
+        if self.sock == NULL:
+            raise TransportClosed("the transport was cleaned up while this call waited")
+        zmq_msg_init(&part)
+        try:
+            while zmq_msg_recv(&part, self.sock, ZMQ_DONTWAIT) != -1:
+                self.take(&part)
+            err = zmq_errno()
+            if err != EAGAIN and err != EINTR:
+                raise_zmq_error(err)
+        finally:
+            zmq_msg_close(&part)
+        return 0
+
+    cdef inline int settle(self) except -1:
+        """After a call into libzmq on the socket: it may have taken in
+        replies, and with them the edge that would have told the hub.
+        While green threads wait, read them now."""
+        if self.waiters:
+            self.drain()
+        return 0
 
     cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1:
         """Receive the first frame of the next message, waiting until
-        `deadline`; False if none came.
-
-        Natively this is one blocking zmq_msg_recv with ZMQ_RCVTIMEO and the
-        GIL released: the same path as a REQ socket's, with no zmq_poll.
-        Green (eventlet), it waits on the socket's ZMQ_FD with select(),
-        which eventlet makes cooperative, so the hub never blocks."""
-        cdef int rc, err, events, timeout_ms
-        cdef size_t size = sizeof(int)
-        cdef int fd
-        cdef double left
+        `deadline`; False if none came: one blocking zmq_msg_recv with
+        ZMQ_RCVTIMEO and the GIL released, the same path as a REQ socket's,
+        with no zmq_poll.  (Green threads never block here: await_green.)"""
+        cdef int rc, err, timeout_ms
         while True:
-            if self.green:
-                if zmq_msg_recv(part, self.sock, ZMQ_DONTWAIT) != -1:
-                    return True
-                if zmq_errno() not in (EAGAIN, EINTR):
-                    raise_zmq_error(zmq_errno())
-                left = deadline - _monotonic()
-                if left <= 0:
-                    return False
-                # ZMQ_FD is edge-triggered: look at ZMQ_EVENTS before sleeping.
-                check(zmq_getsockopt(self.sock, ZMQ_EVENTS, &events, &size))
-                if events & ZMQ_POLLIN:
-                    continue
-                size = sizeof(int)
-                check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
-                select.select([fd], [], [], min(left, 0.05))
-                continue
             timeout_ms = ms_until(deadline)
             if timeout_ms == 0:
                 return False
@@ -710,7 +799,7 @@ cdef class Client:
                   int backlog=1000, int socket_buffer=0, bint green=False, tuple curve=None):
         self.ctx = ctx
         self.routes = routes
-        self.tls = threading.local()
+        self.tls = unpatched("threading").local()
         self.outboxes = weakref.WeakSet()
         self.spare = []
         self.spare_lock = unpatched("threading").Lock()
@@ -1271,7 +1360,8 @@ cdef class Client:
     cdef uint64_t send_call(self, Outbox ob, object context, object topic, object msg,
                             int flags, double deadline, set refused) except? 0:
         """Validate and send a CALL to a consumer not in `refused`; returns
-        its msg_id, and adds the consumer to `refused` for a retry."""
+        its msg_id, whose replies `ob` keeps (its streams) until the caller
+        pops it, and adds the consumer to `refused` for a retry."""
         cdef const char *t
         cdef Py_ssize_t tlen
         cdef char header[MAX_HEADER]
@@ -1279,13 +1369,24 @@ cdef class Client:
         method = method_of(msg)
         cdef bytes body = self.encode(ob, context, msg)
         ob.last_id += 1
-        cdef size_t hlen = write_header(header, KIND_CALL, flags, ob.last_id, t, tlen)
+        # Its own copy: while this waits to send, other green threads
+        # sharing the outbox take ids of their own.
+        cdef uint64_t msg_id = ob.last_id
+        cdef size_t hlen = write_header(header, KIND_CALL, flags, msg_id, t, tlen)
         endpoints = self.routes.lookup(topic)
         if refused:
             endpoints = tuple(ep for ep in endpoints if ep not in refused)
-        refused.add(self.send_one(ob, endpoints, header, hlen, body, deadline, topic, method))
+        # Expected before it is sent: the reply may be read (by another
+        # green thread, or this one's next call into libzmq) at once.
+        ob.streams[msg_id] = []
+        try:
+            refused.add(self.send_one(ob, endpoints, header, hlen, body, deadline, topic,
+                                      method))
+        except BaseException:
+            ob.streams.pop(msg_id, None)
+            raise
         self.calls += 1
-        return ob.last_id
+        return msg_id
 
     def call(self, context, topic, msg, timeout=None, monitor_timeout=None):
         """Send to one consumer and wait for its result (or exception).
@@ -1300,7 +1401,7 @@ cdef class Client:
         cdef double deadline = _monotonic() + wait
         cdef double alive_until
         cdef set refused = set()
-        cdef uint64_t msg_id
+        cdef uint64_t msg_id = 0
         cdef Peer peer
         cdef unsigned long long sent_before
         cdef Outbox ob = self.enter()
@@ -1324,6 +1425,8 @@ cdef class Client:
                     # call: ask discovery again and try another one.
                     self.refused += 1
                     self.routes.invalidate(topic)
+                    ob.streams.pop(msg_id, None)
+                    msg_id = 0
                     msg_id = self.send_call(ob, context, topic, msg, 0, deadline, refused)
                     peer = ob.last_peer
                     sent_before = peer.total if peer is not None else 0
@@ -1337,6 +1440,7 @@ cdef class Client:
                 return None
             return self.decode_value(body)
         finally:
+            ob.streams.pop(msg_id, None)
             self.leave(ob)
 
     def multicall(self, context, topic, msg, timeout=None):
@@ -1358,8 +1462,7 @@ cdef class Client:
             stream.topic = topic
             stream.method = msg["method"]
             stream.thread = _get_ident()
-            stream.done = False
-            ob.streams[stream.msg_id] = []
+            stream.done = False               # its replies are kept since send_call
             return stream
         finally:
             self.leave(ob)
@@ -1383,7 +1486,7 @@ cdef class Client:
             if namespace is not None:
                 msg["namespace"] = str(namespace)
         cdef bytes body
-        cdef uint64_t msg_id
+        cdef uint64_t msg_id = 0
         cdef size_t hlen
         cdef double start
         cdef double deadline
@@ -1396,6 +1499,7 @@ cdef class Client:
             start = _monotonic()
             deadline = start + wait
             full = []
+            ob.streams[msg_id] = []
             if self.send_each(ob, (endpoint,), header, hlen, body, deadline, full):
                 raise PeerUnreachable(f"no connection to {endpoint.address} in time" +
                                       self.unreachable(ob, [endpoint]), topic, "ping")
@@ -1416,6 +1520,7 @@ cdef class Client:
             about["rtt"] = _monotonic() - start
             return about
         finally:
+            ob.streams.pop(msg_id, None)
             self.leave(ob)
 
     # -- helpers -----------------------------------------------------------
@@ -1484,7 +1589,7 @@ cdef class Client:
                 LOG.exception("could not confirm what an outbox sent")
             finally:
                 ob.close(0)
-        self.tls = threading.local()
+        self.tls = unpatched("threading").local()
         del spare
         self.account(lost, f"not confirmed by their peers within {linger:g}s at cleanup may "
                            f"be lost")

@@ -54,6 +54,24 @@ def test_behaviour_suite(model_services, ipc_dir, client, service):
         assert "the issue's reproduction, in this process" in results
 
 
+def test_a_crowd_of_green_callers_shares_one_socket(model_services, ipc_dir):
+    """600 green threads calling at once, in a process allowed 128 file
+    descriptors: every call is answered, timed out or streamed as it
+    should be, killed callers confuse no one, and the green threads of
+    the thread share its one outbox (a socket each would need a thousand
+    descriptors)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.green_crowd", "--topic",
+                           "conc-threads", "--ipc-dir", str(ipc_dir), "--callers", "600",
+                           "--fds", "128"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["errors"] == [] and got["wrong"] == [], got
+    assert (got["echo"], got["timeout"], got["stream"], got["killed"]) == (361, 60, 180, 20)
+    assert got["victims_started"] == 20
+    assert got["outboxes"] == 1
+
+
 def test_services_report_their_model(model_services, client):
     for model in MODELS:
         assert client.call({}, f"conc-{model}", {"method": "model"}) == model
