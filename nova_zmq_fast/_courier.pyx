@@ -45,6 +45,7 @@ from nova_zmq_fast._envelope cimport *
 from nova_zmq_fast._client cimport FULL, NEVER, SENT, UNCONNECTED, Client, Outbox
 from nova_zmq_fast._routes cimport Endpoint, RouteTable
 
+from nova_zmq_fast import _zmq
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.exceptions import (
     DiscoveryUnavailable, NoListeners, RPCException, Timeout, TransportClosed)
@@ -58,7 +59,6 @@ SILENT_KEPT = 600.0     # seconds a silent server no route holds is still probed
 # progress, then less often while none goes.
 cdef double UNSENT_PAUSE_MIN = 0.005
 cdef double UNSENT_PAUSE_MAX = 0.25
-STOP_WAIT = 5.0         # seconds close() waits for the thread once told to stop
 cdef bytes EMPTY_REQUEST = b"\x92\x80\x80"        # msgpack [{}, {}]
 
 
@@ -258,14 +258,14 @@ cdef class Courier:
             self.stopping = True
             self.sleeping = True
             self._wake()
-            thread.join(STOP_WAIT)
+            thread.join(_zmq.STOP_WAIT)
             stuck = thread.is_alive()
         lost = {} if self.abandoned else self._count_dropped(linger)
         if stuck:
             # Its socket and pipe are its own until it ends: leave them.
             self.abandoned = True
             LOG.error("the courier thread did not stop within %gs; leaving its socket open",
-                      STOP_WAIT)
+                      _zmq.STOP_WAIT)
             return lost
         self.thread = None
         self.pending.clear()

@@ -26,6 +26,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from nova_zmq_fast._libzmq cimport *
 from nova_zmq_fast._zmq cimport Context, check, raise_zmq_error, set_int
 
+from nova_zmq_fast import _zmq
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._zmq import libzmq_version
 from nova_zmq_fast.exceptions import TransportClosed
@@ -39,7 +40,6 @@ ZAP_DOMAIN = b"nova_zmq_fast"
 cdef enum:
     KEY_LEN = 40                    # Z85 of 32 bytes
 RELOAD_EVERY = 1.0                  # seconds between checks of the allow-list's files
-STOP_WAIT = 5.0                     # seconds stop() waits for the handler's thread
 MIN_VERSION = (4, 3, 3)
 
 
@@ -366,18 +366,18 @@ cdef class Authenticator:
 
     def stop(self):
         """Stop answering and release the socket (call before the context
-        terminates).  A thread still busy after STOP_WAIT seconds (a log
+        terminates).  A thread still busy after _zmq.STOP_WAIT seconds (a log
         handler that blocks) keeps its socket, which is closed when this
         object goes, once the thread has ended; returns False then."""
         self.stopping = True
         thread = self.thread
         if thread is not None and thread is not unpatched("threading").current_thread():
-            thread.join(STOP_WAIT)
+            thread.join(_zmq.STOP_WAIT)
             if thread.is_alive():
                 # A socket belongs to one thread: closing it under this one
                 # would be a use after free in libzmq.
                 LOG.error("the ZAP handler did not stop within %gs; leaving its socket open",
-                          STOP_WAIT)
+                          _zmq.STOP_WAIT)
                 return False
         self.thread = None
         if self.sock != NULL:

@@ -122,6 +122,12 @@ def require_libzmq(version, where):
 require_libzmq(libzmq_version(), " and ".join(loaded_libzmq_files()) or "an unknown path")
 
 
+# Seconds a close waits for a thread of ours told to stop (the courier's,
+# the ZAP handler's) before it gives up on it and leaves its socket open.
+# Read at each use, as _zmq.STOP_WAIT, so that tests can shorten it.
+STOP_WAIT = 5.0
+
+
 cdef class Context:
     """One libzmq context per process.  It counts the sockets it hands out so
     that `term()` can refuse to hang on a socket somebody forgot, and tests

@@ -23,7 +23,11 @@ retried after a short asyncio.sleep.  Replies are read when the socket's
 ZMQ_FD becomes readable (loop.add_reader, edge-triggered: the queue is
 drained after every wake-up and every send) and handed to the waiting
 task by msg_id.  Cancelling the task forgets its msg_id: a late reply is
-dropped.
+dropped.  A multicall stream is forgotten as soon as its caller is done
+with it: at its end, at aclose() or the end of an `async with`, or when
+the stream object is dropped (a `break` out of `async for`); one kept but
+not read holds at most STREAM_BACKLOG replies, then loses values as a
+threaded caller's full queue does (StreamTruncated).
 
 Serving: when an asyncio Connection is the first to serve in its process,
 the event loop leads the process's server itself (_server.Server.lead_here):
@@ -48,7 +52,8 @@ from nova_zmq_fast._dispatch import wrap as _wrap_notification
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast._handoff import Deferred, Runner
 from nova_zmq_fast.exceptions import (
-    InvalidMessage, NoListeners, PeerUnreachable, RPCException, Timeout, TransportClosed)
+    InvalidMessage, NoListeners, PeerUnreachable, RPCException, StreamTruncated, Timeout,
+    TransportClosed)
 
 __all__ = ["call", "multicall", "cast", "fanout_cast", "notify", "create_connection",
            "cleanup", "Connection"]
@@ -57,6 +62,11 @@ CALL, CAST, NOTIFY = KINDS["call"], KINDS["cast"], KINDS["notify"]
 CHUNK, END, FAILURE = KINDS["chunk"], KINDS["end"], KINDS["failure"]
 HEARTBEAT, REFUSED = KINDS["heartbeat"], KINDS["refused"]
 PAUSE_MIN, PAUSE_MAX = 0.0002, 0.005
+# Replies a multicall stream keeps for a caller that does not read them
+# (as many as a threaded caller's socket queue holds): a CHUNK beyond them
+# is lost, and the stream ends in StreamTruncated instead of its end.
+STREAM_BACKLOG = 100000
+_TRUNCATED = -1                 # in a waiter's replies: (_TRUNCATED, values lost)
 
 _callers = weakref.WeakKeyDictionary()          # event loop -> _Caller
 _get_ident = unpatched("threading").get_ident
@@ -64,12 +74,13 @@ _NEVER = float("inf")
 
 
 class _Waiter:
-    __slots__ = ("replies", "future", "deadline")
+    __slots__ = ("replies", "future", "deadline", "lost")
 
     def __init__(self):
         self.replies = collections.deque()
         self.future = None
         self.deadline = _NEVER                  # loop time, while it awaits a reply
+        self.lost = 0                           # CHUNKs dropped: its backlog was full
 
 
 class _Caller:
@@ -94,7 +105,20 @@ class _Caller:
         for msg_id, kind, body in self.outbox.replies():
             waiter = self.waiters.get(msg_id)
             if waiter is None:
-                continue                        # abandoned (timeout, cancelled)
+                continue                        # abandoned (timeout, cancelled, closed)
+            if waiter.lost or len(waiter.replies) >= STREAM_BACKLOG:
+                # A stream whose caller stopped reading: once one value
+                # is lost, every later one is too (no gap), and its end
+                # becomes StreamTruncated, as the server does for a
+                # caller whose queue is full.
+                if kind == HEARTBEAT:
+                    continue
+                if kind == CHUNK:
+                    waiter.lost += 1
+                    continue
+                self.forget(msg_id)             # its last reply: nothing more comes
+                if waiter.lost and kind != FAILURE:
+                    kind, body = _TRUNCATED, waiter.lost
             waiter.replies.append((kind, body))
             future = waiter.future
             if future is not None and not future.done():
@@ -244,36 +268,109 @@ async def call(context, topic, msg, timeout=None):
         caller.client.routes.invalidate(topic)
 
 
-async def multicall(context, topic, msg, timeout=None):
+def multicall(context, topic, msg, timeout=None):
     """`async for` over every value the remote method yields, each as it
-    is produced; `timeout` bounds the wait for each."""
-    caller = _caller()
-    loop = caller.loop
-    wait = _wait_for(caller, timeout)
-    msg_id = await caller.send(CALL, context, topic, msg, loop.time() + wait, multi=True,
-                               refused=set())
-    waiter = caller.expect(msg_id)
-    try:
+    is produced; `timeout` bounds the wait for each.  The request leaves
+    at the first iteration.  To stop early, `break` (the stream is
+    forgotten when dropped), `await stream.aclose()`, or read it in
+    `async with aio.multicall(...) as stream:`; later values are dropped
+    as they arrive."""
+    return _Stream(context, topic, msg, timeout)
+
+
+class _Stream:
+    """What multicall() returns: an asynchronous iterator, to be read from
+    its event loop's tasks, one at a time.  It holds its waiter, and
+    nothing holds it: when it is dropped it forgets its msg_id at once
+    (an async generator would only be closed at a later turn of the loop,
+    or never while its frame is part of a reference cycle)."""
+
+    __slots__ = ("_context", "_topic", "_msg", "_timeout", "_caller", "_wait", "_msg_id",
+                 "_waiter", "_reading", "_done")
+
+    def __init__(self, context, topic, msg, timeout):
+        self._context = context
+        self._topic = topic
+        self._msg = msg
+        self._timeout = timeout
+        self._caller = self._waiter = self._msg_id = None
+        self._wait = None
+        self._reading = self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._done:
+            raise StopAsyncIteration
+        if self._reading:
+            raise RuntimeError("this multicall stream is already being read by another task")
+        self._reading = True
+        try:
+            return await self._next()
+        except BaseException:
+            self._finish()                      # its end, a failure, a timeout, cancelled
+            raise
+        finally:
+            self._reading = False
+
+    async def _next(self):
+        caller = self._caller
+        if caller is None:
+            caller = _caller()
+            self._wait = _wait_for(caller, self._timeout)
+            msg_id = await caller.send(CALL, self._context, self._topic, self._msg,
+                                       caller.loop.time() + self._wait, multi=True,
+                                       refused=set())
+            self._caller, self._msg_id = caller, msg_id
+            self._waiter = caller.expect(msg_id)
+        waiter = self._waiter
         while True:
-            reply = await caller.next_reply(waiter, loop.time() + wait)
+            reply = await caller.next_reply(waiter, caller.loop.time() + self._wait)
             if reply is None:
                 caller.client.timeouts += 1
-                raise Timeout(None, topic, msg["method"])
+                raise Timeout(None, self._topic, self._msg["method"])
             kind, body = reply
+            if kind == CHUNK:
+                return caller.client.reply_value(body)
             if kind == HEARTBEAT:
                 continue
-            if kind == CHUNK:
-                yield caller.client.reply_value(body)
-                continue
+            self._finish()
+            if kind == END:
+                raise StopAsyncIteration
+            if kind == _TRUNCATED:
+                raise StreamTruncated(lost=body)
             if kind == REFUSED:
                 caller.client.refused += 1
-                caller.client.routes.invalidate(topic)
-                raise NoListeners(caller.client.reply_value(body), topic, msg["method"])
-            if kind != END:
-                yield _value(caller, kind, body)
+                caller.client.routes.invalidate(self._topic)
+                raise NoListeners(caller.client.reply_value(body), self._topic,
+                                  self._msg["method"])
+            return _value(caller, kind, body)   # a plain method's one value, or its failure
+
+    def _finish(self):
+        """Stop listening: later replies are dropped as they arrive."""
+        if self._done:
             return
-    finally:
-        caller.forget(msg_id)
+        self._done = True
+        waiter, self._waiter = self._waiter, None       # and what it kept
+        if waiter is not None:
+            self._caller.forget(self._msg_id)
+
+    async def aclose(self):
+        """Stop reading: the stream ends here, and what the server still
+        sends for it is dropped."""
+        if self._reading:
+            raise RuntimeError("this multicall stream is being read by another task")
+        self._finish()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+    def __del__(self):
+        self._finish()
 
 
 async def cast(context, topic, msg, at_least_once=None):

@@ -337,6 +337,36 @@ def test_option_precedence(services, ipc_dir, tmp_path):
     assert found("-o", f"rpc_zmq_ipc_dir={ipc_dir}")
 
 
+def test_reading_an_unused_registry_makes_no_directory(tmp_path):
+    """`topics` and `status` only read: on a registry location nobody has
+    used they say that nothing is registered and leave no directory
+    behind, neither there nor in the per-user fallback taken when the
+    location cannot be made.  A server registering there makes it."""
+    unused = tmp_path / "unused" / "ipc"
+    blocked = tmp_path / "file"                 # under a file: the fallback's turn
+    blocked.write_text("not a directory")
+    runtime = tmp_path / "runtime"              # where the fallback would be made
+    runtime.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    for where in (unused, blocked / "ipc"):
+        for command, says, key in (("topics", "knows no topic", "topics"),
+                                   ("status", "knows no node", "nodes")):
+            run = cli(command, "--ipc-dir", where, env=env)
+            assert run.code == Exit.NO_LISTENERS, run
+            assert f"discovery (local) {says}" in run.out, run
+            data = cli(command, "--ipc-dir", where, "--json", env=env).json
+            assert data == {"discovery": "local", key: []}, data
+    assert not (tmp_path / "unused").exists()
+    assert os.listdir(runtime) == []
+    service = ServiceProcess("maker", unused, topic="made")
+    try:
+        assert os.path.isdir(unused / "nova_zmq_fast-registry" / "nodes")
+        run = cli("topics", "made", "--ipc-dir", unused, env=env)
+        assert run.code == 0 and f"maker {service.address}" in run.out, run
+    finally:
+        assert service.stop() == 0
+
+
 def test_bad_configuration(tmp_path):
     def usage(*args, env=None, says):
         run = cli(*args, env=env)

@@ -137,6 +137,118 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
         service.kill()
 
 
+def run_stream_scenario(key, n, scenario):
+    """Runs `scenario(open_stream, done)` on a new event loop.
+    open_stream() is an aio.multicall of n values (0 .. n-1) from the
+    asyncio model service, which records `key` once it has sent them all:
+    done() returns once the service reports that.  Returns the scenario's
+    result and what the loop's caller still holds after it: how many
+    streams are in its waiter table, and how many replies they keep."""
+    import asyncio
+
+    from nova_zmq_fast import aio
+    topic = "conc-asyncio.svc-asyncio"
+
+    def open_stream():
+        return aio.multicall({}, topic, {"method": "stream_and_record",
+                                         "args": {"n": n, "key": key}})
+
+    async def done():
+        assert await aio.call({}, topic, {"method": "wait_for",
+                                          "args": {"key": key, "n": 1}}) == 1
+
+    async def main():
+        result = await scenario(open_stream, done)
+        waiters = waiter_table()
+        return result, len(waiters), sum(len(w.replies) for w in waiters.values())
+    return asyncio.run(main())
+
+
+def waiter_table():
+    """The running loop's calls and streams waiting for replies."""
+    import asyncio
+
+    from nova_zmq_fast import aio
+    return aio._callers[asyncio.get_running_loop()].waiters
+
+
+async def next_or_end(stream):
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return "end"
+
+
+def test_an_asyncio_multicall_dropped_early_is_forgotten_at_once(model_services, client):
+    """Leaving `async for` over aio.multicall with break, nothing else
+    holding the stream, drops it: it leaves the caller's waiter table then
+    and there (not at some later turn of the loop, or at its shutdown) and
+    keeps none of the values the service goes on sending."""
+    async def scenario(open_stream, done):
+        async for first in open_stream():
+            break
+        forgotten = not waiter_table()
+        await done()                        # the service has sent all its values
+        return first, forgotten
+    (first, forgotten), streams, kept = run_stream_scenario("dropped", 2000, scenario)
+    assert first == 0
+    assert forgotten, "the dropped stream was still waited for"
+    assert (streams, kept) == (0, 0)
+
+
+def test_an_asyncio_multicall_closed_early_is_forgotten(model_services, client):
+    """`async with` around aio.multicall, or aclose(), ends the stream at
+    once: it leaves the waiter table, keeps nothing, and reading it again
+    ends the iteration."""
+    async def with_block(open_stream, done):
+        async with open_stream() as stream:
+            async for first in stream:
+                break
+        forgotten = not waiter_table()
+        await done()
+        return first, forgotten, await next_or_end(stream)
+    assert run_stream_scenario("closed", 2000, with_block) == ((0, True, "end"), 0, 0)
+
+    async def aclose(open_stream, done):
+        stream = open_stream()
+        first = await stream.__anext__()
+        await stream.aclose()
+        forgotten = not waiter_table()
+        await done()
+        return first, forgotten, await next_or_end(stream)
+    assert run_stream_scenario("aclosed", 2000, aclose) == ((0, True, "end"), 0, 0)
+
+
+def test_an_asyncio_multicall_left_unread_keeps_a_bounded_backlog(
+        model_services, client, monkeypatch):
+    """A stream its caller stops reading but keeps (break, the stream still
+    referenced) holds at most aio.STREAM_BACKLOG replies: later values are
+    dropped as they arrive, as a lagging threaded caller's full queue drops
+    them.  Read again, it gives the values it kept, in order, then
+    StreamTruncated saying how many were lost, and is forgotten."""
+    from nova_zmq_fast import aio
+    from nova_zmq_fast.exceptions import StreamTruncated
+    monkeypatch.setattr(aio, "STREAM_BACKLOG", 10)
+    n = 2000
+
+    async def scenario(open_stream, done):
+        stream = open_stream()
+        async for first in stream:
+            break
+        await done()                        # every value has reached this process
+        held = sum(len(w.replies) for w in waiter_table().values())
+        values = [first]
+        with pytest.raises(StreamTruncated) as ended:
+            async for value in stream:
+                values.append(value)
+        return held, values, ended.value.kwargs["lost"]
+    (held, values, lost), streams, kept = run_stream_scenario("unread", n, scenario)
+    assert held <= 10 + 1, held             # and the stream's end, once it came
+    assert values == list(range(len(values))) and len(values) <= 11, values
+    assert lost == n - len(values)
+    assert (streams, kept) == (0, 0)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_stopping_service_answers_the_calls_it_is_running(ipc_dir, client, model):
     """SIGTERM while handlers run (threads, green threads, coroutines):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from nova_zmq_fast import _curve
+from nova_zmq_fast import _curve, _zmq
 from tests.conftest import ROOT, ServiceProcess, free_port, wait_until
 
 CTX = {"user_id": "u"}
@@ -317,7 +317,7 @@ def test_a_zap_handler_that_will_not_stop_keeps_its_socket_until_it_ends(keys, m
     its socket stays open under it (closing it from another thread is a
     use after free in libzmq), and is closed once it has ended."""
     from nova_zmq_fast.logs import RateLimitedLog
-    monkeypatch.setattr(_curve, "STOP_WAIT", 0.5, raising=False)
+    monkeypatch.setattr(_zmq, "STOP_WAIT", 0.5)
     errors = []
     monkeypatch.setattr(threading, "excepthook", errors.append)
     blocked, release = threading.Event(), threading.Event()

@@ -323,6 +323,26 @@ def test_a_registry_others_can_write_is_refused(tmp_path, monkeypatch):
         backend.close()
 
 
+def test_a_lookup_makes_no_registry_and_finds_one_made_later(tmp_path):
+    """A process that only looks up makes no directory: an absent registry
+    has nothing registered.  Once a server has registered there, the same
+    backend finds it."""
+    where = tmp_path / "later" / "ipc"
+    routes, reader = local(where)
+    server_routes, server = local(where)
+    try:
+        assert routes.route("t") == () and reader.nodes() == []
+        assert routes.topics("") == ()
+        assert not (tmp_path / "later").exists()
+        server.register(node("h1", 1401), "t")
+        routes.invalidate("t")
+        assert addresses(routes.route("t")) == ["tcp://127.0.0.1:1401"]
+    finally:
+        for table, backend in ((routes, reader), (server_routes, server)):
+            table.close()
+            backend.close()
+
+
 def test_topics_by_prefix(tables, tmp_path):
     routes, server = tables()
     other, _ = tables()

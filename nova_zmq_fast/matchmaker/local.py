@@ -14,6 +14,10 @@ and tells the route table to forget its address (the table revives it
 when a live node lists it again).  Routes are refreshed
 every second, so a dead consumer stops being chosen within about a second.
 
+The directories are made by the first registration in them: a process
+that only looks up (a client, the operator's `nova-zmq-fast topics`) makes
+nothing, and an absent registry is one where nothing is registered.
+
 Servers listen on 127.0.0.1 and a free port by default: peers are on this
 machine.
 """
@@ -43,25 +47,54 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def ipc_dir(path):
+def ipc_dir(path, create=True):
     """`path`, or a per-user directory when it is not writable (the
-    original default needs root)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        if os.access(path, os.W_OK | os.X_OK):
+    original default needs root).  With create=False nothing is made: the
+    same choice, for a directory that may not exist yet (`path` if it
+    exists and is writable, or could be made)."""
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK | os.X_OK):
+                return path
+        except OSError:
+            pass
+    elif os.path.lexists(path):
+        if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
             return path
-    except OSError:
-        pass
-    fallback = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
-                            f"nova_zmq_fast-{os.getuid()}")
-    os.makedirs(fallback, mode=0o700, exist_ok=True)
+    elif _creatable(path):
+        return path
+    fallback = fallback_dir()
+    if create:
+        os.makedirs(fallback, mode=0o700, exist_ok=True)
+    if create or os.path.lexists(fallback):
+        _private(fallback)
+    return fallback
+
+
+def fallback_dir():
+    """The per-user directory used when rpc_zmq_ipc_dir is not writable."""
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
+                        f"nova_zmq_fast-{os.getuid()}")
+
+
+def _creatable(path):
+    """Whether os.makedirs(path) could make it: its nearest existing
+    ancestor is a directory this process may write in."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+
+
+def _private(fallback):
     # In a shared /tmp someone else may have made it first.
     st = os.lstat(fallback)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ValueError(f"{fallback} is not a directory private to this user (owner uid "
                          f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user "
                          f"could publish addresses in it; remove it, or set rpc_zmq_ipc_dir")
-    return fallback
 
 
 def _closed_to_others(path):
@@ -97,13 +130,13 @@ class LocalBackend(Backend):
 
     def __init__(self, options):
         super().__init__(options)
-        self.root = os.path.join(ipc_dir(options.rpc_zmq_ipc_dir), REGISTRY)
+        base = ipc_dir(options.rpc_zmq_ipc_dir, create=False)
+        self._fallback = None if base == options.rpc_zmq_ipc_dir else base
+        self.root = os.path.join(base, REGISTRY)
         self.nodes_dir = os.path.join(self.root, "nodes")
         self.topics_dir = os.path.join(self.root, "topics")
-        os.makedirs(self.nodes_dir, exist_ok=True)
-        os.makedirs(self.topics_dir, exist_ok=True)
-        for path in (self.root, self.nodes_dir, self.topics_dir):
-            _closed_to_others(path)
+        self._present = False
+        self._exists()                  # a registry others can write is refused at once
         self._own = {}                  # address -> _OwnNode
         self._own_ids = {}              # node id -> _OwnNode
         self._known = {}                # node id -> Endpoint (files never change)
@@ -115,6 +148,27 @@ class LocalBackend(Backend):
         # Every peer is on this machine.
         return "::1" if options.bind_address.strip("[]") in ("::",) else "127.0.0.1"
 
+    def _exists(self, create=False):
+        """Whether the registry's directories exist (made first with
+        `create`: by a registration).  Each is checked as soon as it is
+        seen, whoever made it; until all three are there, a lookup finds
+        nothing registered."""
+        if self._present:
+            return True
+        if create:
+            if self._fallback is not None:
+                os.makedirs(self._fallback, mode=0o700, exist_ok=True)
+            os.makedirs(self.nodes_dir, exist_ok=True)
+            os.makedirs(self.topics_dir, exist_ok=True)
+        if self._fallback is not None and os.path.lexists(self._fallback):
+            _private(self._fallback)
+        found = [path for path in (self.root, self.nodes_dir, self.topics_dir)
+                 if os.path.lexists(path)]
+        for path in found:
+            _closed_to_others(path)
+        self._present = len(found) == 3
+        return self._present
+
     # -- registration --------------------------------------------------------
 
     def _entry(self, topic, fanout, node_id=None):
@@ -125,6 +179,7 @@ class LocalBackend(Backend):
         with self._lock:
             own = self._own.get(node.address)
             if own is None:
+                self._exists(create=True)
                 own = self._create_node(node)
             directory = self._entry(topic, fanout)
             os.makedirs(directory, exist_ok=True)
@@ -194,6 +249,8 @@ class LocalBackend(Backend):
     # -- lookup ----------------------------------------------------------------
 
     def fetch(self, topic, fanout):
+        if not self._exists():
+            return []
         directory = self._entry(topic, fanout)
         try:
             names = os.listdir(directory)
@@ -208,6 +265,8 @@ class LocalBackend(Backend):
         return endpoints
 
     def list_topics(self, prefix):
+        if not self._exists():
+            return []
         try:
             return [name for name in os.listdir(self.topics_dir) if name.startswith(prefix)]
         except FileNotFoundError:

@@ -230,6 +230,14 @@ class Async(Base):
             await asyncio.sleep(0)
             yield i
 
+    async def stream_and_record(self, ctxt, n, key):
+        """0 .. n-1, then record `key`: every value has been sent by then
+        (each leaves as it is yielded, ahead of any reply sent after)."""
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+        await self.record(ctxt, key)
+
 
 def main():
     parser = argparse.ArgumentParser()
