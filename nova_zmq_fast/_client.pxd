@@ -119,7 +119,8 @@ cdef class Client:
     cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                         bytes body, double deadline, list full)
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
-                             bytes body, double deadline, list reached, list full, bint one)
+                             bytes body, double deadline, list reached, list full, bint one,
+                             object topic)
     cdef Py_ssize_t turn(self, object topic, Py_ssize_t n)
     cdef str unreachable(self, Outbox ob, list endpoints)
     cdef int none_live(self, Outbox ob, tuple endpoints, object topic,

@@ -1115,7 +1115,7 @@ cdef class Client:
                 if k == 0 and n > 1 and ob.dialling(ep.rid):
                     self.wait_connected(ob, [ep], header, hlen, body,
                                         min(deadline, _monotonic() + FIRST_DIAL_GRACE),
-                                        reached, [], True)
+                                        reached, [], True, None)
                     if reached:
                         return ep
                 waiting.append(ep)
@@ -1124,7 +1124,7 @@ cdef class Client:
         if full is None and waiting:
             connected_full = []
             self.wait_connected(ob, waiting, header, hlen, body, deadline, reached,
-                                connected_full, True)
+                                connected_full, True, topic)
             if reached:
                 return <Endpoint>reached[0]
             if connected_full:
@@ -1163,11 +1163,12 @@ cdef class Client:
                 missed.append(ep)
         if pending or full:
             missed += self.wait_connected(ob, pending, header, hlen, body, deadline, [], full,
-                                          False)
+                                          False, None)
         return missed
 
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
-                             bytes body, double deadline, list reached, list full, bint one):
+                             bytes body, double deadline, list reached, list full, bint one,
+                             object topic):
         """Retry `pending` (not connected yet) until the connect timeout or
         `deadline`, sending as each connects: to the first only (one) or to
         each.  What was sent to goes into `reached`; returns those never
@@ -1175,17 +1176,32 @@ cdef class Client:
         connects with a full queue goes into `full`: with `one` that ends
         the wait (the caller waits for room there); otherwise every one in
         `full` is retried too, until `deadline`, and those still full then
-        are left in it."""
+        are left in it.  With `topic`, discovery is asked again meanwhile
+        (RouteTable.recheck), at once unless `pending` were dialled just
+        now: consumers it lists since are tried too, those it no longer
+        lists are let go (a server that restarted on a new port)."""
         cdef long pause_ns = PAUSE_MIN_NS
         cdef double until = min(deadline, _monotonic() + self.connect_timeout)
         cdef bint whole = until < deadline
         cdef double now
+        cdef double recheck_at = _monotonic()
         cdef Endpoint ep
         cdef int status
         cdef list still
         cdef list missed = []
+        cdef set tried = set(pending)
+        if any(ob.dialling(ep.rid) for ep in pending):
+            recheck_at += FIRST_DIAL_GRACE
         while pending or (full and not one):
             now = _monotonic()
+            if topic is not None and pending and now >= recheck_at:
+                recheck_at = now + FIRST_DIAL_GRACE
+                listed = self.routes.live(self.routes.recheck(topic))
+                pending = [ep for ep in pending if ep in listed]
+                for ep in listed:
+                    if ep not in tried:
+                        tried.add(ep)
+                        pending.append(ep)
             if pending and now >= until:
                 if whole:
                     for ep in pending:

@@ -11,6 +11,7 @@ cdef class Endpoint:
 cdef class Route:
     cdef tuple endpoints
     cdef bint used                  # looked up since the refresher last came by
+    cdef double rechecked           # when a sender last asked the backend (recheck)
 
 
 cdef class RouteTable:
@@ -32,6 +33,8 @@ cdef class RouteTable:
     cdef tuple live(self, tuple endpoints)
     cdef tuple _miss(self, dict cache, object topic, bint fanout)
     cdef tuple _answer(self, endpoints)
+    cdef tuple recheck(self, object topic)
+    cdef _store(self, dict cache, object topic, tuple endpoints)
     cdef _refresh(self, dict cache, bint fanout)
 
 

@@ -36,6 +36,7 @@ from nova_zmq_fast.exceptions import DiscoveryUnavailable
 LOG = logging.getLogger("nova_zmq_fast.routes")
 
 DEAD_MAX = 4096                     # forgotten addresses remembered
+cdef double RECHECK_EVERY = 0.25    # seconds between rechecks of one topic
 
 # What peers can dial: tcp://<host>:<port>, as every server binds and
 # advertises (options.tcp_endpoint).  Stricter than zmq_connect()'s own
@@ -171,19 +172,55 @@ cdef class RouteTable:
 
     cdef tuple _miss(self, dict cache, object topic, bint fanout):
         cdef tuple endpoints
-        cdef Route route
         try:
             endpoints = self._answer(self._fetch(topic, fanout))
         except DiscoveryUnavailable as exc:
             raise DiscoveryUnavailable(exc.info, topic) from None
-        if endpoints and not self.closed:
-            route = Route.__new__(Route)
-            route.endpoints = endpoints
-            route.used = True
-            cache[topic] = route
-            if self.on_route is not None:
-                self.on_route()             # the courier starts refreshing
+        self._store(cache, topic, endpoints)
         return endpoints
+
+    cdef tuple recheck(self, object topic):
+        """Ask the backend again about `topic` now, for a send that found
+        none of its consumers connected: a server that restarted on a new
+        address is found at once, not at the next refresh.  At most once
+        per RECHECK_EVERY seconds a topic, however many senders wait; what
+        was known is kept if the backend fails."""
+        cdef Route route = self.direct.get(topic)
+        cdef double now = _now()
+        if route is not None and now < route.rechecked + RECHECK_EVERY:
+            return route.endpoints
+        if route is not None:
+            route.rechecked = now
+        try:
+            endpoints = self._answer(self._fetch(topic, False))
+        except Exception:
+            return route.endpoints if route is not None else ()
+        self._store(self.direct, topic, endpoints)
+        route = self.direct.get(topic)
+        if route is not None:
+            route.rechecked = now
+        return endpoints
+
+    cdef _store(self, dict cache, object topic, tuple endpoints):
+        """Put the backend's answer for `topic` in `cache`: a route that
+        changed bumps `generation`; nobody listed removes the route."""
+        cdef Route route = cache.get(topic)
+        if route is None:
+            if endpoints and not self.closed:
+                route = Route.__new__(Route)
+                route.endpoints = endpoints
+                route.used = True
+                cache[topic] = route
+                if self.on_route is not None:
+                    self.on_route()             # the courier starts refreshing
+            return
+        # (Endpoints are equal by address: a new key is a change too.)
+        if endpoints != route.endpoints or _keys(endpoints) != _keys(route.endpoints):
+            self.generation += 1
+        if endpoints:
+            route.endpoints = endpoints
+        elif cache.get(topic) is route:
+            cache.pop(topic, None)
 
     cdef tuple _answer(self, endpoints):
         """A backend's answer as the sending path needs it: Endpoints only
@@ -331,13 +368,7 @@ cdef class RouteTable:
                 # we knew.  Marked used so it is tried again next pass.
                 route.used = True
                 continue
-            # (Endpoints are equal by address: a new key is a change too.)
-            if endpoints != route.endpoints or _keys(endpoints) != _keys(route.endpoints):
-                self.generation += 1
-            if endpoints:
-                route.endpoints = endpoints
-            elif cache.get(topic) is route:
-                cache.pop(topic, None)
+            self._store(cache, topic, endpoints)
 
     def endpoints(self):
         """Every Endpoint some cached route holds, once each."""

@@ -188,6 +188,30 @@ def undiallable_node(ipc_dir, topic):
         os.close(fd)
 
 
+def test_a_server_restarted_on_a_new_port_is_found_by_the_next_send(ipc_dir, client,
+                                                                      monkeypatch):
+    """A service restarts (a new process, a new port) while callers still
+    hold its old address: the next cast and call ask discovery again as
+    soon as they find nobody connected, and reach the new process, instead
+    of waiting out the connect timeout on the old address and failing.
+    (Routes are refreshed only every minute here, so only that can find it.)"""
+    monkeypatch.setattr(LocalBackend, "refresh_interval", 60.0)
+    first = ServiceProcess("phoenix", ipc_dir, topic="phoenix")
+    try:
+        assert client.call({}, "phoenix", {"method": "whoami"}) == "phoenix"
+    finally:
+        assert first.stop() == 0
+    second = ServiceProcess("phoenix", ipc_dir, topic="phoenix")
+    try:
+        assert second.address != first.address
+        client.cast({}, "phoenix", {"method": "record", "args": {"key": "again", "value": 1}})
+        assert client.call({}, "phoenix", {"method": "records_for", "args": {"key": "again"}},
+                           timeout=30) == [1]
+        assert client.call({}, "phoenix.phoenix", {"method": "whoami"}, timeout=30) == "phoenix"
+    finally:
+        assert second.stop() == 0
+
+
 def test_a_server_whose_entry_peers_cannot_dial_is_passed_over(ipc_dir, client, caplog):
     """Calls, at-least-once casts and fanouts go to the consumers that can
     be dialled, as if the bad entry were not there (never a ZMQError, never
