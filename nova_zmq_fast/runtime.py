@@ -288,6 +288,11 @@ class Runtime:
             if _listening.get(self.options.port) is self:
                 del _listening[self.options.port]
         server.stop(max(0.0, deadline - time.monotonic()))
+        if self.node is not None:
+            # It handled everything it received, so everything this process
+            # sent itself: not "maybe lost" at cleanup, and no PING to wait
+            # for from a socket that is gone.
+            self.client.confirm_sent(self.node.address)
         self._stop_zap()
 
     def _stop_zap(self):
