@@ -32,16 +32,21 @@ import logging
 import select
 import time
 
+import msgpack
 import oslo_messaging
 from oslo_config import cfg
 from oslo_messaging._drivers import base
 from oslo_messaging._drivers import common as rpc_common
+from oslo_serialization import jsonutils
 from oslo_utils import eventletutils
 
 from nova_zmq_fast import matchmaker
 from nova_zmq_fast._dispatch import wrap
+from nova_zmq_fast._envelope_py import to_primitive
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast.exceptions import NoListeners, RemoteError, RemoteFailure, Timeout
+from nova_zmq_fast.exceptions import (
+    MessageTooLarge, NoListeners, RemoteError, RemoteFailure, SerializationError, Timeout,
+    TransportClosed)
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
 from nova_zmq_fast.options import Options, oslo_opts
 from nova_zmq_fast.runtime import Runtime
@@ -132,6 +137,70 @@ class _Inbox:
 _incoming_ids = itertools.count()
 
 
+# -- encoding, as oslo.messaging's own drivers encode ---------------------------------
+#
+# oslo.messaging's drivers write JSON with jsonutils.dumps, whose `default`,
+# jsonutils.to_primitive, makes text of a UUID, a date, a Decimal...  The
+# core packs with msgpack, whose `default` (_envelope_py.to_primitive)
+# knows only a datetime and a set, and refuses the rest.  On this path
+# alone, a message it refuses is sent again made primitive as jsonutils
+# would make it; the native API is left as it is, and what the core
+# encodes itself costs nothing more.
+
+def _oslo_default(value):
+    """msgpack's `default` here: the core's conversions first, so that what
+    it encodes itself is sent as it always is, then jsonutils'."""
+    try:
+        return to_primitive(value)
+    except TypeError:
+        return jsonutils.to_primitive(value)
+
+
+def _primitive(value, what):
+    """`value` with each part msgpack cannot encode made primitive by
+    _oslo_default, and nothing else changed (msgpack does the walk).
+    SerializationError, naming `what`, for a part with no primitive form
+    (an object jsonutils cannot convert; an int beyond 64 bits, which JSON
+    carries but msgpack cannot)."""
+    try:
+        return msgpack.unpackb(msgpack.packb(value, use_bin_type=True, default=_oslo_default),
+                               raw=False, use_list=False, strict_map_key=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"{what} cannot be encoded with msgpack, even made primitive "
+                                 f"as oslo.messaging's jsonutils would: {exc}") from None
+
+
+def _wrap(message):
+    """A notification in the 2.0 envelope (JSON): the core's wrap(), or,
+    for what it cannot write, oslo.messaging's own (jsonutils.dumps, as its
+    drivers send it)."""
+    try:
+        return wrap(message)
+    except SerializationError:
+        pass
+    try:
+        return rpc_common.serialize_msg(message)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"notification cannot be encoded as JSON: {exc}") from None
+
+
+# What the core raises when a message is not delivered that oslo.messaging
+# has no name for: each becomes its MessageDeliveryFailure (_deliver).
+_UNDELIVERED = (TransportClosed, MessageTooLarge, SerializationError)
+
+
+def _serialize_failure(failure, method):
+    """oslo.messaging's form of the exception a method raised, or, when
+    its arguments cannot be written as JSON, a SerializationError that says
+    what was raised: the caller gets a failure either way, not its timeout."""
+    try:
+        return rpc_common.serialize_remote_exception(failure)
+    except (TypeError, ValueError) as exc:
+        error = SerializationError(f"{method} raised {type(failure[1]).__name__}: "
+                                   f"{failure[1]}, which cannot be encoded: {exc}")
+    return rpc_common.serialize_remote_exception((SerializationError, error, None))
+
+
 class ZmqFastIncomingMessage(base.RpcIncomingMessage):
     """A request received by an RPC server."""
 
@@ -153,13 +222,31 @@ class ZmqFastIncomingMessage(base.RpcIncomingMessage):
         # Replier's answer to such a cast is its ACK).
         if self._replier is None:               # a cast
             return
+        method = self.message.get("method")
         try:
             if failure:
-                self._replier.failure(rpc_common.serialize_remote_exception(failure))
+                self._replier.failure(_serialize_failure(failure, method))
             else:
-                self._replier.result(reply)
+                self._result(reply, method)
         except Exception:
-            LOG.exception("could not send the reply to %s", self.message.get("method"))
+            LOG.exception("could not send the reply to %s", method)
+
+    def _result(self, reply, method):
+        """The result, encoded as _deliver encodes a message; one with no
+        form the transport can send fails the call at once."""
+        try:
+            self._replier.result(reply)
+            return
+        except SerializationError:
+            pass
+        try:
+            reply = _primitive(reply, f"the reply of {method}")
+        except SerializationError as exc:
+            LOG.error("%s", exc)
+            self._replier.failure(
+                rpc_common.serialize_remote_exception((SerializationError, exc, None)))
+            return
+        self._replier.result(reply)
 
     def heartbeat(self):
         if self._replier is not None:
@@ -334,6 +421,22 @@ class ZmqFastDriver(base.BaseDriver):
 
     # -- sending -------------------------------------------------------------
 
+    @staticmethod
+    def _deliver(send, ctxt, message):
+        """send(ctxt, message), a send of the core's client, as
+        oslo.messaging expects it: a message msgpack cannot encode goes
+        again, made primitive as oslo's drivers would (_primitive; each
+        send of the client encodes before it sends anything), and the
+        core's errors in _UNDELIVERED become MessageDeliveryFailure."""
+        try:
+            try:
+                return send(ctxt, message)
+            except SerializationError:
+                ctxt, message = _primitive(ctxt, "context"), _primitive(message, "message")
+            return send(ctxt, message)
+        except _UNDELIVERED as exc:
+            raise oslo_messaging.MessageDeliveryFailure(str(exc)) from exc
+
     def send(self, target, ctxt, message, wait_for_reply=None, timeout=None,
              call_monitor_timeout=None, retry=None, transport_options=None):
         # `retry` needs no handling: a message only ever enters the queue of
@@ -343,7 +446,8 @@ class ZmqFastDriver(base.BaseDriver):
         at_least_once = bool(transport_options and transport_options.at_least_once)
         if target.fanout:
             topic = self._topic(target)
-            if not client.fanout_cast(ctxt, topic, message) and at_least_once:
+            if not self._deliver(lambda ctxt, message: client.fanout_cast(ctxt, topic, message),
+                                 ctxt, message) and at_least_once:
                 raise oslo_messaging.MessageUndeliverable(
                     NoListeners(None, topic, message.get("method")), target.exchange, topic,
                     message)
@@ -354,7 +458,9 @@ class ZmqFastDriver(base.BaseDriver):
             # a server has handled it (the README's Delivery).
             at_least_once = at_least_once or self._options.rpc_zmq_at_least_once
             try:
-                client.cast(ctxt, topic, message, at_least_once)
+                self._deliver(lambda ctxt, message: client.cast(ctxt, topic, message,
+                                                                at_least_once),
+                              ctxt, message)
             except NoListeners as exc:
                 if at_least_once:
                     raise oslo_messaging.MessageUndeliverable(exc, target.exchange, topic,
@@ -372,7 +478,8 @@ class ZmqFastDriver(base.BaseDriver):
                 raise oslo_messaging.MessagingTimeout(
                     f"No server for topic {topic} within the timeout")
             try:
-                return client.call(ctxt, topic, message, left, call_monitor_timeout)
+                return self._deliver(lambda ctxt, message: client.call(
+                    ctxt, topic, message, left, call_monitor_timeout), ctxt, message)
             except RemoteFailure as exc:
                 raise self._rebuild_exception(exc.failure) from None
             except NoListeners as exc:
@@ -391,11 +498,14 @@ class ZmqFastDriver(base.BaseDriver):
         broker's notifier declares that queue: held for its first listener
         with rpc_zmq_hold_notifications, else dropped and counted."""
         client = self._runtime.client
-        if version == 2.0:
-            message = wrap(message)
         prefix = self._notification_topic(target)
-        for topic in self._runtime.routes.topics(prefix) or (prefix,):
-            client.notify(ctxt, topic, message)
+
+        def notify(ctxt, message):
+            if version == 2.0:
+                message = _wrap(message)
+            for topic in self._runtime.routes.topics(prefix) or (prefix,):
+                client.notify(ctxt, topic, message)
+        self._deliver(notify, ctxt, message)
 
     # -- listening -----------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """The oslo.messaging driver: real RPCClient, RPC servers, Notifier and
 notification listeners, across processes, over `zmqfast://`."""
+import datetime
+import decimal
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 warnings.filterwarnings("ignore", module="oslo_messaging")
 messaging = pytest.importorskip("oslo_messaging")
 from oslo_config import cfg  # noqa: E402
+from oslo_serialization import jsonutils  # noqa: E402
 
 from tests.conftest import (  # noqa: E402
     ROOT, ChildProcess, free_port, make_certificates, no_new_threads, open_fds, os_threads,
@@ -251,6 +254,143 @@ def test_remote_exceptions(servers, transport, registry):
         assert info.value.exc_type == "CustomError"
     finally:
         strict.cleanup()
+
+
+# -- values and failures, as oslo.messaging's own drivers give them ----------------------
+
+def as_rabbit_delivers(value):
+    """What a value becomes over oslo.messaging's rabbit driver: its JSON,
+    written by jsonutils.dumps (to_primitive for what JSON lacks)."""
+    return jsonutils.loads(jsonutils.dumps(value))
+
+
+# msgpack has no form for these; jsonutils turns each into its text.
+NOT_MSGPACK = {"uuid": uuid.UUID(int=7), "date": datetime.date(2024, 5, 6),
+               "decimal": decimal.Decimal("2.5")}
+
+
+def test_values_msgpack_cannot_encode_arrive_as_over_rabbit(servers, transport):
+    rpc = client(transport, timeout=5)
+    for kind, value in NOT_MSGPACK.items():
+        expected = as_rabbit_delivers(value)
+        assert isinstance(expected, str)
+        assert rpc.call({}, "echo", value=value) == expected, kind      # an argument
+        assert rpc.call({}, "give", kind=kind) == expected, kind        # a result
+    assert rpc.call({"request_uuid": uuid.UUID(int=9)}, "context") == \
+        {"request_uuid": str(uuid.UUID(int=9))}
+    # Only those change: what the core encodes itself stays as it was.
+    mixed = {"uuid": uuid.UUID(int=7), "bytes": b"\xff",
+             "datetime": datetime.datetime(2024, 5, 6, 7, 8, 9), "set": {3}}
+    native = {"uuid": str(uuid.UUID(int=7)), "bytes": b"\xff",
+              "datetime": "2024-05-06T07:08:09.000000", "set": [3]}
+    assert rpc.call({}, "echo", value=mixed) == native
+    assert rpc.call({}, "give", kind="mixed") == native
+    key = uuid.uuid4().hex
+    rpc.prepare(server="s1").cast({}, "record", value=[key, NOT_MSGPACK["decimal"]])
+    assert wait_until(lambda: [key, "2.5"] in records(transport, "s1"), 10)
+
+
+def test_values_that_cannot_be_encoded_are_an_oslo_error_at_once(servers, transport):
+    """No primitive form (an object), or none msgpack has (an int beyond
+    64 bits, which JSON would carry): MessageDeliveryFailure, not sent."""
+    rpc = client(transport)
+    for value in (object(), 2 ** 70):
+        for send in (rpc.call, rpc.cast, rpc.prepare(fanout=True).cast):
+            with pytest.raises(messaging.MessageDeliveryFailure, match="cannot be encoded") \
+                    as info:
+                send({}, "echo", value=value)
+            assert info.value.__cause__ is not None
+
+
+def test_a_reply_that_cannot_be_encoded_fails_the_call_at_once(servers, transport):
+    """A result, or an exception's arguments, with no form the transport
+    can send: the caller gets a RemoteError naming it, not its timeout."""
+    rpc = client(transport, timeout=8)
+    for method, args in [("give", {"kind": "opaque"}), ("give", {"kind": "bigint"}),
+                         ("fail", {"kind": "opaque", "text": "unsendable"})]:
+        start = time.monotonic()
+        with pytest.raises(messaging.RemoteError) as info:
+            rpc.call({}, method, **args)
+        assert time.monotonic() - start < 4, (method, args)
+        assert info.value.exc_type == "SerializationError"
+        assert "cannot be encoded" in info.value.value and method in info.value.value
+    assert "unsendable" in info.value.value and "ValueError" in info.value.value
+    assert rpc.call({}, "whoami") in ("s1", "s2")
+
+
+@pytest.mark.parametrize("driver", ["messaging", "messagingv2"])
+def test_notification_payloads_msgpack_cannot_encode_arrive(registry, notifier, transport,
+                                                            driver):
+    topic = f"values-{uuid.uuid4().hex[:8]}"
+    name = f"values-{driver}"
+    listener = service("notify", name, zmqfast_url(registry), topic=topic).wait_ready()
+    try:
+        n = messaging.Notifier(notifier, driver=driver, topics=[topic], publisher_id="t")
+        payload = dict(NOT_MSGPACK, datetime=datetime.datetime(2024, 5, 6, 7, 8, 9))
+        n.info({}, "event", payload)
+        n.info({}, "event", {"last": True})
+        assert wait_until(lambda: len(listener_records(transport, name)) == 2, 10)
+        got = [r["payload"] for r in listener_records(transport, name)]
+        assert as_rabbit_delivers(payload) in got
+    finally:
+        assert listener.stop() == 0
+
+
+def test_after_cleanup_calls_and_casts_fail_as_oslo_exceptions(registry, transport):
+    """A call waiting when its transport is cleaned up, and any call or
+    cast after: MessageDeliveryFailure, caused by the core's TransportClosed."""
+    server = service("rpc", "held", zmqfast_url(registry), topic="inflight").wait_ready()
+    # Options of its own: transports with the same options share one runtime.
+    doomed = messaging.get_rpc_transport(cfg.CONF,
+                                         url=zmqfast_url(registry, rpc_zmq_linger=0.5))
+    outcome = []
+    try:
+        rpc = client(doomed, topic="inflight", timeout=30)
+        key = uuid.uuid4().hex
+
+        def waiting_call():
+            start = time.monotonic()
+            try:
+                rpc.call({}, "hold", value=key, on="held")      # busy for 10 s there
+                outcome.append(("returned", time.monotonic() - start))
+            except Exception as exc:
+                outcome.append((exc, time.monotonic() - start))
+
+        caller = threading.Thread(target=waiting_call)
+        caller.start()
+        assert wait_until(lambda: key in records(transport, "held", topic="inflight"), 10)
+        doomed.cleanup()
+        caller.join(15)
+        assert len(outcome) == 1
+        exc, elapsed = outcome[0]
+        assert isinstance(exc, messaging.MessageDeliveryFailure), exc
+        assert elapsed < 5
+        for send in (rpc.call, rpc.cast):
+            with pytest.raises(messaging.MessageDeliveryFailure, match="cleaned up") as info:
+                send({}, "whoami")
+            assert type(info.value.__cause__).__name__ == "TransportClosed"
+    finally:
+        doomed.cleanup()
+        server.kill()
+
+
+def test_a_message_over_the_size_limit_is_an_oslo_error(registry, no_leaks):
+    small = messaging.get_rpc_transport(
+        cfg.CONF, url=zmqfast_url(registry, rpc_zmq_max_message_size=65536))
+    try:
+        rpc = client(small, topic="anyone")
+        big = "x" * 100000
+        for send in (rpc.call, rpc.cast):
+            with pytest.raises(messaging.MessageDeliveryFailure,
+                               match="rpc_zmq_max_message_size") as info:
+                send({}, "echo", value=big)
+            assert type(info.value.__cause__).__name__ == "MessageTooLarge"
+        # A Notifier logs what its driver raises; the driver's own error:
+        with pytest.raises(messaging.MessageDeliveryFailure, match="rpc_zmq_max_message_size"):
+            small._driver.send_notification(messaging.Target(topic="anyone"), {},
+                                            {"payload": big}, 2.0)
+    finally:
+        small.cleanup()
 
 
 def endpoint_outcomes(transport, topic):

@@ -10,11 +10,14 @@ back through a control RPC server ('ctl', server --name).  Prints READY and
 exits cleanly on SIGTERM or when stdin closes.
 """
 import argparse
+import datetime
+import decimal
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 
 
 def main():
@@ -63,7 +66,18 @@ def main():
         def fail(self, ctxt, kind, text):
             if kind == "custom":
                 raise CustomError(text)
+            if kind == "opaque":                # no JSON form for its arguments
+                raise ValueError(text, object())
             raise ValueError(text)
+
+        def give(self, ctxt, kind):
+            """A value of `kind` made here, as the result."""
+            return {"uuid": lambda: uuid.UUID(int=7), "date": lambda: datetime.date(2024, 5, 6),
+                    "decimal": lambda: decimal.Decimal("2.5"),
+                    "mixed": lambda: {"uuid": uuid.UUID(int=7), "bytes": b"\xff",
+                                      "datetime": datetime.datetime(2024, 5, 6, 7, 8, 9),
+                                      "set": {3}},
+                    "opaque": object, "bigint": lambda: 2 ** 70}[kind]()
 
         def expected(self, ctxt):
             raise messaging.ExpectedException()
