@@ -30,6 +30,7 @@ import errno
 import itertools
 import logging
 import select
+import threading
 import time
 
 import oslo_messaging
@@ -43,10 +44,12 @@ from nova_zmq_fast._dispatch import wrap
 from nova_zmq_fast._green import unpatched
 from nova_zmq_fast.exceptions import NoListeners, RemoteError, RemoteFailure, Timeout
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
+from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.options import Options, oslo_opts
 from nova_zmq_fast.runtime import Runtime
 
 LOG = logging.getLogger(__name__)
+_UNDELIVERED_LOG = RateLimitedLog(LOG)
 
 GROUP = cfg.OptGroup("oslo_messaging_zmqfast",
                      title="nova_zmq_fast: broker-less ZeroMQ transport (zmqfast://)")
@@ -67,11 +70,18 @@ class _Inbox:
     threads, and a pipe that wakes a waiting poller.  select() on the pipe
     is cooperative when eventlet has patched it, and releases the GIL when
     it has not, so poll() never blocks a hub and returns within its
-    timeout."""
+    timeout.
+
+    Once stopped it takes nothing more (put() says so: whoever gave it the
+    item must deal with it), and get() returns what it holds, then None.
+    Once closed its descriptors are forgotten, under the lock that every
+    use of them takes: their numbers may already belong to another file
+    of the process, which nothing here reads or writes again."""
 
     def __init__(self):
         self.items = collections.deque()
         self._os = unpatched("os")          # eventlet's os.read would wait, not fail
+        self._lock = unpatched("threading").Lock()
         self._read, self._write = self._os.pipe()
         self._os.set_blocking(self._read, False)
         self._os.set_blocking(self._write, False)
@@ -79,11 +89,19 @@ class _Inbox:
         self.stopped = False
 
     def put(self, item):
-        self.items.append(item)
-        if self._waiting:
-            self._wake()
+        """Queue `item` for get(); False if stopped (nobody will take it)."""
+        with self._lock:
+            if self.stopped:
+                return False
+            self.items.append(item)
+            if self._waiting:
+                self._wake()
+        return True
 
     def _wake(self):
+        # Under the lock.
+        if self._write < 0:                     # closed
+            return
         try:
             self._os.write(self._write, b"!")
         except OSError as exc:
@@ -93,38 +111,48 @@ class _Inbox:
     def get(self, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self.items:
-                return self.items.popleft()
-            if self.stopped:
-                return None
-            left = 1.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self._waiting = True
+            with self._lock:
+                if self.items:
+                    return self.items.popleft()
+                if self.stopped or self._read < 0:
+                    return None
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._waiting = True            # put() wakes us from here on
+                fd = self._read
             try:
-                if not self.items:              # put() may have raced us
-                    readable, _, _ = select.select([self._read], [], [], min(left, 1.0))
-                    if readable:
-                        try:
-                            self._os.read(self._read, 4096)
-                        except BlockingIOError:
-                            pass
-            finally:
+                readable, _, _ = select.select([fd], [], [], min(left, 1.0))
+            except (OSError, ValueError):
+                readable = ()                   # closed meanwhile: seen below
+            with self._lock:
                 self._waiting = False
+                if readable and self._read == fd:
+                    try:
+                        self._os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
 
     def stop(self):
-        self.stopped = True
-        self._wake()
+        with self._lock:
+            self.stopped = True
+            self._wake()
 
     def close(self):
-        # What was never polled is dropped: its Repliers, released, let
-        # at-least-once casts among it run when they are sent again.
-        self.items.clear()
-        for fd in (self._read, self._write):
-            try:
-                self._os.close(fd)
-            except OSError:
-                pass
+        """Stop, forget the descriptors and close them; returns the items
+        never taken."""
+        with self._lock:
+            self.stopped = True
+            left = list(self.items)
+            self.items.clear()
+            fds, self._read, self._write = (self._read, self._write), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    self._os.close(fd)
+                except OSError:
+                    pass
+        return left
 
 
 # Ids for incoming messages: oslo.messaging would otherwise draw a uuid4
@@ -199,6 +227,25 @@ def _open_connection(driver, subscriptions, receive):
     return conn
 
 
+_undelivered_lock = unpatched("threading").Lock()
+
+
+def _undelivered(driver, topic, message, replier, why):
+    """A request the listener can no longer hand to oslo.messaging (it
+    came after the listener's stop(), or was never polled): never dropped
+    silently.  Counted (driver.undelivered) and logged; an at-least-once
+    cast is abandoned, so that its sender runs it elsewhere."""
+    with _undelivered_lock:
+        driver.undelivered += 1
+    if replier is not None:
+        replier.abandon()
+    method = message.get("method") if isinstance(message, dict) else None
+    _UNDELIVERED_LOG.warning(
+        ("undelivered", topic), "%s on %s dropped: %s%s",
+        repr(method) if method else "a notification", topic, why,
+        " (its caller will time out)" if replier is not None and not replier.cast else "")
+
+
 class _PollListener(base.PollStyleListener):
     """For eventlet and for batches: the receive loop's threads fill an
     _Inbox, and oslo.messaging's poller takes from it."""
@@ -213,13 +260,13 @@ class _PollListener(base.PollStyleListener):
         except BaseException:
             self._inbox.close()
             raise
-        driver._listeners.add(self)
 
     def _receive(self, topic):
-        inbox = self._inbox
+        inbox, driver = self._inbox, self._driver
 
         def receive(ctxt, message, replier):
-            inbox.put((topic, ctxt.to_dict(), message, replier))
+            if not inbox.put((topic, ctxt.to_dict(), message, replier)):
+                _undelivered(driver, topic, message, replier, "its listener has stopped")
         return receive
 
     @base.batch_poll_helper
@@ -233,8 +280,39 @@ class _PollListener(base.PollStyleListener):
         self._inbox.stop()
 
     def cleanup(self):
+        self._inbox.stop()
         self._conn.close()
-        self._inbox.close()
+        for topic, _, message, replier in self._inbox.close():
+            _undelivered(self._driver, topic, message, replier,
+                         "its listener was cleaned up before polling it")
+
+
+class _PollAdapter(base.PollStyleListenerAdapter):
+    """oslo.messaging's adapter (a thread polling a _PollListener), which
+    also ends that thread when cleanup() comes first: transport.cleanup()
+    before the server's stop() leaves no poller running on a closed
+    listener."""
+
+    JOIN_TIMEOUT = 10.0
+
+    def __init__(self, driver, poll_style_listener, batch_size, batch_timeout):
+        super().__init__(poll_style_listener, batch_size, batch_timeout)
+        self._driver = driver
+        driver._listeners.add(self)
+
+    def cleanup(self):
+        if self._started:
+            # Never stopped: stop polling as stop() would (the poller hands
+            # on what was received, then ends), before anything is closed.
+            self._started = False
+            self._poll_style_listener.stop()
+            thread = self._listen_thread
+            if thread is not threading.current_thread():
+                thread.join(self.JOIN_TIMEOUT)
+                if thread.is_alive():
+                    LOG.warning("the poller of a listener did not end within %gs",
+                                self.JOIN_TIMEOUT)
+        self._poll_style_listener.cleanup()
         self._driver._listeners.discard(self)
 
 
@@ -302,6 +380,7 @@ class ZmqFastDriver(base.BaseDriver):
             raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         self._exchange = default_exchange or "openstack"
         self._listeners = set()
+        self.undelivered = 0                # requests a stopped listener dropped (logged)
         # One runtime, and one listening socket, for every transport of the
         # process with these options.
         self._runtime = Runtime.shared(self._options,
@@ -401,8 +480,8 @@ class ZmqFastDriver(base.BaseDriver):
 
     def _listener(self, subscriptions, make_incoming, batch_size, batch_timeout):
         if self._runtime.client.green or batch_size > 1:
-            return base.PollStyleListenerAdapter(
-                _PollListener(self, subscriptions, make_incoming), batch_size, batch_timeout)
+            return _PollAdapter(self, _PollListener(self, subscriptions, make_incoming),
+                                batch_size, batch_timeout)
         return _PushListener(self, subscriptions, make_incoming, batch_size, batch_timeout)
 
     def listen(self, target, batch_size, batch_timeout):

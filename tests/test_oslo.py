@@ -1,5 +1,6 @@
 """The oslo.messaging driver: real RPCClient, RPC servers, Notifier and
 notification listeners, across processes, over `zmqfast://`."""
+import logging
 import os
 import socket
 import subprocess
@@ -667,3 +668,66 @@ def test_a_processs_rpc_and_notification_transports_share_one_socket(no_leaks, r
         assert not runtime.context.closed       # still the RPC transport's
         rpc_transport.cleanup()
     assert runtime.context.closed
+
+
+# -- stopping and cleaning up listeners -----------------------------------------------------
+
+def test_a_transport_cleaned_up_before_its_servers_stop_ends_their_poller(
+        no_leaks, registry, caplog):
+    """transport.cleanup() before server.stop(): the listeners' poller ends
+    at once and touches no descriptor of theirs again (their numbers are
+    reused by the application's next files), nothing logs an error, and the
+    servers' stop() and wait() still work."""
+    url = zmqfast_url(registry)
+    transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+    ntransport = messaging.get_notification_transport(cfg.CONF, url=url)
+    topic = f"early-{uuid.uuid4().hex[:8]}"
+    got = []
+
+    class Endpoint:
+        def ping(self, ctxt, n):
+            return n
+
+        def info(self, messages):
+            got.extend(m["payload"] for m in messages)
+
+    server = messaging.get_rpc_server(transport, messaging.Target(topic=topic, server="me"),
+                                      [Endpoint()], executor="threading")
+    listener = messaging.get_batch_notification_listener(
+        ntransport, [messaging.Target(topic=topic)], [Endpoint()], executor="threading",
+        batch_size=5, batch_timeout=0.2)
+    server.start()
+    listener.start()
+    pipes = []
+    try:
+        assert client(transport, topic).call({}, "ping", n=1) == 1
+        messaging.Notifier(ntransport, driver="messaging", topics=[topic],
+                           publisher_id="t").info({}, "e", {"n": 1})
+        assert wait_until(lambda: got == [{"n": 1}], 10), got
+        inbox = listener.listener._poll_style_listener._inbox
+        poller = listener.listener._listen_thread
+        inbox_fds = {inbox._read, inbox._write}
+        with caplog.at_level(logging.WARNING):
+            transport.cleanup()
+            ntransport.cleanup()
+            # The application's next pipes take the numbers the listener's
+            # wake-up pipe had.
+            while not inbox_fds <= {fd for pipe in pipes for fd in pipe} and len(pipes) < 64:
+                pipes.append(os.pipe())
+            assert inbox_fds <= {fd for pipe in pipes for fd in pipe}
+            for i, (r, w) in enumerate(pipes):
+                os.write(w, b"application data %d" % i)
+            assert wait_until(lambda: not poller.is_alive(), 5), "the poller still runs"
+            for i, (r, w) in enumerate(pipes):
+                os.set_blocking(r, False)
+                assert os.read(r, 100) == b"application data %d" % i
+            for s in (server, listener):
+                s.stop()
+            for s in (server, listener):
+                s.wait()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)
