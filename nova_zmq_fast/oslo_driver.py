@@ -19,7 +19,11 @@ executor; under eventlet (or for batches) through a queue that the
 listener's poll() reads, waiting on a pipe with select(), which eventlet
 makes cooperative.  The executor dispatches the request and replies from
 its own thread through the receive loop's control socket.  Call-monitor
-heartbeats travel the same way.
+heartbeats travel the same way.  A listener's stop() withdraws its
+consumers, as a broker cancels a consumer: the others of the topic or pool
+get what is sent from then on, a call that still arrives is refused (its
+caller tries another server), and the handlers still running reply until
+cleanup().
 
 Options live in [oslo_messaging_zmqfast] (`oslo-config-generator --namespace
 nova_zmq_fast`) and can be overridden in the URL query:
@@ -227,6 +231,17 @@ def _open_connection(driver, subscriptions, receive):
     return conn
 
 
+def _stop_consuming(driver, conn, subscriptions):
+    """A listener's stop(): withdraw its consumers (Connection.stop_consuming:
+    discovery stops offering this process for them, the requests already
+    received are handed on, and a call that still arrives is refused, so
+    that its caller tries another server), and forget this process's own
+    routes to them, which may name itself."""
+    conn.stop_consuming()
+    for topic, _ in subscriptions:
+        driver._runtime.routes.invalidate(topic)
+
+
 _undelivered_lock = unpatched("threading").Lock()
 
 
@@ -248,11 +263,17 @@ def _undelivered(driver, topic, message, replier, why):
 
 class _PollListener(base.PollStyleListener):
     """For eventlet and for batches: the receive loop's threads fill an
-    _Inbox, and oslo.messaging's poller takes from it."""
+    _Inbox, and oslo.messaging's poller takes from it.
+
+    stop() withdraws the consumers (_stop_consuming) once the requests
+    already received are in the inbox; the poller then takes what is left
+    and ends.  The listening socket stays until cleanup(): handlers still
+    running send their replies."""
 
     def __init__(self, driver, subscriptions, make_incoming):
         super().__init__()
         self._driver = driver
+        self._subscriptions = subscriptions
         self._inbox = _Inbox()
         self._make_incoming = make_incoming
         try:
@@ -277,6 +298,7 @@ class _PollListener(base.PollStyleListener):
         return self._make_incoming(*item)
 
     def stop(self):
+        _stop_consuming(self._driver, self._conn, self._subscriptions)
         self._inbox.stop()
 
     def cleanup(self):
@@ -319,7 +341,8 @@ class _PollAdapter(base.PollStyleListenerAdapter):
 class _PushListener(base.Listener):
     """With threads and single messages: the receive loop hands each
     message straight to oslo.messaging's executor, one thread hop fewer
-    than polling."""
+    than polling.  stop() withdraws the consumers as _PollListener's does,
+    handing what arrives until then to the executor."""
 
     def __init__(self, driver, subscriptions, make_incoming, batch_size, batch_timeout):
         super().__init__(batch_size, batch_timeout)
@@ -332,13 +355,22 @@ class _PushListener(base.Listener):
     def _receive(self, topic):
         def receive(ctxt, message, replier):
             callback = self.on_incoming_callback
-            if callback is not None:
-                callback([self._make_incoming(topic, ctxt.to_dict(), message, replier)])
+            if callback is None:
+                _undelivered(self._driver, topic, message, replier, "its listener has stopped")
+                return
+            callback([self._make_incoming(topic, ctxt.to_dict(), message, replier)])
         return receive
 
     def start(self, on_incoming_callback):
         super().start(on_incoming_callback)
         self._conn = _open_connection(self._driver, self._subscriptions, self._receive)
+
+    def stop(self):
+        # Once it returns no request reaches the callback: the drain waits
+        # for those being handed over.
+        if self._conn is not None:
+            _stop_consuming(self._driver, self._conn, self._subscriptions)
+        super().stop()
 
     def cleanup(self):
         if self._conn is not None:
