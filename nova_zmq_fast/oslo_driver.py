@@ -19,7 +19,11 @@ executor; under eventlet (or for batches) through a queue that the
 listener's poll() reads, waiting on a pipe with select(), which eventlet
 makes cooperative.  The executor dispatches the request and replies from
 its own thread through the receive loop's control socket.  Call-monitor
-heartbeats travel the same way.
+heartbeats travel the same way.  A listener's stop() withdraws its
+consumers, as a broker cancels a consumer: the others of the topic or pool
+get what is sent from then on, a call that still arrives is refused (its
+caller tries another server), and the handlers still running reply until
+cleanup().
 
 Options live in [oslo_messaging_zmqfast] (`oslo-config-generator --namespace
 nova_zmq_fast`) and can be overridden in the URL query:
@@ -30,6 +34,7 @@ import errno
 import itertools
 import logging
 import select
+import threading
 import time
 
 import msgpack
@@ -48,10 +53,12 @@ from nova_zmq_fast.exceptions import (
     MessageTooLarge, NoListeners, RemoteError, RemoteFailure, SerializationError, Timeout,
     TransportClosed)
 from nova_zmq_fast.exceptions import deserialize_remote_exception as native_exception
+from nova_zmq_fast.logs import RateLimitedLog
 from nova_zmq_fast.options import Options, oslo_opts
 from nova_zmq_fast.runtime import Runtime
 
 LOG = logging.getLogger(__name__)
+_UNDELIVERED_LOG = RateLimitedLog(LOG)
 
 GROUP = cfg.OptGroup("oslo_messaging_zmqfast",
                      title="nova_zmq_fast: broker-less ZeroMQ transport (zmqfast://)")
@@ -72,11 +79,18 @@ class _Inbox:
     threads, and a pipe that wakes a waiting poller.  select() on the pipe
     is cooperative when eventlet has patched it, and releases the GIL when
     it has not, so poll() never blocks a hub and returns within its
-    timeout."""
+    timeout.
+
+    Once stopped it takes nothing more (put() says so: whoever gave it the
+    item must deal with it), and get() returns what it holds, then None.
+    Once closed its descriptors are forgotten, under the lock that every
+    use of them takes: their numbers may already belong to another file
+    of the process, which nothing here reads or writes again."""
 
     def __init__(self):
         self.items = collections.deque()
         self._os = unpatched("os")          # eventlet's os.read would wait, not fail
+        self._lock = unpatched("threading").Lock()
         self._read, self._write = self._os.pipe()
         self._os.set_blocking(self._read, False)
         self._os.set_blocking(self._write, False)
@@ -84,11 +98,19 @@ class _Inbox:
         self.stopped = False
 
     def put(self, item):
-        self.items.append(item)
-        if self._waiting:
-            self._wake()
+        """Queue `item` for get(); False if stopped (nobody will take it)."""
+        with self._lock:
+            if self.stopped:
+                return False
+            self.items.append(item)
+            if self._waiting:
+                self._wake()
+        return True
 
     def _wake(self):
+        # Under the lock.
+        if self._write < 0:                     # closed
+            return
         try:
             self._os.write(self._write, b"!")
         except OSError as exc:
@@ -98,38 +120,48 @@ class _Inbox:
     def get(self, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self.items:
-                return self.items.popleft()
-            if self.stopped:
-                return None
-            left = 1.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self._waiting = True
+            with self._lock:
+                if self.items:
+                    return self.items.popleft()
+                if self.stopped or self._read < 0:
+                    return None
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._waiting = True            # put() wakes us from here on
+                fd = self._read
             try:
-                if not self.items:              # put() may have raced us
-                    readable, _, _ = select.select([self._read], [], [], min(left, 1.0))
-                    if readable:
-                        try:
-                            self._os.read(self._read, 4096)
-                        except BlockingIOError:
-                            pass
-            finally:
+                readable, _, _ = select.select([fd], [], [], min(left, 1.0))
+            except (OSError, ValueError):
+                readable = ()                   # closed meanwhile: seen below
+            with self._lock:
                 self._waiting = False
+                if readable and self._read == fd:
+                    try:
+                        self._os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
 
     def stop(self):
-        self.stopped = True
-        self._wake()
+        with self._lock:
+            self.stopped = True
+            self._wake()
 
     def close(self):
-        # What was never polled is dropped: its Repliers, released, let
-        # at-least-once casts among it run when they are sent again.
-        self.items.clear()
-        for fd in (self._read, self._write):
-            try:
-                self._os.close(fd)
-            except OSError:
-                pass
+        """Stop, forget the descriptors and close them; returns the items
+        never taken."""
+        with self._lock:
+            self.stopped = True
+            left = list(self.items)
+            self.items.clear()
+            fds, self._read, self._write = (self._read, self._write), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    self._os.close(fd)
+                except OSError:
+                    pass
+        return left
 
 
 # Ids for incoming messages: oslo.messaging would otherwise draw a uuid4
@@ -286,13 +318,49 @@ def _open_connection(driver, subscriptions, receive):
     return conn
 
 
+def _stop_consuming(driver, conn, subscriptions):
+    """A listener's stop(): withdraw its consumers (Connection.stop_consuming:
+    discovery stops offering this process for them, the requests already
+    received are handed on, and a call that still arrives is refused, so
+    that its caller tries another server), and forget this process's own
+    routes to them, which may name itself."""
+    conn.stop_consuming()
+    for topic, _ in subscriptions:
+        driver._runtime.routes.invalidate(topic)
+
+
+_undelivered_lock = unpatched("threading").Lock()
+
+
+def _undelivered(driver, topic, message, replier, why):
+    """A request the listener can no longer hand to oslo.messaging (it
+    came after the listener's stop(), or was never polled): never dropped
+    silently.  Counted (driver.undelivered) and logged; an at-least-once
+    cast is abandoned, so that its sender runs it elsewhere."""
+    with _undelivered_lock:
+        driver.undelivered += 1
+    if replier is not None:
+        replier.abandon()
+    method = message.get("method") if isinstance(message, dict) else None
+    _UNDELIVERED_LOG.warning(
+        ("undelivered", topic), "%s on %s dropped: %s%s",
+        repr(method) if method else "a notification", topic, why,
+        " (its caller will time out)" if replier is not None and not replier.cast else "")
+
+
 class _PollListener(base.PollStyleListener):
     """For eventlet and for batches: the receive loop's threads fill an
-    _Inbox, and oslo.messaging's poller takes from it."""
+    _Inbox, and oslo.messaging's poller takes from it.
+
+    stop() withdraws the consumers (_stop_consuming) once the requests
+    already received are in the inbox; the poller then takes what is left
+    and ends.  The listening socket stays until cleanup(): handlers still
+    running send their replies."""
 
     def __init__(self, driver, subscriptions, make_incoming):
         super().__init__()
         self._driver = driver
+        self._subscriptions = subscriptions
         self._inbox = _Inbox()
         self._make_incoming = make_incoming
         try:
@@ -300,13 +368,13 @@ class _PollListener(base.PollStyleListener):
         except BaseException:
             self._inbox.close()
             raise
-        driver._listeners.add(self)
 
     def _receive(self, topic):
-        inbox = self._inbox
+        inbox, driver = self._inbox, self._driver
 
         def receive(ctxt, message, replier):
-            inbox.put((topic, ctxt.to_dict(), message, replier))
+            if not inbox.put((topic, ctxt.to_dict(), message, replier)):
+                _undelivered(driver, topic, message, replier, "its listener has stopped")
         return receive
 
     @base.batch_poll_helper
@@ -317,18 +385,51 @@ class _PollListener(base.PollStyleListener):
         return self._make_incoming(*item)
 
     def stop(self):
+        _stop_consuming(self._driver, self._conn, self._subscriptions)
         self._inbox.stop()
 
     def cleanup(self):
+        self._inbox.stop()
         self._conn.close()
-        self._inbox.close()
+        for topic, _, message, replier in self._inbox.close():
+            _undelivered(self._driver, topic, message, replier,
+                         "its listener was cleaned up before polling it")
+
+
+class _PollAdapter(base.PollStyleListenerAdapter):
+    """oslo.messaging's adapter (a thread polling a _PollListener), which
+    also ends that thread when cleanup() comes first: transport.cleanup()
+    before the server's stop() leaves no poller running on a closed
+    listener."""
+
+    JOIN_TIMEOUT = 10.0
+
+    def __init__(self, driver, poll_style_listener, batch_size, batch_timeout):
+        super().__init__(poll_style_listener, batch_size, batch_timeout)
+        self._driver = driver
+        driver._listeners.add(self)
+
+    def cleanup(self):
+        if self._started:
+            # Never stopped: stop polling as stop() would (the poller hands
+            # on what was received, then ends), before anything is closed.
+            self._started = False
+            self._poll_style_listener.stop()
+            thread = self._listen_thread
+            if thread is not threading.current_thread():
+                thread.join(self.JOIN_TIMEOUT)
+                if thread.is_alive():
+                    LOG.warning("the poller of a listener did not end within %gs",
+                                self.JOIN_TIMEOUT)
+        self._poll_style_listener.cleanup()
         self._driver._listeners.discard(self)
 
 
 class _PushListener(base.Listener):
     """With threads and single messages: the receive loop hands each
     message straight to oslo.messaging's executor, one thread hop fewer
-    than polling."""
+    than polling.  stop() withdraws the consumers as _PollListener's does,
+    handing what arrives until then to the executor."""
 
     def __init__(self, driver, subscriptions, make_incoming, batch_size, batch_timeout):
         super().__init__(batch_size, batch_timeout)
@@ -341,13 +442,22 @@ class _PushListener(base.Listener):
     def _receive(self, topic):
         def receive(ctxt, message, replier):
             callback = self.on_incoming_callback
-            if callback is not None:
-                callback([self._make_incoming(topic, ctxt.to_dict(), message, replier)])
+            if callback is None:
+                _undelivered(self._driver, topic, message, replier, "its listener has stopped")
+                return
+            callback([self._make_incoming(topic, ctxt.to_dict(), message, replier)])
         return receive
 
     def start(self, on_incoming_callback):
         super().start(on_incoming_callback)
         self._conn = _open_connection(self._driver, self._subscriptions, self._receive)
+
+    def stop(self):
+        # Once it returns no request reaches the callback: the drain waits
+        # for those being handed over.
+        if self._conn is not None:
+            _stop_consuming(self._driver, self._conn, self._subscriptions)
+        super().stop()
 
     def cleanup(self):
         if self._conn is not None:
@@ -389,6 +499,7 @@ class ZmqFastDriver(base.BaseDriver):
             raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         self._exchange = default_exchange or "openstack"
         self._listeners = set()
+        self.undelivered = 0                # requests a stopped listener dropped (logged)
         # One runtime, and one listening socket, for every transport of the
         # process with these options.
         self._runtime = Runtime.shared(self._options,
@@ -511,8 +622,8 @@ class ZmqFastDriver(base.BaseDriver):
 
     def _listener(self, subscriptions, make_incoming, batch_size, batch_timeout):
         if self._runtime.client.green or batch_size > 1:
-            return base.PollStyleListenerAdapter(
-                _PollListener(self, subscriptions, make_incoming), batch_size, batch_timeout)
+            return _PollAdapter(self, _PollListener(self, subscriptions, make_incoming),
+                                batch_size, batch_timeout)
         return _PushListener(self, subscriptions, make_incoming, batch_size, batch_timeout)
 
     def listen(self, target, batch_size, batch_timeout):

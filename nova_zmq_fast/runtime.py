@@ -284,6 +284,8 @@ class Runtime:
             server = self.server
             if server is None or server.consumers:
                 return
+            if any(conn._keeps_server for conn in list(self.connections)):
+                return                      # its handlers may still reply (stop_consuming)
             self.server = None
             if _listening.get(self.options.port) is self:
                 del _listening[self.options.port]
@@ -380,6 +382,7 @@ class Connection:
         self._runners = set()               # each `runner` given to create_consumer()
         self._consuming = False
         self._closing = False
+        self._keeps_server = False          # stop_consuming(): the server stays until close()
         self._closed = threading.Event()    # set once fully closed
         self._lock = threading.Lock()
 
@@ -504,6 +507,20 @@ class Connection:
                     if self._created_for.get(c) == topic and c.fanout == fanout]
             self._consumers = [c for c in self._consumers if c not in gone]
         self._stop(gone, time.monotonic() + self._rt.options.rpc_zmq_linger)
+
+    def stop_consuming(self):
+        """Stop consuming every topic, as remove_consumer() does one: each
+        is withdrawn from discovery first, then drained.  Afterwards a call
+        that still arrives (sent on a route cached before) is refused, and
+        its caller tries another server; a cast or notification is dropped
+        and counted in the server's stats().  The listening socket stays up
+        until close(), so that handlers still running (a deferred
+        consumer's) can send their replies."""
+        with self._lock:
+            consumers, self._consumers = self._consumers, []
+            if consumers:
+                self._keeps_server = True
+        self._stop(consumers, time.monotonic() + self._rt.options.rpc_zmq_linger)
 
     def stats(self):
         server = self._rt.server

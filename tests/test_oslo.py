@@ -2,7 +2,10 @@
 notification listeners, across processes, over `zmqfast://`."""
 import datetime
 import decimal
+import json
+import logging
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -807,3 +810,176 @@ def test_a_processs_rpc_and_notification_transports_share_one_socket(no_leaks, r
         assert not runtime.context.closed       # still the RPC transport's
         rpc_transport.cleanup()
     assert runtime.context.closed
+
+
+# -- stopping and cleaning up listeners -----------------------------------------------------
+
+def read_line(proc, word, timeout=30):
+    """The next line of a helper's output starting with `word` (bounded)."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                break
+            line = proc.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(word):
+                return line[len(word):].strip()
+    raise AssertionError(f"{proc.name}: no {word} line within {timeout}s")
+
+
+def addresses(transport, topic):
+    return {ep.address for ep in transport._driver._runtime.routes.route(topic)}
+
+
+@pytest.mark.parametrize("executor", ["threading", "eventlet"])
+def test_a_stopped_server_hands_its_share_to_the_others_while_it_finishes(
+        registry, tmp_path, notifier, transport, executor):
+    """Between oslo's server.stop() and the end of its wait() (a long call
+    still running), a server no longer takes requests: as with a broker,
+    whose consumer stop() cancels, the other servers of its topic get them
+    all, and the other listeners of its pool its notifications.  Its
+    running call still replies.  Calls that reach it on a route cached
+    before the stop are refused, and the caller tries another server;
+    casts and notifications, which have no answer, reach the others once
+    the sender's routes no longer list it (discovery stopped offering it
+    at stop())."""
+    key = uuid.uuid4().hex[:8]
+    topic, notes = f"handover-{key}", f"handover-notes-{key}"
+    url = zmqfast_url(registry)
+    h1, h2, hn = start_all(
+        service("rpc", "h1", url, topic=topic, executor=executor, **{"notify-topic": notes},
+                pool="A"),
+        service("rpc", "h2", url, topic=topic),
+        service("notify", f"hn-{key}", url, topic=notes, pool="A"))
+    release = tmp_path / "release"
+    blocked = {}
+    caller = None
+    try:
+        rpc = client(transport, topic)
+        # Both serve, and this process's routes name both (as cached).
+        assert {rpc.call({}, "whoami") for _ in range(10)} == {"h1", "h2"}
+        assert notifier._driver._runtime is transport._driver._runtime    # one route table
+        n = messaging.Notifier(notifier, driver="messaging", topics=[notes], publisher_id="t")
+        for i in range(4):
+            n.info({}, "warm", {"k": "warm", "i": i})
+
+        def warm_notes(name):
+            return [r for r in records(transport, name, topic) if isinstance(r, dict)] \
+                if name == "h1" else listener_records(transport, name)
+        assert wait_until(lambda: len(warm_notes("h1")) + len(warm_notes(hn.name)) == 4, 10)
+        assert warm_notes("h1") and warm_notes(hn.name)     # the pool is h1 and hn
+        h1_address, = addresses(transport, f"openstack:{topic}@h1")
+        notes_topic = f"openstack:{notes}.info%A"
+        assert h1_address in addresses(transport, notes_topic)
+
+        def long_call():
+            blocked["result"] = rpc.prepare(server="h1", timeout=60).call(
+                {}, "block", marker=f"{key}-running", release=str(release))
+        caller = threading.Thread(target=long_call)
+        caller.start()
+        assert wait_until(lambda: f"{key}-running" in records(transport, "h1", topic), 10)
+
+        h1.proc.stdin.write("stop\n")
+        h1.proc.stdin.flush()
+        read_line(h1, "STOPPED")                # h1's stop() returned; its wait() runs
+
+        # Calls at once, on the route cached before the stop: all answered
+        # by h2 (those sent to h1 are refused there and sent again).
+        who = [client(transport, topic, timeout=5).call({}, "whoami") for _ in range(10)]
+        assert who == ["h2"] * 10
+        # Discovery no longer offers h1: the routes move on.
+        assert wait_until(lambda: h1_address not in addresses(transport, f"openstack:{topic}"),
+                          5)
+        assert wait_until(lambda: h1_address not in addresses(transport, notes_topic), 5)
+        for i in range(20):
+            rpc.cast({}, "record", value=f"{key}-{i}")
+        for i in range(10):
+            n.info({}, "event", {"k": key, "i": i})
+        assert wait_until(lambda: len([v for v in records(transport, "h2", topic)
+                                       if str(v).startswith(f"{key}-")]) == 20, 10)
+        got = [v for v in records(transport, "h2", topic) if str(v).startswith(f"{key}-")]
+        assert sorted(got) == sorted(f"{key}-{i}" for i in range(20))
+
+        def notes_at_hn():
+            return sorted(r["payload"]["i"] for r in listener_records(transport, hn.name)
+                          if r["payload"]["k"] == key)
+        assert wait_until(lambda: notes_at_hn() == list(range(10)), 10), notes_at_hn()
+        assert caller.is_alive()                # all of it within h1's stop window
+        release.touch()
+        caller.join(30)
+        assert blocked == {"result": "h1"}      # the running call still replied
+        h1_records = json.loads(read_line(h1, "RECORDS"))
+        assert [r for r in h1_records if isinstance(r, str) and r.startswith(f"{key}-")] == \
+            [f"{key}-running"]
+        assert not [r for r in h1_records if isinstance(r, dict) and r["payload"]["k"] == key]
+        assert h1.proc.wait(30) == 0            # it exits on its own after a "stop"
+    finally:
+        release.touch()
+        if caller is not None:
+            caller.join(30)
+        codes = [p.stop() for p in (h1, h2, hn)]
+    assert codes == [0, 0, 0]
+
+
+def test_a_transport_cleaned_up_before_its_servers_stop_ends_their_poller(
+        no_leaks, registry, caplog):
+    """transport.cleanup() before server.stop(): the listeners' poller ends
+    at once and touches no descriptor of theirs again (their numbers are
+    reused by the application's next files), nothing logs an error, and the
+    servers' stop() and wait() still work."""
+    url = zmqfast_url(registry)
+    transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+    ntransport = messaging.get_notification_transport(cfg.CONF, url=url)
+    topic = f"early-{uuid.uuid4().hex[:8]}"
+    got = []
+
+    class Endpoint:
+        def ping(self, ctxt, n):
+            return n
+
+        def info(self, messages):
+            got.extend(m["payload"] for m in messages)
+
+    server = messaging.get_rpc_server(transport, messaging.Target(topic=topic, server="me"),
+                                      [Endpoint()], executor="threading")
+    listener = messaging.get_batch_notification_listener(
+        ntransport, [messaging.Target(topic=topic)], [Endpoint()], executor="threading",
+        batch_size=5, batch_timeout=0.2)
+    server.start()
+    listener.start()
+    pipes = []
+    try:
+        assert client(transport, topic).call({}, "ping", n=1) == 1
+        messaging.Notifier(ntransport, driver="messaging", topics=[topic],
+                           publisher_id="t").info({}, "e", {"n": 1})
+        assert wait_until(lambda: got == [{"n": 1}], 10), got
+        inbox = listener.listener._poll_style_listener._inbox
+        poller = listener.listener._listen_thread
+        inbox_fds = {inbox._read, inbox._write}
+        with caplog.at_level(logging.WARNING):
+            transport.cleanup()
+            ntransport.cleanup()
+            # The application's next pipes take the numbers the listener's
+            # wake-up pipe had.
+            while not inbox_fds <= {fd for pipe in pipes for fd in pipe} and len(pipes) < 64:
+                pipes.append(os.pipe())
+            assert inbox_fds <= {fd for pipe in pipes for fd in pipe}
+            for i, (r, w) in enumerate(pipes):
+                os.write(w, b"application data %d" % i)
+            assert wait_until(lambda: not poller.is_alive(), 5), "the poller still runs"
+            for i, (r, w) in enumerate(pipes):
+                os.set_blocking(r, False)
+                assert os.read(r, 100) == b"application data %d" % i
+            for s in (server, listener):
+                s.stop()
+            for s in (server, listener):
+                s.wait()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)

@@ -4,14 +4,22 @@
     python -m tests.helpers.oslo_service notify --name n1 --url URL --pool p [--batch 5]
 
 `rpc` runs an RPC server on topic --topic (exchange --exchange, server
---name) with TestEndpoint and a namespaced endpoint.  `notify` runs a
-notification listener on --topic in --pool; what it receives can be read
-back through a control RPC server ('ctl', server --name).  Prints READY and
-exits cleanly on SIGTERM or when stdin closes.
+--name) with TestEndpoint and a namespaced endpoint, and with
+--notify-topic also a notification listener on that topic in --pool, in
+the same process (as a service with both).  `notify` runs a notification
+listener on --topic in --pool; what it receives can be read back through a
+control RPC server ('ctl', server --name).  Prints READY and exits cleanly
+on SIGTERM or when stdin closes.
+
+A line "stop" on stdin stops every server (oslo's stop()), prints STOPPED,
+then waits for them (wait(): what is still running finishes), cleans up,
+prints "RECORDS <json>" (everything it received) and exits: a test can act
+in the window between a server's stop() and the end of its wait().
 """
 import argparse
 import datetime
 import decimal
+import json
 import os
 import signal
 import sys
@@ -30,6 +38,7 @@ def main():
     parser.add_argument("--executor", default="threading")
     parser.add_argument("--pool", default=None)
     parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--notify-topic", default=None)
     args = parser.parse_args()
 
     if args.executor == "eventlet":
@@ -92,6 +101,15 @@ def main():
             if args.name == on:
                 time.sleep(10)
 
+        def block(self, ctxt, marker, release):
+            """Record `marker`, then run until the file `release` exists
+            (bounded): a long call that the test ends when it chooses."""
+            self.record(ctxt, marker)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return args.name
+
         def records(self, ctxt):
             with lock:
                 return list(received)
@@ -127,12 +145,18 @@ def main():
                 received.append({"batch": [m["payload"] for m in messages]})
 
     transport = messaging.get_rpc_transport(cfg.CONF, url=args.url)
+    ntransport = None
     servers = []
     if args.mode == "rpc":
         target = messaging.Target(topic=args.topic, server=args.name, exchange=args.exchange)
         servers.append(messaging.get_rpc_server(transport, target,
                                                 [TestEndpoint(), AdminEndpoint()],
                                                 executor=args.executor))
+        if args.notify_topic:
+            ntransport = messaging.get_notification_transport(cfg.CONF, url=args.url)
+            servers.append(messaging.get_notification_listener(
+                ntransport, [messaging.Target(topic=args.notify_topic, exchange=args.exchange)],
+                [NotificationEndpoint()], executor=args.executor, pool=args.pool))
     else:
         ntransport = messaging.get_notification_transport(cfg.CONF, url=args.url)
         targets = [messaging.Target(topic=args.topic, exchange=args.exchange)]
@@ -159,17 +183,28 @@ def main():
     if args.executor == "eventlet":
         import eventlet.patcher
         native = eventlet.patcher.original("threading")
-    native.Thread(target=lambda: (sys.stdin.read(), stop.append("eof")), daemon=True).start()
+
+    def watch_stdin():
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                stop.append("command")
+        stop.append("eof")
+    native.Thread(target=watch_stdin, daemon=True).start()
     print("READY", flush=True)
     while not stop:
         time.sleep(0.1)
     for server in servers:
         server.stop()
+    if stop[0] == "command":
+        print("STOPPED", flush=True)
     for server in servers:
         server.wait()
     transport.cleanup()
-    if args.mode == "notify":
+    if ntransport is not None:
         ntransport.cleanup()
+    if stop[0] == "command":
+        with lock:
+            print("RECORDS", json.dumps(received), flush=True)
     sys.exit(0)
 
 
