@@ -28,7 +28,7 @@ from nova_zmq_fast._zmq cimport Context, check, raise_zmq_error, set_int
 
 from nova_zmq_fast import _zmq
 from nova_zmq_fast._green import unpatched
-from nova_zmq_fast._zmq import libzmq_version
+from nova_zmq_fast._zmq import MIN_LIBZMQ, libzmq_version
 from nova_zmq_fast.exceptions import TransportClosed
 from nova_zmq_fast.logs import RateLimitedLog
 
@@ -40,14 +40,13 @@ ZAP_DOMAIN = b"nova_zmq_fast"
 cdef enum:
     KEY_LEN = 40                    # Z85 of 32 bytes
 RELOAD_EVERY = 1.0                  # seconds between checks of the allow-list's files
-MIN_VERSION = (4, 3, 3)
 
 
 def unavailable_reason():
     """Why CURVE cannot be used with the libzmq loaded, or None."""
-    if libzmq_version() < MIN_VERSION:
+    if libzmq_version() < MIN_LIBZMQ:
         return (f"libzmq {'.'.join(map(str, libzmq_version()))} is older than "
-                f"{'.'.join(map(str, MIN_VERSION))}, whose CURVE handshake has known flaws")
+                f"{'.'.join(map(str, MIN_LIBZMQ))}, whose CURVE handshake has known flaws")
     if not zmq_has(b"curve"):
         return "the libzmq loaded was built without CURVE (zmq_has('curve') is false)"
     return None
