@@ -73,6 +73,8 @@ cdef class Outbox:
     cdef int read_until(self, list pending, double deadline) except -1
     cdef int await_green(self, uint64_t msg_id, list pending, double deadline) except -1
     cdef int drain(self) except -1
+    cdef void poke(self) noexcept
+    cdef void wake_all(self) noexcept
     cdef int settle(self) except -1
     cdef bint next_frame(self, zmq_msg_t *part, double deadline) except -1
 
@@ -115,12 +117,13 @@ cdef class Client:
     cdef bytes encode(self, Outbox ob, object context, object msg)
     cdef tuple fanout_targets(self, object topic, object method)
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
-                           bytes body, double deadline, object topic, object method)
+                           bytes body, double deadline, object topic, object method,
+                           set refused=*)
     cdef list send_each(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
                         bytes body, double deadline, list full)
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
                              bytes body, double deadline, list reached, list full, bint one,
-                             object topic)
+                             object topic, set refused)
     cdef Py_ssize_t turn(self, object topic, Py_ssize_t n)
     cdef str unreachable(self, Outbox ob, list endpoints)
     cdef int none_live(self, Outbox ob, tuple endpoints, object topic,

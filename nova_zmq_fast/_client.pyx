@@ -68,6 +68,7 @@ cdef double DOWN_FOR = 2.0
 # round-robin picks it, so a new client spreads its first calls too; a peer
 # that was connected before, or never answers, is passed over at once.
 cdef double FIRST_DIAL_GRACE = 0.1
+cdef double GREEN_SLICE = 1.0       # longest a waiting green thread sleeps between looks
 # The longest wait a timeout can ask for (a year): float('inf') means this.
 cdef double MAX_WAIT = 365 * 86400.0
 
@@ -583,13 +584,17 @@ cdef class Outbox:
             left = deadline - _monotonic()
             if left <= 0:
                 return 0
+            if msg_id in self.waiters:
+                raise RuntimeError("another green thread already waits for this reply")
             woken = _green.event()
             self.waiters[msg_id] = woken
             try:
                 if self.listener is None:
                     check(zmq_getsockopt(self.sock, ZMQ_FD, &fd, &size))
                     self.listener = _green.watch(fd, self.on_readable)
-                woken.wait(left)
+                # In slices: should a wake-up ever be missed, the wait
+                # still ends at the next one, not at the deadline.
+                woken.wait(min(left, GREEN_SLICE))
             finally:
                 if self.waiters.get(msg_id) is woken:
                     del self.waiters[msg_id]
@@ -599,32 +604,60 @@ cdef class Outbox:
 
     def on_readable(self):
         """The hub saw ZMQ_FD readable: read what came.  Never raises into
-        the hub: on an error (the context terminated at cleanup) every
-        waiter is woken, to meet it in drain() itself."""
+        the hub (drain() wakes every waiter on an error)."""
         try:
             self.drain()
         except BaseException:
-            woken, self.waiters = list(self.waiters.values()), {}
+            pass
+
+    cdef void poke(self) noexcept:
+        """drain() for an operation ending while green threads wait (Client.
+        leave): whatever libzmq call it made on the socket may have taken
+        in replies, or the one signal that the context was terminated, and
+        with them the edge the hub waits for.  Never raises."""
+        try:
+            self.drain()
+        except BaseException:
+            pass
+
+    cdef void wake_all(self) noexcept:
+        """Wake every waiting green thread, to meet in drain() what ended
+        the wait (the context terminated at cleanup, the socket closed)."""
+        woken, self.waiters = list(self.waiters.values()), {}
+        try:
             if self.listener is not None:
                 _green.unwatch(self.listener)
-                self.listener = None
             for event in woken:
                 event.send()
+        except BaseException:
+            pass
+        self.listener = None
 
     cdef int drain(self) except -1:
         """Read every reply already queued, without waiting (take()).  Also
-        clears ZMQ_FD's edge, so the hub sees the next arrival."""
+        clears ZMQ_FD's edge, so the hub sees the next arrival.  On an
+        error, every waiting green thread is woken before it is raised."""
         cdef zmq_msg_t part
         cdef int err
         if self.sock == NULL:
+            self.wake_all()
             raise TransportClosed("the transport was cleaned up while this call waited")
         zmq_msg_init(&part)
         try:
-            while zmq_msg_recv(&part, self.sock, ZMQ_DONTWAIT) != -1:
-                self.take(&part)
-            err = zmq_errno()
-            if err != EAGAIN and err != EINTR:
+            while True:
+                if zmq_msg_recv(&part, self.sock, ZMQ_DONTWAIT) != -1:
+                    self.take(&part)
+                    continue
+                err = zmq_errno()
+                if err == EAGAIN:
+                    break
+                if err == EINTR:
+                    PyErr_CheckSignals()
+                    continue
                 raise_zmq_error(err)
+        except BaseException:
+            self.wake_all()
+            raise
         finally:
             zmq_msg_close(&part)
         return 0
@@ -838,6 +871,8 @@ cdef class Client:
     cdef void leave(self, Outbox ob) noexcept:
         """The operation holding `ob` ended.  If close() passed it over
         meanwhile, its owner closes it now (still holding it until then)."""
+        if ob.waiters:
+            ob.poke()                       # its last libzmq call may have taken the edge
         if ob.users == 1 and ob.retiring:
             self.retire(ob, 0)
         ob.users -= 1
@@ -1093,9 +1128,12 @@ cdef class Client:
         return live
 
     cdef Endpoint send_one(self, Outbox ob, tuple endpoints, const char *header, size_t hlen,
-                           bytes body, double deadline, object topic, object method):
+                           bytes body, double deadline, object topic, object method,
+                           set refused=None):
         """Send to one consumer: the first, round-robin, that is connected
-        and has room; see the module docstring.  Returns it."""
+        and has room; see the module docstring.  Returns it.  `endpoints`
+        leaves out `refused` (a call's consumers that refused it), and so
+        does what discovery lists meanwhile."""
         cdef tuple live = self.routes.live(endpoints)
         cdef Py_ssize_t n = len(live), start, k
         cdef Endpoint ep, full = None
@@ -1115,7 +1153,7 @@ cdef class Client:
                 if k == 0 and n > 1 and ob.dialling(ep.rid):
                     self.wait_connected(ob, [ep], header, hlen, body,
                                         min(deadline, _monotonic() + FIRST_DIAL_GRACE),
-                                        reached, [], True, None)
+                                        reached, [], True, None, None)
                     if reached:
                         return ep
                 waiting.append(ep)
@@ -1124,7 +1162,7 @@ cdef class Client:
         if full is None and waiting:
             connected_full = []
             self.wait_connected(ob, waiting, header, hlen, body, deadline, reached,
-                                connected_full, True, topic)
+                                connected_full, True, topic, refused)
             if reached:
                 return <Endpoint>reached[0]
             if connected_full:
@@ -1163,12 +1201,12 @@ cdef class Client:
                 missed.append(ep)
         if pending or full:
             missed += self.wait_connected(ob, pending, header, hlen, body, deadline, [], full,
-                                          False, None)
+                                          False, None, None)
         return missed
 
     cdef list wait_connected(self, Outbox ob, list pending, const char *header, size_t hlen,
                              bytes body, double deadline, list reached, list full, bint one,
-                             object topic):
+                             object topic, set refused):
         """Retry `pending` (not connected yet) until the connect timeout or
         `deadline`, sending as each connects: to the first only (one) or to
         each.  What was sent to goes into `reached`; returns those never
@@ -1178,8 +1216,9 @@ cdef class Client:
         `full` is retried too, until `deadline`, and those still full then
         are left in it.  With `topic`, discovery is asked again meanwhile
         (RouteTable.recheck), at once unless `pending` were dialled just
-        now: consumers it lists since are tried too, those it no longer
-        lists are let go (a server that restarted on a new port)."""
+        now: consumers it lists since are tried too (but none in
+        `refused`), those it no longer lists are let go (a server that
+        restarted on a new port)."""
         cdef long pause_ns = PAUSE_MIN_NS
         cdef double until = min(deadline, _monotonic() + self.connect_timeout)
         cdef bint whole = until < deadline
@@ -1190,6 +1229,8 @@ cdef class Client:
         cdef list still
         cdef list missed = []
         cdef set tried = set(pending)
+        if refused:
+            tried |= refused
         if any(ob.dialling(ep.rid) for ep in pending):
             recheck_at += FIRST_DIAL_GRACE
         while pending or (full and not one):
@@ -1397,7 +1438,7 @@ cdef class Client:
         ob.streams[msg_id] = []
         try:
             refused.add(self.send_one(ob, endpoints, header, hlen, body, deadline, topic,
-                                      method))
+                                      method, refused))
         except BaseException:
             ob.streams.pop(msg_id, None)
             raise

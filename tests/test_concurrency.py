@@ -72,6 +72,23 @@ def test_a_crowd_of_green_callers_shares_one_socket(model_services, ipc_dir):
     assert got["outboxes"] == 1
 
 
+def test_green_callers_end_at_once_when_the_transport_is_ended_under_them(ipc_dir):
+    """Green threads wait for replies; the context is shut down (as
+    cleanup's interrupt() does) and another green thread's send meets it
+    before the hub looks at the socket: every waiter still ends at once,
+    with TransportClosed, not when its reply would have come."""
+    service = model_service("threads", "svc-shutdown", "green-shutdown", ipc_dir)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tests.helpers.green_shutdown", "--topic",
+                               "green-shutdown", "--ipc-dir", str(ipc_dir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        assert service.stop() == 0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"cast": "TransportClosed", "waiters": ["TransportClosed"] * 5}, got
+
+
 def test_services_report_their_model(model_services, client):
     for model in MODELS:
         assert client.call({}, f"conc-{model}", {"method": "model"}) == model
