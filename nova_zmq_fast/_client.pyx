@@ -535,24 +535,20 @@ cdef class Outbox:
 
     cdef tuple wait_reply(self, uint64_t msg_id, double deadline):
         """Wait for the next reply to `msg_id`: (kind, body bytes), or None
-        at the deadline.  Replies read meanwhile for other calls and open
-        multicall streams are kept for them; stale ones (calls that
-        already timed out) are dropped."""
+        at the deadline.  `msg_id` is expected (its list in `streams`)
+        from before its request was sent until its caller is done with it:
+        replies read meanwhile for other calls and open multicall streams
+        are kept for them; stale ones (calls that already timed out) are
+        dropped."""
         cdef list pending = self.streams.get(msg_id)
-        if pending:
-            return pending.pop(0)
-        cdef bint own = pending is None
-        if own:
-            pending = self.streams[msg_id] = []
-        try:
+        if pending is None:
+            raise RPCException(f"no call {msg_id} is expected on this outbox")
+        if not pending:
             if self.green:
                 self.await_green(msg_id, pending, deadline)
             else:
                 self.read_until(pending, deadline)
-            return pending.pop(0) if pending else None
-        finally:
-            if own:
-                self.streams.pop(msg_id, None)
+        return pending.pop(0) if pending else None
 
     cdef int read_until(self, list pending, double deadline) except -1:
         """Read replies, blocking in libzmq, until one is in `pending` or
@@ -603,18 +599,15 @@ cdef class Outbox:
                     self.listener = None
 
     def on_readable(self):
-        """The hub saw ZMQ_FD readable: read what came.  Never raises into
-        the hub (drain() wakes every waiter on an error)."""
-        try:
-            self.drain()
-        except BaseException:
-            pass
+        """The hub saw ZMQ_FD readable: read what came."""
+        self.poke()
 
     cdef void poke(self) noexcept:
-        """drain() for an operation ending while green threads wait (Client.
-        leave): whatever libzmq call it made on the socket may have taken
+        """drain(), never raising (drain() wakes every waiter on an error):
+        for the hub, and for an operation ending while green threads wait
+        (Client.leave), whose last libzmq call on the socket may have taken
         in replies, or the one signal that the context was terminated, and
-        with them the edge the hub waits for.  Never raises."""
+        with them the edge the hub waits for."""
         try:
             self.drain()
         except BaseException:

@@ -157,7 +157,8 @@ def test_backpressure_reaches_a_fast_sender_in_seconds_of_work(ipc_dir, client):
 # consumer: those replies wait for the leader, up to rpc_cast_timeout
 # (argv[2]).
 HELD = """
-import signal, sys, threading, time
+import sys, threading, time
+from tests.helpers.serving import serve_until_told
 from nova_zmq_fast import rpc
 
 rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="held", rpc_thread_pool_size=1,
@@ -208,12 +209,7 @@ conn.create_consumer("held-stream", lambda ctxt, msg, replier: streams.append(re
                      deferred=True)
 conn.create_consumer("held-control", Control())
 conn.consume_in_thread()
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-print("READY", conn.address, flush=True)
-while not done.is_set():
-    time.sleep(0.05)
+serve_until_told(conn, 0.05)
 rpc.cleanup()
 """
 
@@ -464,7 +460,8 @@ def test_a_base_exception_from_a_version_check_does_not_stop_the_loop(client):
 # A service whose logging configuration raises, once, on the first handler
 # error it sees: the one thing left that can break the receive loop.
 FRAGILE = """
-import logging, signal, sys, threading, time
+import logging, sys
+from tests.helpers.serving import serve_until_told
 from nova_zmq_fast import rpc
 
 class RaiseOnce(logging.Filter):
@@ -486,12 +483,7 @@ rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="fragile")
 conn = rpc.create_connection()
 conn.create_consumer("fragile", Service())
 conn.consume_in_thread()
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-print("READY", conn.address, flush=True)
-while not done.is_set():
-    time.sleep(0.05)
+serve_until_told(conn, 0.05)
 rpc.cleanup()
 """
 
@@ -873,7 +865,8 @@ def test_without_at_least_once_the_loss_is_counted(ipc_dir, client, tmp_path):
 # Replier is released (argv[2] "released"), as when an executor drops
 # queued work, or kept and abandoned from another thread ("abandoned").
 UNANSWERED = """
-import signal, sys, threading, time
+import sys, threading
+from tests.helpers.serving import serve_until_told
 from nova_zmq_fast import rpc
 
 rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="unanswered")
@@ -895,12 +888,7 @@ conn = rpc.create_connection()
 conn.create_consumer("unanswered", proxy, deferred=True)
 conn.create_consumer("unanswered-control", Control())
 conn.consume_in_thread()
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-print("READY", conn.address, flush=True)
-while not done.is_set():
-    time.sleep(0.05)
+serve_until_told(conn, 0.05)
 rpc.cleanup()
 """
 

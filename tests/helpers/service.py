@@ -17,6 +17,7 @@ import time
 
 from nova_zmq_fast import rpc
 from tests.helpers.errors import CustomError
+from tests.helpers.serving import serve_until_told
 
 
 class TestService:
@@ -169,17 +170,9 @@ def main():
         ctxt, "raw", msg))
     conn.consume_in_thread()
 
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
     # A test that sees us hang asks for every thread's stack.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    # The test process holds our stdin: if it dies, stdin closes and we go.
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    print("READY", conn.address, flush=True)
-    # Never done.wait() here: a signal handler's done.set() would then run
-    # on this thread while it holds the event's lock, and wait for itself.
-    while not done.is_set():
-        time.sleep(0.2)
+    serve_until_told(conn)
     rpc.cleanup()
     sys.exit(0)
 
