@@ -1585,6 +1585,9 @@ cdef class Client:
         return min(timeout, MAX_WAIT)         # inf: as long as can be waited
 
     cdef object decode_value(self, bytes body):
+        if PyBytes_GET_SIZE(body) > self.max_message_size:
+            raise MessageTooLarge(f"the reply is {PyBytes_GET_SIZE(body)} bytes; "
+                                  f"rpc_zmq_max_message_size is {self.max_message_size}")
         try:
             return unpack(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), self.max_message_size)
         except MalformedEnvelope as exc:

@@ -35,6 +35,7 @@ cdef enum:                          # indexes into Server.counters
     REPLIES_DELAYED,                # waited for room in the control socket's queue
     REPLIES_HANDOFF_TIMEOUT,        # ... and found none in send_timeout: dropped
     STREAMS_TRUNCATED,              # multicalls that lost values: FAILURE instead of END
+    REPLIES_TOO_LARGE,              # over rpc_zmq_max_message_size: FAILURE instead
     NCOUNTERS
 
 
@@ -132,6 +133,8 @@ cdef class Server:
     cdef inline bint _send_now(self, const char *identity, size_t identity_len,
                                const char *header, size_t hlen, const char *data,
                                size_t size) noexcept nogil
+    cdef bytes _too_large(self, const char *identity, size_t identity_len, int kind,
+                          uint64_t msg_id, Py_ssize_t size)
     cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id)
     cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
                              uint64_t msg_id)

@@ -122,6 +122,7 @@ _COUNTER_NAMES = (
     "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
     "replies_delayed", "replies_handoff_timeout", "streams_truncated",
+    "replies_too_large",
 )
 # Handled at-least-once casts remembered at most (see Seen): about 190
 # bytes each, 75 MB.
@@ -1066,6 +1067,9 @@ cdef class Server:
                 if not fate:
                     return
                 kind, body = KIND_FAILURE, fate
+        if 0 < self.max_message_size < PyBytes_GET_SIZE(body):
+            kind, body = KIND_FAILURE, self._too_large(identity, identity_len, kind, msg_id,
+                                                       PyBytes_GET_SIZE(body))
         hlen = write_header(header, kind, 0, msg_id, NULL, 0)
         data = PyBytes_AS_STRING(body)
         size = PyBytes_GET_SIZE(body)
@@ -1086,6 +1090,22 @@ cdef class Server:
             self.counters[REPLIES] += 1
         elif status == REPLY_DROPPED:
             self._lost(identity, identity_len, kind, msg_id)
+
+    cdef bytes _too_large(self, const char *identity, size_t identity_len, int kind,
+                          uint64_t msg_id, Py_ssize_t size):
+        """The FAILURE body sent in place of a reply over
+        rpc_zmq_max_message_size, which no caller would accept: the caller
+        learns why at once, not at its timeout.  A stream ends there: its
+        later values are dropped as a broken stream's are."""
+        self.counters[REPLIES_TOO_LARGE] += 1
+        if kind == KIND_CHUNK:
+            self.broken[(identity[:identity_len], msg_id)] = 1
+        error = MessageTooLarge(f"the reply is {size} bytes; the server's "
+                                f"rpc_zmq_max_message_size is {self.max_message_size}")
+        try:
+            return _packb(self.serialize_failure(error))
+        except Exception:
+            return _packb(["builtins", "RuntimeError", str(error), [], ""])
 
     cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id):
         """A reply was dropped: counted; a lost CHUNK breaks its stream."""

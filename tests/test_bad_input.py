@@ -43,6 +43,11 @@ def target(tmp_path_factory):
     assert service.stop() == 0
 
 
+def ipc_of(service):
+    options = service.proc.args[service.proc.args.index("--options") + 1]
+    return json.loads(options)["rpc_zmq_ipc_dir"]
+
+
 def stats_of(client, host="bad1"):
     return client.call(CTX, f"svc.{host}", {"method": "stats"})
 
@@ -50,8 +55,7 @@ def stats_of(client, host="bad1"):
 @pytest.fixture
 def bad_client(target):
     from nova_zmq_fast import rpc
-    ipc = target.proc.args[target.proc.args.index("--options") + 1]
-    rpc.init(rpc_zmq_ipc_dir=json.loads(ipc)["rpc_zmq_ipc_dir"], rpc_zmq_host="client")
+    rpc.init(rpc_zmq_ipc_dir=ipc_of(target), rpc_zmq_host="client")
     yield rpc
     rpc.cleanup()
     rpc.init()
@@ -130,6 +134,34 @@ def test_a_frame_far_over_the_limit_drops_only_that_sender(target, bad_client):
     # Beyond twice the limit libzmq itself refuses the frame and drops the
     # sender's connection; other peers are unaffected.
     send_raw(target.address, [[header(), b"\x00" * (2 * MAX + 70000)]])
+    assert bad_client.call(CTX, "svc.bad1", {"method": "echo", "args": {"value": 3}}) == 3
+
+
+def test_a_reply_over_the_limit_fails_the_call_at_once(target, bad_client):
+    """The server sends no reply its own limit forbids: the caller gets
+    MessageTooLarge instead, not its timeout; a stream ends there."""
+    before = stats_of(bad_client)
+    blobs = {"method": "blobs", "args": {"sizes": [10, MAX + 100, 10]}}
+    with pytest.raises(bad_client.MessageTooLarge, match=f"rpc_zmq_max_message_size is {MAX}"):
+        bad_client.call(CTX, "svc.bad1", dict(blobs, args={"sizes": [MAX + 100]}), timeout=30)
+    got = []
+    with pytest.raises(bad_client.MessageTooLarge, match=f"rpc_zmq_max_message_size is {MAX}"):
+        for value in bad_client.multicall(CTX, "svc.bad1", blobs, timeout=30):
+            got.append(value)
+    assert got == [b"x" * 10]
+    assert delta(before, stats_of(bad_client))["replies_too_large"] == 2
+    assert bad_client.call(CTX, "svc.bad1", {"method": "echo", "args": {"value": 3}}) == 3
+
+
+def test_a_reply_over_the_callers_own_limit_is_refused_by_name(target, bad_client):
+    """A caller whose limit is lower than the server's refuses a reply over
+    it as MessageTooLarge (not a malformed reply)."""
+    bad_client.init(rpc_zmq_ipc_dir=ipc_of(target), rpc_zmq_host="client",
+                    rpc_zmq_max_message_size=MAX // 2)
+    call = {"method": "blobs", "args": {"sizes": [MAX // 2 + 100]}}
+    with pytest.raises(bad_client.MessageTooLarge,
+                       match=f"the reply is .* rpc_zmq_max_message_size is {MAX // 2}$"):
+        bad_client.call(CTX, "svc.bad1", call, timeout=30)
     assert bad_client.call(CTX, "svc.bad1", {"method": "echo", "args": {"value": 3}}) == 3
 
 

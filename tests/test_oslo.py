@@ -377,7 +377,7 @@ def test_after_cleanup_calls_and_casts_fail_as_oslo_exceptions(registry, transpo
         server.kill()
 
 
-def test_a_message_over_the_size_limit_is_an_oslo_error(registry, no_leaks):
+def test_a_message_over_the_size_limit_is_an_oslo_error(servers, registry, no_leaks):
     small = messaging.get_rpc_transport(
         cfg.CONF, url=zmqfast_url(registry, rpc_zmq_max_message_size=65536))
     try:
@@ -388,6 +388,10 @@ def test_a_message_over_the_size_limit_is_an_oslo_error(registry, no_leaks):
                                match="rpc_zmq_max_message_size") as info:
                 send({}, "echo", value=big)
             assert type(info.value.__cause__).__name__ == "MessageTooLarge"
+        # A reply over this transport's limit (not the server's):
+        with pytest.raises(messaging.MessageDeliveryFailure,
+                           match="the reply is .* rpc_zmq_max_message_size is 65536"):
+            client(small).call({}, "give", kind="100kB")
         # A Notifier logs what its driver raises; the driver's own error:
         with pytest.raises(messaging.MessageDeliveryFailure, match="rpc_zmq_max_message_size"):
             small._driver.send_notification(messaging.Target(topic="anyone"), {},

@@ -86,7 +86,8 @@ def main():
                     "mixed": lambda: {"uuid": uuid.UUID(int=7), "bytes": b"\xff",
                                       "datetime": datetime.datetime(2024, 5, 6, 7, 8, 9),
                                       "set": {3}},
-                    "opaque": object, "bigint": lambda: 2 ** 70}[kind]()
+                    "opaque": object, "bigint": lambda: 2 ** 70,
+                    "100kB": lambda: "x" * 100000}[kind]()
 
         def expected(self, ctxt):
             raise messaging.ExpectedException()

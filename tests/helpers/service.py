@@ -58,6 +58,12 @@ class TestService:
         """0 .. n-1, as fast as they can go: a stream a reader falls behind."""
         yield from range(n)
 
+    def blobs(self, ctxt, sizes):
+        """A bytes value of each size: the last one answers a call, each
+        one is a value of a multicall's stream."""
+        for size in sizes:
+            yield b"x" * size
+
     def fail(self, ctxt, kind, text):
         if kind == "value":
             raise ValueError(text)
