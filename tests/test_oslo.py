@@ -928,6 +928,84 @@ def test_a_stopped_server_hands_its_share_to_the_others_while_it_finishes(
     assert codes == [0, 0, 0]
 
 
+def test_casts_and_notifications_reaching_a_stopped_server_are_sent_on(
+        registry, tmp_path, monkeypatch, no_leaks):
+    """A plain cast or a notification that reaches a server after its
+    stop(), on a route its sender cached before, is not dropped: the
+    stopped server sends it on to another consumer of the topic (carried
+    until that one acknowledges it), as a broker hands a cancelled
+    consumer's share to the others.  Here the sender's routes are refreshed
+    only every minute, so half of what it sends goes to the stopped one."""
+    from nova_zmq_fast.matchmaker.local import LocalBackend
+    monkeypatch.setattr(LocalBackend, "refresh_interval", 60.0)
+    key = uuid.uuid4().hex[:8]
+    topic, notes = f"sendon-{key}", f"sendon-notes-{key}"
+    url = zmqfast_url(registry)
+    h1, h2, hn = start_all(
+        service("rpc", "h1", url, topic=topic, **{"notify-topic": notes}, pool="A"),
+        service("rpc", "h2", url, topic=topic),
+        service("notify", f"hn-{key}", url, topic=notes, pool="A"))
+    transport = messaging.get_rpc_transport(cfg.CONF, url=url)
+    ntransport = messaging.get_notification_transport(cfg.CONF, url=url)
+    release = tmp_path / "release"
+    caller = None
+    try:
+        rpc = client(transport, topic)
+        assert {rpc.call({}, "whoami") for _ in range(10)} == {"h1", "h2"}
+        n = messaging.Notifier(ntransport, driver="messaging", topics=[notes],
+                               publisher_id="t")
+        for i in range(4):
+            n.info({}, "warm", {"k": "warm", "i": i})
+        assert wait_until(lambda: listener_records(transport, hn.name), 10)
+        h1_address, = addresses(transport, f"openstack:{topic}@h1")
+        notes_topic = f"openstack:{notes}.info%A"
+
+        def stale():
+            return (h1_address in addresses(transport, f"openstack:{topic}")
+                    and h1_address in addresses(transport, notes_topic))
+        assert stale()
+        # A long call keeps h1's process (and socket) up after its stop().
+        caller = threading.Thread(target=lambda: rpc.prepare(server="h1", timeout=60).call(
+            {}, "block", marker=f"{key}-running", release=str(release)))
+        caller.start()
+        assert wait_until(lambda: f"{key}-running" in records(transport, "h1", topic), 10)
+        h1.proc.stdin.write("stop\n")
+        h1.proc.stdin.flush()
+        read_line(h1, "STOPPED")
+
+        for i in range(20):
+            rpc.cast({}, "record", value=f"{key}-{i}")
+        for i in range(10):
+            n.info({}, "event", {"k": key, "i": i})
+        assert stale()                          # sent on routes that list h1
+
+        def casts_at_h2():
+            return sorted(v for v in records(transport, "h2", topic)
+                          if str(v).startswith(f"{key}-"))
+
+        def notes_at_hn():
+            return sorted(r["payload"]["i"] for r in listener_records(transport, hn.name)
+                          if r["payload"]["k"] == key)
+        assert wait_until(lambda: casts_at_h2() == sorted(f"{key}-{i}" for i in range(20)),
+                          20), casts_at_h2()
+        assert wait_until(lambda: notes_at_hn() == list(range(10)), 20), notes_at_hn()
+        assert caller.is_alive()                # all of it within h1's stop window
+        release.touch()
+        caller.join(30)
+        h1_records = json.loads(read_line(h1, "RECORDS"))
+        assert [r for r in h1_records if isinstance(r, str) and r.startswith(f"{key}-")] == \
+            [f"{key}-running"]
+        assert h1.proc.wait(30) == 0
+    finally:
+        release.touch()
+        if caller is not None:
+            caller.join(30)
+        transport.cleanup()
+        ntransport.cleanup()
+        codes = [p.stop() for p in (h1, h2, hn)]
+    assert codes == [0, 0, 0]
+
+
 def test_a_transport_cleaned_up_before_its_servers_stop_ends_their_poller(
         no_leaks, registry, caplog):
     """transport.cleanup() before server.stop(): the listeners' poller ends
