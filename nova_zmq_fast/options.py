@@ -280,28 +280,30 @@ def tcp_endpoint(host, port):
     return f"tcp://{host}:{port}"
 
 
-def oslo_opts(exclude=()):
+def oslo_opts(exclude=(), deprecated_group=None):
     """Every option in oslo.config's form (which this needs): for the
-    oslo.messaging driver's group, and for [DEFAULT] (rpc.register_opts)."""
+    oslo.messaging driver's group, which also reads an option it does not
+    set from `deprecated_group` ([DEFAULT], where Nova-era services keep
+    them), and for [DEFAULT] (rpc.register_opts)."""
     from oslo_config import cfg
 
     def opt(name, kind, default, help):
+        common = dict(default=default, help=help, deprecated_group=deprecated_group)
         if name == "rpc_zmq_matchmaker":
-            return cfg.StrOpt(name, default=default, choices=matchmaker.available(), help=help)
+            return cfg.StrOpt(name, choices=matchmaker.available(), **common)
         if kind == "host":
-            return cfg.HostAddressOpt(name, default=default, sample_default="<hostname>",
-                                      help=help)
+            return cfg.HostAddressOpt(name, sample_default="<hostname>", **common)
         if kind in ("str", "secret"):
-            return cfg.StrOpt(name, default=default, secret=kind == "secret", help=help)
+            return cfg.StrOpt(name, secret=kind == "secret", **common)
         if kind == "port":
-            return cfg.PortOpt(name, default=default, help=help)
+            return cfg.PortOpt(name, **common)
         if kind == "bool":
-            return cfg.BoolOpt(name, default=default, help=help)
+            return cfg.BoolOpt(name, **common)
         if kind in ("int", "count"):
-            return cfg.IntOpt(name, default=default, min=1 if kind == "int" else 0, help=help)
+            return cfg.IntOpt(name, min=1 if kind == "int" else 0, **common)
         if kind == "float":
-            return cfg.FloatOpt(name, default=default, min=0, help=help)
+            return cfg.FloatOpt(name, min=0, **common)
         if kind == "list":
-            return cfg.ListOpt(name, default=default, help=help)
+            return cfg.ListOpt(name, **common)
         raise TypeError(f"no oslo.config type for option {name} ({kind})")
     return [opt(*described) for described in Options.describe() if described[0] not in exclude]

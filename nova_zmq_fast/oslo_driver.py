@@ -66,7 +66,10 @@ GROUP = cfg.OptGroup("oslo_messaging_zmqfast",
 _NOT_FOR_OSLO = {"rpc_response_timeout", "allowed_rpc_exception_modules"}
 
 
-OPTS = oslo_opts(exclude=_NOT_FOR_OSLO)
+# An option not set in the group is read from [DEFAULT], where the
+# native API (and Nova-era services) keep them, with oslo.config's
+# deprecation warning: the command line reads a service's file the same way.
+OPTS = oslo_opts(exclude=_NOT_FOR_OSLO, deprecated_group="DEFAULT")
 
 
 def list_opts():

@@ -24,6 +24,7 @@ from oslo_serialization import jsonutils  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ROOT, ChildProcess, free_port, make_certificates, no_new_threads, open_fds, os_threads,
     wait_until)
+from nova_zmq_fast.oslo_driver import _NOT_FOR_OSLO  # noqa: E402
 from tests.helpers.errors import CustomError  # noqa: E402
 
 RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -710,6 +711,43 @@ def test_bad_urls_are_clear_errors(url):
         messaging.get_rpc_transport(cfg.CONF, url=url)
     if "redis" in url:
         assert "redis" in str(info.value)
+
+
+def test_options_in_default_are_read_as_the_command_line_reads_them(tmp_path):
+    """A service's file may keep the options in [DEFAULT], as Nova-era
+    services did: the driver reads what its group does not set from there
+    (a CURVE key included: never a silent fall back to plaintext), exactly
+    as `nova-zmq-fast --config-file` reads the same file."""
+    from nova_zmq_fast._curve import write_keypair
+    from nova_zmq_fast.config_sources import load_options
+    write_keypair(str(tmp_path / "svc"))
+    (tmp_path / "allowed").mkdir()
+    path = tmp_path / "service.conf"
+    path.write_text(f"""[DEFAULT]
+transport_url = zmqfast://
+rpc_zmq_ipc_dir = {tmp_path / "registry"}
+rpc_zmq_host = from-default
+rpc_zmq_linger = 7.5
+rpc_zmq_secret_key_file = {tmp_path / "svc.key"}
+rpc_zmq_allowed_keys = {tmp_path / "allowed"}
+
+[oslo_messaging_zmqfast]
+rpc_zmq_linger = 3
+""")
+    conf = cfg.ConfigOpts()
+    conf(["--config-file", str(path)])
+    transport = messaging.get_rpc_transport(conf)
+    try:
+        theirs = transport._driver._options
+        ours = load_options([str(path)], [], {})
+        assert (theirs.rpc_zmq_host, theirs.rpc_zmq_linger) == ("from-default", 3)
+        assert theirs.curve_keys() is not None and theirs.curve_keys() == ours.curve_keys()
+        assert {name: getattr(theirs, name) for name, *_ in ours.describe()
+                if name not in _NOT_FOR_OSLO} == \
+            {name: getattr(ours, name) for name, *_ in ours.describe()
+             if name not in _NOT_FOR_OSLO}
+    finally:
+        transport.cleanup()
 
 
 def test_options_are_listed_for_the_config_generator():
