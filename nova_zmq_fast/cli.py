@@ -399,7 +399,8 @@ def status(session, args):
     lines = [f"discovery: {data['discovery']}"] + _table(headers, rows)
     if answers:
         failed = sum("error" in a for a in answers.values())
-        lines.append(f"{len(nodes)} nodes: {len(answers) - failed} answered, {failed} failed")
+        lines.append(f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: "
+                     f"{len(answers) - failed} answered, {failed} failed")
     return Report(data, lines, code)
 
 

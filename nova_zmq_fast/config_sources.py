@@ -48,8 +48,7 @@ def load_options(config_files, flags, environ):
         values.update(from_file(path, known))
     values.update(from_environ(environ, known))
     for name, text in flags:
-        values[name] = typed(_known(known, name, "command line"), text,
-                             f"command line: {name}")
+        values[name] = typed(_known(known, name, "command line"), text, "command line")
     try:
         return Options.from_conf(values)
     except ValueError as exc:
@@ -66,8 +65,9 @@ def _known(known, name, where):
 
 
 def typed(opt, text, where):
-    """`text` as option `opt` wants it, checked.  An empty value leaves a
-    port unset (the backend's default)."""
+    """`text` as option `opt` wants it, checked (a backend, that it
+    exists), with `where` it came from in the error.  An empty value leaves
+    a port unset (the backend's default)."""
     text = text.strip()
     try:
         if opt.kind in ("int", "port"):
@@ -79,7 +79,10 @@ def typed(opt, text, where):
     except ValueError:
         raise ConfigError(f"{where}: {opt.name} must be a number, not {text!r}") from None
     try:
-        return opt.value(value)
+        value = opt.value(value)
+        if opt.name == "rpc_zmq_matchmaker":
+            matchmaker.load(matchmaker.canonical(value))
+        return value
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -101,11 +104,11 @@ def from_file(path, known):
     if parser.has_section("DEFAULT"):
         for name, text in parser.items("DEFAULT"):
             if name in known:
-                values[name] = typed(known[name], text, f"{path} [DEFAULT] {name}")
+                values[name] = typed(known[name], text, f"{path} [DEFAULT]")
     if parser.has_section(OSLO_GROUP):
         for name, text in parser.items(OSLO_GROUP):
             where = f"{path} [{OSLO_GROUP}]"
-            values[name] = typed(_known(known, name, where), text, f"{where} {name}")
+            values[name] = typed(_known(known, name, where), text, where)
     url = parser.get("DEFAULT", "transport_url", fallback="").strip()
     if url:
         values.update(from_url(url, values.get("rpc_zmq_matchmaker", "local"), known,
@@ -161,7 +164,7 @@ def from_url(url, backend, known, where):
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     for name, texts in urllib.parse.parse_qs(parts.query).items():
-        values[name] = typed(_known(known, name, where), ",".join(texts), f"{where} {name}")
+        values[name] = typed(_known(known, name, where), ",".join(texts), where)
     return values
 
 

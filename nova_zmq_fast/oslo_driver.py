@@ -70,6 +70,7 @@ _NOT_FOR_OSLO = {"rpc_response_timeout", "allowed_rpc_exception_modules"}
 # native API (and Nova-era services) keep them, with oslo.config's
 # deprecation warning: the command line reads a service's file the same way.
 OPTS = oslo_opts(exclude=_NOT_FOR_OSLO, deprecated_group="DEFAULT")
+_OPTS_BY_NAME = {opt.dest: opt for opt in OPTS}
 
 
 def list_opts():
@@ -477,6 +478,12 @@ class ZmqFastDriver(base.BaseDriver):
         try:
             # The URL's query overrides the group: a bad value or an
             # unknown name in it is the URL's fault.
+            for name, text in url.query.items():
+                if name in _OPTS_BY_NAME:
+                    try:
+                        _OPTS_BY_NAME[name].type(text)
+                    except ValueError as exc:
+                        raise ValueError(f"{name}={text!r}: {exc}") from None
             conf = rpc_common.ConfigOptsProxy(conf, url, GROUP.name)
             group = conf[GROUP.name]
             values = {opt.dest: group[opt.dest] for opt in OPTS}
@@ -505,8 +512,11 @@ class ZmqFastDriver(base.BaseDriver):
         self.undelivered = 0                # requests a stopped listener dropped (logged)
         # One runtime, and one listening socket, for every transport of the
         # process with these options.
-        self._runtime = Runtime.shared(self._options,
-                                       green=eventletutils.is_monkey_patched("thread"))
+        try:
+            self._runtime = Runtime.shared(self._options,
+                                           green=eventletutils.is_monkey_patched("thread"))
+        except ValueError as exc:               # what discovery refuses (a missing ring file)
+            raise oslo_messaging.InvalidTransportURL(str(url), str(exc)) from None
         self._released = False
 
     def require_features(self, requeue=False):

@@ -38,14 +38,20 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
+# The build is stamped with its sources, and the extras installed so far
+# are kept: test.sh and bench.sh, which want different extras, share it.
 stamp=.venv/.nzf-build
-want=$( (echo "$EXTRAS"; cat setup.py pyproject.toml nova_zmq_fast/__init__.py csrc/*.h nova_zmq_fast/*.pyx nova_zmq_fast/*.pxd) \
+extras_file=.venv/.nzf-extras
+want=$( (cat setup.py pyproject.toml nova_zmq_fast/__init__.py csrc/*.h nova_zmq_fast/*.pyx nova_zmq_fast/*.pxd) \
         | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
+have_extras=$(cat "$extras_file" 2>/dev/null || true)
+all_extras=$(echo "$have_extras,$EXTRAS" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$all_extras" != "$have_extras" ] || \
         ! .venv/bin/python -c "import nova_zmq_fast._server" 2>/dev/null; then
     echo "bootstrap: building nova_zmq_fast (about a minute)" >&2
     # The build requirements too, for setup.py build_ext --inplace (README).
     .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" "Cython>=3.0.10,<4"
-    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    .venv/bin/python -m pip install -q -e ".[$all_extras]"
     echo "$want" > "$stamp"
+    echo "$all_extras" > "$extras_file"
 fi

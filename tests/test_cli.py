@@ -377,9 +377,11 @@ def test_bad_configuration(tmp_path):
     usage("topics", "-o", "rpc_zmq_ipc_dri=/tmp", says="did you mean rpc_zmq_ipc_dir")
     usage("topics", env={"NOVA_ZMQ_FAST_NO_SUCH": "1"},
           says="environment variable NOVA_ZMQ_FAST_NO_SUCH: unknown option")
-    usage("topics", "-o", "rpc_zmq_port=abc", says="rpc_zmq_port must be a number")
+    usage("topics", "-o", "rpc_zmq_port=abc",
+          says="command line: rpc_zmq_port must be a number, not 'abc'")
     usage("topics", "-o", "rpc_thread_pool_size=0", says="rpc_thread_pool_size must be a positive")
-    usage("topics", "--matchmaker", "zookeeper", says="'zookeeper' does not exist")
+    usage("topics", "--matchmaker", "zookeeper",
+          says="command line: rpc_zmq_matchmaker 'zookeeper' does not exist")
     usage("topics", "-o", "no-equals-sign", says="wants NAME=VALUE")
     usage("topics", "--config-file", tmp_path / "missing.conf", says="cannot read config file")
     usage("topics", "--matchmaker", "ring", "--ring-file", tmp_path / "none.json",

@@ -705,12 +705,15 @@ def test_the_backend_is_named_in_the_scheme(tmp_path):
                                  "zmqfast://?rpc_zmq_port=not-a-port",
                                  "zmqfast://?rpc_zmq_matchmaker=bogus",
                                  "zmqfast://?rpc_cast_timeout=-1",
-                                 "zmqfast://?no_such_option=1"])
+                                 "zmqfast://?no_such_option=1",
+                                 "zmqfast+ring://?matchmaker_ringfile=/nonexistent/ring.json"])
 def test_bad_urls_are_clear_errors(url):
     with pytest.raises(messaging.InvalidTransportURL) as info:
         messaging.get_rpc_transport(cfg.CONF, url=url)
     if "redis" in url:
         assert "redis" in str(info.value)
+    elif "?" in url:                    # the option at fault is named
+        assert url.partition("?")[2].partition("=")[0] in str(info.value)
 
 
 def test_options_in_default_are_read_as_the_command_line_reads_them(tmp_path):

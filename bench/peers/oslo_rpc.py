@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peers.common import (  # noqa: E402
     ARGS, CONTEXT, BenchApi, command_loop, costs, measure_casts, ready, time_calls)
 
-TOPIC = "nzf_bench"
+# The run's own topic (server and client are both children of bench/run.py):
+# several runs may share one RabbitMQ, whose queues would mix their messages.
+TOPIC = f"nzf_bench_{os.getppid()}"
 
 
 class BenchEndpoint(BenchApi):

@@ -26,9 +26,9 @@ from nova_zmq_fast._handoff import monkey_patched
 from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.dispatcher import RpcDispatcher
 from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
-    InvalidMessage, MessageTooLarge, NoListeners, PeerUnreachable, RemoteError,
-    RPCException, SerializationError, StreamTruncated, Timeout, UnsupportedRpcVersion,
-    deserialize_remote_exception, serialize_remote_exception)
+    DiscoveryUnavailable, InvalidMessage, MessageTooLarge, NoListeners, PeerUnreachable,
+    RemoteError, RPCException, SerializationError, StreamTruncated, Timeout, TransportClosed,
+    UnsupportedRpcVersion, deserialize_remote_exception, serialize_remote_exception)
 from nova_zmq_fast.options import Options, tcp_endpoint
 from nova_zmq_fast.runtime import Connection, Runtime
 
@@ -38,7 +38,7 @@ __all__ = [
     "cleanup", "stats", "RpcDispatcher", "RpcContext", "Connection",
     "RPCException", "Timeout", "NoListeners", "PeerUnreachable", "RemoteError",
     "UnsupportedRpcVersion", "InvalidMessage", "SerializationError",
-    "MessageTooLarge", "StreamTruncated",
+    "MessageTooLarge", "StreamTruncated", "TransportClosed", "DiscoveryUnavailable",
 ]
 
 DEFAULT_PORT = 9501                     # the original driver's rpc_zmq_port
