@@ -470,11 +470,13 @@ cdef class Courier:
                     self.unsent_pause = UNSENT_PAUSE_MIN
                     self.resent += 1
                 elif h.kind == KIND_FAILURE:
-                    # The server could not even decode it: sending it again
-                    # anywhere would fail the same way.
+                    # The server refused it before running it (it could not
+                    # decode it, or this process's key was revoked there):
+                    # sending it again would fail the same way.
                     self.rejected += 1
                     THROTTLED.error("rejected", "an at-least-once cast to %s was rejected by "
-                                    "%s as malformed", p.topic, address)
+                                    "%s: malformed, or this process's key revoked there",
+                                    p.topic, address)
                 else:
                     self.pending[h.msg_id] = p
         finally:

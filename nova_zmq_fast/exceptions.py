@@ -108,6 +108,11 @@ class TransportClosed(RPCException):
     before, or while, this operation ran: nothing more is sent."""
 
 
+class KeyRevoked(RPCException):
+    """The server took this process's CURVE key out of its allow-list
+    while a connection made with it was open: nothing sent on it runs."""
+
+
 class RemoteFailure(Exception):
     """A FAILURE reply, not rebuilt yet: what a runtime shared by
     oslo.messaging transports raises, each transport rebuilding it with its

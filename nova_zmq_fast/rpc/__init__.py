@@ -26,9 +26,10 @@ from nova_zmq_fast._handoff import monkey_patched
 from nova_zmq_fast._routes import Endpoint
 from nova_zmq_fast.dispatcher import RpcDispatcher
 from nova_zmq_fast.exceptions import (  # noqa: F401  (re-exported API)
-    DiscoveryUnavailable, InvalidMessage, MessageTooLarge, NoListeners, PeerUnreachable,
-    RemoteError, RPCException, SerializationError, StreamTruncated, Timeout, TransportClosed,
-    UnsupportedRpcVersion, deserialize_remote_exception, serialize_remote_exception)
+    DiscoveryUnavailable, InvalidMessage, KeyRevoked, MessageTooLarge, NoListeners,
+    PeerUnreachable, RemoteError, RPCException, SerializationError, StreamTruncated, Timeout,
+    TransportClosed, UnsupportedRpcVersion, deserialize_remote_exception,
+    serialize_remote_exception)
 from nova_zmq_fast.options import Options, tcp_endpoint
 from nova_zmq_fast.runtime import Connection, Runtime
 
@@ -39,6 +40,7 @@ __all__ = [
     "RPCException", "Timeout", "NoListeners", "PeerUnreachable", "RemoteError",
     "UnsupportedRpcVersion", "InvalidMessage", "SerializationError",
     "MessageTooLarge", "StreamTruncated", "TransportClosed", "DiscoveryUnavailable",
+    "KeyRevoked",
 ]
 
 DEFAULT_PORT = 9501                     # the original driver's rpc_zmq_port
