@@ -24,6 +24,8 @@ cdef class Probe:
     cdef double answered            # when the server last answered (or was first probed)
     cdef double wanted              # when a route in use last held it
     cdef bint connected             # answered on the current probe connection
+    cdef str topic                  # a route that held it when last wanted, to ask
+    cdef bint fanout                # discovery whether it withdrew (RouteTable.withdrew)
 
 
 cdef class Courier:

@@ -550,8 +550,10 @@ cdef class Courier:
         cdef char header[MAX_HEADER]
         cdef size_t hlen
         cdef int status
-        for ep in self.routes.endpoints():
-            self._probe_of(ep, now).wanted = now
+        for ep, topic, fanout in self.routes.endpoints():
+            probe = self._probe_of(ep, now)
+            probe.wanted = now
+            probe.topic, probe.fanout = topic, fanout
         for p in self.pending.values():
             self._probe_of(p.endpoint, now).wanted = now
         gone = set(self.routes.forgotten())
@@ -569,6 +571,13 @@ cdef class Courier:
             if now - probe.answered >= self.probe_timeout:
                 # Not heard from for the timeout, whatever the reason: frozen,
                 # cut off, every worker stuck, or never even connected.
+                if (probe.topic is not None and address not in self.routes.addresses()
+                        and self.routes.withdrew(address, probe.topic, probe.fanout)):
+                    # ... or it closed cleanly: discovery no longer lists it
+                    # where it was found.  Nothing to warn of, or to probe.
+                    self._resend_from(address, now)
+                    del self.probes[address]
+                    continue
                 if not self.routes.is_down(address):
                     LOG.warning("%s did not answer a probe for %gs: passed over until it "
                                 "answers", address, self.probe_timeout)

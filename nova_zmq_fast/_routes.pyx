@@ -371,13 +371,24 @@ cdef class RouteTable:
             self._store(cache, topic, endpoints)
 
     def endpoints(self):
-        """Every Endpoint some cached route holds, once each."""
+        """Every Endpoint some cached route holds, once each, as (endpoint,
+        topic, fanout) of one route that holds it."""
         found = {}
-        for cache in (self.direct, self.fanout):
-            for route in list(cache.values()):
+        for fanout, cache in ((False, self.direct), (True, self.fanout)):
+            for topic, route in list(cache.items()):
                 for ep in (<Route>route).endpoints:
-                    found[(<Endpoint>ep).address] = ep
+                    found[(<Endpoint>ep).address] = (ep, topic, fanout)
         return list(found.values())
+
+    def withdrew(self, str address not None, str topic not None, bint fanout):
+        """Does discovery no longer list `address` for `topic`, which it
+        did?  (A process that withdrew cleanly, rather than one gone
+        silent.)  False when discovery cannot say."""
+        try:
+            endpoints = self._fetch(topic, fanout)
+        except Exception:                   # noqa: BLE001 (unreachable: it cannot say)
+            return False
+        return all((<Endpoint>ep).address != address for ep in endpoints)
 
     @property
     def empty(self):

@@ -212,6 +212,22 @@ def test_a_server_restarted_on_a_new_port_is_found_by_the_next_send(ipc_dir, cli
         assert second.stop() == 0
 
 
+def test_a_server_that_closes_cleanly_is_not_taken_for_a_silent_one(ipc_dir, client,
+                                                                     caplog):
+    """A process that withdrew from discovery and exited leaves its PINGs
+    unanswered, as a frozen one would; but discovery no longer lists it,
+    so its probe ends quietly instead of warning that it went silent."""
+    tidy = ServiceProcess("tidy", ipc_dir, topic="tidy")
+    try:
+        assert client.call({}, "tidy", {"method": "whoami"}) == "tidy"
+        assert wait_until(lambda: rpc.stats()["client"]["peers_probed"] >= 1, 10)
+    finally:
+        assert tidy.stop() == 0                 # withdraws, closes, exits
+    with caplog.at_level(logging.WARNING, logger="nova_zmq_fast"):
+        assert wait_until(lambda: rpc.stats()["client"]["peers_probed"] == 0, 20)
+    assert not [r for r in caplog.records if "did not answer a probe" in r.getMessage()]
+
+
 def test_a_server_whose_entry_peers_cannot_dial_is_passed_over(ipc_dir, client, caplog):
     """Calls, at-least-once casts and fanouts go to the consumers that can
     be dialled, as if the bad entry were not there (never a ZMQError, never
