@@ -97,7 +97,8 @@ cdef class Server:
     cdef object log                 # a RateLimitedLog for what peers cause
     cdef dict about                 # what a PING is answered with
     cdef Seen seen                  # at-least-once casts received: never run twice
-    cdef dict broken                # (caller, msg_id) of a stream that lost values -> how many
+    cdef dict broken                # (caller, msg_id) of a stream that lost values ->
+                                    # (how many, whether the leader lost one forwarding)
     cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
     cdef unsigned long loop_thread  # ... and that loop's thread
     cdef Worker loop_worker
@@ -138,9 +139,11 @@ cdef class Server:
                                size_t size) noexcept nogil
     cdef bytes _too_large(self, const char *identity, size_t identity_len, int kind,
                           uint64_t msg_id, Py_ssize_t size)
-    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id)
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id,
+               bint forwarding)
+    cdef bint _leads(self, uint64_t gen) noexcept
     cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
-                             uint64_t msg_id)
+                             uint64_t msg_id, bint forwarding)
     cdef _ack(self, uint64_t gen, bytes identity, uint64_t msg_id)
     cdef _close_sockets(self, int linger_ms)
 

@@ -31,7 +31,11 @@ A multicall streams its values as CHUNKs, then END.  Once a CHUNK is lost
 (the caller reads more slowly than the server yields, and its queue of
 ZMQ_SNDHWM replies is full), the stream is *broken*: its later CHUNKs are
 dropped too, so that the caller never sees a gap, and its end (END, or a
-last value sent as RESULT) goes as a FAILURE (StreamTruncated).  A caller
+last value sent as RESULT) goes as a FAILURE (StreamTruncated).  "Later"
+in the stream's order, not the clock's: replies handed to the control
+socket wait there for the leader, so what is queued ahead of a loss still
+goes, what is queued behind one does not, and the end is settled only
+where it leaves for the caller, behind them all.  A caller
 therefore gets every value up to the first lost one and then that
 failure, or, when the FAILURE finds its queue still full, a Timeout: never
 a stream that ends normally without all its values.  (Holding the
@@ -817,7 +821,7 @@ cdef class Server:
         cdef size_t identity_len = zmq_msg_size(&parts[2])
         # (The header is one of ours: it parses.)
         parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
-        fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id)
+        fate = self._stream_fate(identity, identity_len, h.kind, h.msg_id, True)
         if fate is None:
             return False
         if fate:
@@ -826,14 +830,14 @@ cdef class Server:
                               PyBytes_AS_STRING(fate), PyBytes_GET_SIZE(fate)):
                 self.counters[REPLIES] += 1
             else:
-                self._lost(identity, identity_len, KIND_FAILURE, h.msg_id)
+                self._lost(identity, identity_len, KIND_FAILURE, h.msg_id, True)
         return True
 
     cdef _forward_lost(self, zmq_msg_t *parts):
         cdef Header h
         parse_header(<const char *>zmq_msg_data(&parts[3]), zmq_msg_size(&parts[3]), &h)
         self._lost(<const char *>zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), h.kind,
-                   h.msg_id)
+                   h.msg_id, True)
 
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts):
         """Stop requested: serve what is already queued or still arriving
@@ -1093,8 +1097,11 @@ cdef class Server:
         cdef double deadline = 0
         if not self.lf_ready:
             return
-        if self.broken:
-            fate = self._stream_fate(identity, identity_len, kind, msg_id)
+        # A broken stream's CHUNKs are dropped here at once (any loss came
+        # before them); its last reply only if it goes straight out, else
+        # the leader settles it as it forwards it.
+        if self.broken and (kind == KIND_CHUNK or self._leads(gen)):
+            fate = self._stream_fate(identity, identity_len, kind, msg_id, False)
             if fate is not None:
                 if not fate:
                     return
@@ -1121,7 +1128,7 @@ cdef class Server:
         if status == REPLY_SENT:
             self.counters[REPLIES] += 1
         elif status == REPLY_DROPPED:
-            self._lost(identity, identity_len, kind, msg_id)
+            self._lost(identity, identity_len, kind, msg_id, False)
 
     cdef bytes _too_large(self, const char *identity, size_t identity_len, int kind,
                           uint64_t msg_id, Py_ssize_t size):
@@ -1131,7 +1138,8 @@ cdef class Server:
         later values are dropped as a broken stream's are."""
         self.counters[REPLIES_TOO_LARGE] += 1
         if kind == KIND_CHUNK:
-            self.broken[(identity[:identity_len], msg_id)] = 1
+            # Its later CHUNKs are dropped; those queued before it still go.
+            self.broken[(identity[:identity_len], msg_id)] = (1, False)
         error = MessageTooLarge(f"the reply is {size} bytes; the server's "
                                 f"rpc_zmq_max_message_size is {self.max_message_size}")
         try:
@@ -1139,27 +1147,53 @@ cdef class Server:
         except Exception:
             return _packb(["builtins", "RuntimeError", str(error), [], ""])
 
-    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id):
-        """A reply was dropped: counted; a lost CHUNK breaks its stream."""
+    cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id,
+               bint forwarding):
+        """A reply was dropped: counted; a lost CHUNK breaks its stream.
+        `forwarding`: by the leader, taking it from the control socket,
+        where later CHUNKs of the stream may already wait behind it."""
         self.counters[REPLIES_UNDELIVERABLE] += 1
         if kind == KIND_CHUNK:
             key = (identity[:identity_len], msg_id)
-            self.broken[key] = self.broken.get(key, 0) + 1
+            lost, behind = self.broken.get(key, (0, False))
+            self.broken[key] = (lost + 1, behind or forwarding)
             if len(self.broken) > BROKEN_MAX:
                 del self.broken[next(iter(self.broken))]
 
+    cdef bint _leads(self, uint64_t gen) noexcept:
+        """This thread leads with the token `gen`: what it sends goes
+        straight out, behind everything it sent before."""
+        cdef bint leads = False
+        if gen != 0:
+            with nogil:
+                lf_lock(&self.lf)
+                leads = self.lf.owner == gen
+                lf_unlock(&self.lf)
+        return leads
+
     cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
-                             uint64_t msg_id):
-        """What becomes of a reply about to be sent while some stream is
+                             uint64_t msg_id, bint forwarding):
+        """What becomes of a reply about to leave while some stream is
         broken (see the module docstring): None, send it as it is; b"",
         drop it (counted); else the FAILURE body to send in its place (of
-        the broken stream's END, or a last value sent as RESULT)."""
+        the broken stream's END, or a last value sent as RESULT).
+
+        `forwarding`: the leader takes it from the control socket.  A
+        CHUNK queued there is later than a loss the leader met forwarding
+        that stream, but earlier than one its sender met handing it over
+        (no room within send_timeout), so it still goes.  The stream's
+        last reply ends its entry, so it is settled only where it leaves,
+        behind every CHUNK queued ahead of it: those must still find the
+        stream broken."""
         key = (identity[:identity_len], msg_id)
-        lost = self.broken.get(key)
-        if lost is None or kind == KIND_HEARTBEAT:
+        found = self.broken.get(key)
+        if found is None or kind == KIND_HEARTBEAT:
             return None
+        lost, behind = found
         if kind == KIND_CHUNK:
-            self.broken[key] = lost + 1
+            if forwarding and not behind:
+                return None
+            self.broken[key] = (lost + 1, behind)
             self.counters[REPLIES_UNDELIVERABLE] += 1
             return b""
         del self.broken[key]                # the stream's last reply
