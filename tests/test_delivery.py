@@ -209,7 +209,7 @@ conn.create_consumer("held-stream", lambda ctxt, msg, replier: streams.append(re
                      deferred=True)
 conn.create_consumer("held-control", Control())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 
@@ -483,7 +483,7 @@ rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="fragile")
 conn = rpc.create_connection()
 conn.create_consumer("fragile", Service())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 
@@ -888,7 +888,7 @@ conn = rpc.create_connection()
 conn.create_consumer("unanswered", proxy, deferred=True)
 conn.create_consumer("unanswered-control", Control())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 
