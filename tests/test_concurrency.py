@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.conftest import ROOT, ChildProcess, wait_until
+from tests.conftest import ROOT, ChildProcess, stop_all, wait_until
 
 MODELS = ("threads", "eventlet", "asyncio")
 
@@ -28,7 +28,7 @@ def model_services(ipc_dir):
             started[model] = model_service(model, f"svc-{model}", f"conc-{model}", ipc_dir)
         yield started
     finally:
-        codes = {m: s.stop() for m, s in started.items()}
+        codes = dict(zip(started, stop_all(list(started.values()))))
     assert codes == {m: 0 for m in started}, f"services exited with {codes}"
 
 

@@ -16,7 +16,7 @@ from nova_zmq_fast._client import KINDS
 from nova_zmq_fast._green import unpatched
 from tests.helpers.ledger import balanced
 from tests.conftest import (
-    ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
+    ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, stop_all, wait_until)
 
 CTX = {"user_id": "u"}
 
@@ -553,7 +553,7 @@ def test_a_fanout_reaches_every_other_consumer_while_one_queue_stays_full(ipc_di
                                   msg("record", key=key, value=0))
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-        codes = [live.stop(), frozen.stop()]
+        codes = stop_all([live, frozen])
     assert codes == [0, 0]
 
 
@@ -617,7 +617,7 @@ def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client, hear
                                            for _ in range(9)}, 15)
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-        codes = [s.stop() for s in servers]
+        codes = stop_all(servers)
     assert codes == [0, 0, 0]
 
 
