@@ -132,8 +132,11 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
 
     from nova_zmq_fast import aio
     from tests.helpers.ticking import ticking
+    # The ten casts are never acknowledged: the fixture's cleanup() waits
+    # the whole linger for them, so a short one.
     client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
-                rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60)
+                rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60,
+                rpc_zmq_linger=0.5)
     service = model_service("threads", "alo-window", "alo-window", ipc_dir)
 
     async def scenario():
