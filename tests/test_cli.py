@@ -13,7 +13,7 @@ import pytest
 
 import nova_zmq_fast
 from nova_zmq_fast.cli import EXIT_MEANINGS, Exit
-from tests.conftest import ROOT, ChildProcess, ServiceProcess, free_port, wait_until
+from tests.conftest import ROOT, ChildProcess, ServiceProcess, free_port, stop_all, wait_until
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "nova-zmq-fast")
 
@@ -227,7 +227,7 @@ def test_a_frozen_service_times_out(tmp_path):
         assert run.code == Exit.PARTIAL and "1 answered, 1 failed" in run.out, run
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-        codes = [s.stop() for s in (up, frozen)]
+        codes = stop_all([up, frozen])
     assert codes == [0, 0]
 
 
@@ -294,7 +294,7 @@ def test_redis(redis_server, tmp_path):
         run = cli("ping", "svc.r1", "--config-file", conf)
         assert run.code == 0 and "1 of 1 consumers" in run.out, run
     finally:
-        codes = [s.stop() for s in started]
+        codes = stop_all(started)
     assert codes == [0, 0]
     gone = cli("topics", *flags)
     assert gone.code == Exit.NO_LISTENERS, gone            # withdrawn at close

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.conftest import ROOT, ChildProcess, wait_until
+from tests.conftest import ROOT, ChildProcess, stop_all, wait_until
 
 MODELS = ("threads", "eventlet", "asyncio")
 
@@ -28,7 +28,7 @@ def model_services(ipc_dir):
             started[model] = model_service(model, f"svc-{model}", f"conc-{model}", ipc_dir)
         yield started
     finally:
-        codes = {m: s.stop() for m, s in started.items()}
+        codes = dict(zip(started, stop_all(list(started.values()))))
     assert codes == {m: 0 for m in started}, f"services exited with {codes}"
 
 
@@ -132,8 +132,11 @@ def test_an_asyncio_at_least_once_cast_awaits_room_without_blocking_the_loop(ipc
 
     from nova_zmq_fast import aio
     from tests.helpers.ticking import ticking
+    # The ten casts are never acknowledged: the fixture's cleanup() waits
+    # the whole linger for them, so a short one.
     client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
-                rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60)
+                rpc_zmq_topic_backlog=1, rpc_cast_timeout=1, rpc_zmq_ack_timeout=60,
+                rpc_zmq_linger=0.5)
     service = model_service("threads", "alo-window", "alo-window", ipc_dir)
 
     async def scenario():

@@ -16,7 +16,7 @@ from nova_zmq_fast._client import KINDS
 from nova_zmq_fast._green import unpatched
 from tests.helpers.ledger import balanced
 from tests.conftest import (
-    ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, wait_until)
+    ChildProcess, ServiceProcess, no_new_threads, open_fds, os_threads, stop_all, wait_until)
 
 CTX = {"user_id": "u"}
 
@@ -37,6 +37,11 @@ def unique():
 
 # -- nothing accepted is lost silently ------------------------------------------------
 
+# For a service still working through a flood when the test stops it: its
+# cleanup() gives up on the rest after this, not after the default 5 s.
+SHORT_LINGER = {"rpc_zmq_linger": 0.5}
+
+
 def flood(client, topic, key, n, seconds):
     """n casts that each take the server `seconds`, sent as fast as the
     backlog lets them go."""
@@ -50,7 +55,7 @@ def test_cleanup_reports_what_it_had_to_drop(ipc_dir, client, caplog, sender):
     casts still queued when cleanup() gives up are counted, named in one
     warning and returned, never dropped in silence; also when the thread
     that sent them has ended."""
-    svc = ServiceProcess("slow1", ipc_dir, topic="slow")
+    svc = ServiceProcess("slow1", ipc_dir, topic="slow", options=SHORT_LINGER)
     try:
         client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_linger=0.5,
                     rpc_cast_timeout=60)
@@ -81,7 +86,7 @@ def test_a_thread_that_ends_with_no_spare_room_counts_what_it_sent(ipc_dir, clie
     peer confirmed is counted then, and reported by cleanup()."""
     from nova_zmq_fast import _client
     monkeypatch.setattr(_client, "SPARE_MAX", 0)
-    svc = ServiceProcess("slow3", ipc_dir, topic="slow3")
+    svc = ServiceProcess("slow3", ipc_dir, topic="slow3", options=SHORT_LINGER)
     try:
         client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_zmq_linger=0.5,
                     rpc_cast_timeout=60)
@@ -134,7 +139,7 @@ def test_backpressure_reaches_a_fast_sender_in_seconds_of_work(ipc_dir, client):
     """With a server that takes 10 ms per cast, the sender is held back
     (rpc_cast_timeout reached) after the backlog of both ends, not after
     minutes of queued work."""
-    svc = ServiceProcess("slow3", ipc_dir, topic="slow3")
+    svc = ServiceProcess("slow3", ipc_dir, topic="slow3", options=SHORT_LINGER)
     try:
         client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client", rpc_cast_timeout=0.5,
                     rpc_zmq_linger=0)
@@ -209,7 +214,7 @@ conn.create_consumer("held-stream", lambda ctxt, msg, replier: streams.append(re
                      deferred=True)
 conn.create_consumer("held-control", Control())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 
@@ -483,7 +488,7 @@ rpc.init(rpc_zmq_ipc_dir=sys.argv[1], rpc_zmq_host="fragile")
 conn = rpc.create_connection()
 conn.create_consumer("fragile", Service())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 
@@ -553,7 +558,7 @@ def test_a_fanout_reaches_every_other_consumer_while_one_queue_stays_full(ipc_di
                                   msg("record", key=key, value=0))
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-        codes = [live.stop(), frozen.stop()]
+        codes = stop_all([live, frozen])
     assert codes == [0, 0]
 
 
@@ -617,7 +622,7 @@ def test_a_frozen_server_stops_being_chosen_and_comes_back(ipc_dir, client, hear
                                            for _ in range(9)}, 15)
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-        codes = [s.stop() for s in servers]
+        codes = stop_all(servers)
     assert codes == [0, 0, 0]
 
 
@@ -694,8 +699,11 @@ def test_a_cast_the_courier_cannot_send_holds_up_no_other(ipc_dir, client):
     svc = ServiceProcess("held", ipc_dir, topic="held")
     try:
         # No probe in this test's time: only the test marks the server up.
+        # The fixture's cleanup() waits out the linger for the cast to
+        # held-raw, never acknowledged: a short one.
         client.init(rpc_zmq_ipc_dir=str(ipc_dir), rpc_zmq_host="client",
-                    rpc_zmq_heartbeat_interval=60, rpc_zmq_heartbeat_timeout=120)
+                    rpc_zmq_heartbeat_interval=60, rpc_zmq_heartbeat_timeout=120,
+                    rpc_zmq_linger=0.5)
         runtime = client._runtime()
         routes, backend = runtime.routes, runtime.backend
         routes.route("held")
@@ -888,7 +896,7 @@ conn = rpc.create_connection()
 conn.create_consumer("unanswered", proxy, deferred=True)
 conn.create_consumer("unanswered-control", Control())
 conn.consume_in_thread()
-serve_until_told(conn, 0.05)
+serve_until_told(conn)
 rpc.cleanup()
 """
 

@@ -18,7 +18,7 @@ from nova_zmq_fast._routes import Endpoint, RouteTable, host_candidates
 from nova_zmq_fast.matchmaker.local import LocalBackend
 from nova_zmq_fast.matchmaker.ring import RingBackend, parse_entry
 from nova_zmq_fast.options import Options
-from tests.conftest import ROOT, ServiceProcess, free_port, wait_until
+from tests.conftest import ROOT, ServiceProcess, free_port, stop_all, wait_until
 
 
 def local(tmp_path, **kw):
@@ -636,7 +636,7 @@ def test_ring_end_to_end_with_several_services_per_host(tmp_path, client):
             return len(tallies) == 3 and set(tallies.values()) == {1}
         assert wait_until(each_once, 10), tallies
     finally:
-        codes = [s.stop() for s in servers]
+        codes = stop_all(servers)
     assert codes == [0, 0, 0]
 
 

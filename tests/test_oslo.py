@@ -21,10 +21,10 @@ messaging = pytest.importorskip("oslo_messaging")
 from oslo_config import cfg  # noqa: E402
 from oslo_serialization import jsonutils  # noqa: E402
 
+from nova_zmq_fast.oslo_driver import _NOT_FOR_OSLO  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ROOT, ChildProcess, free_port, make_certificates, no_new_threads, open_fds, os_threads,
-    wait_until)
-from nova_zmq_fast.oslo_driver import _NOT_FOR_OSLO  # noqa: E402
+    stop_all, wait_until)
 from tests.helpers.errors import CustomError  # noqa: E402
 
 RABBIT = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -72,8 +72,26 @@ def servers(registry):
                       service("rpc", "g1", url, topic="svc-green", executor="eventlet"),
                       service("rpc", "x1", url, exchange="other"))
     yield {p.name: p for p in procs}
-    codes = [p.stop() for p in procs]
+    codes = stop_all(procs)
     assert codes == [0] * len(procs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prompt_executor_workers():
+    """As in tests/helpers/oslo_service.py: the "threading" executor's idle
+    futurist workers look for a stop every 50 ms, not once a second (each
+    server's wait() here would take that second; nothing depends on it)."""
+    try:
+        from futurist import _thread as futurist_thread
+        before = futurist_thread.ThreadWorker.MAX_IDLE_FOR
+    except (ImportError, AttributeError):
+        yield
+        return
+    futurist_thread.ThreadWorker.MAX_IDLE_FOR = 0.05
+    try:
+        yield
+    finally:
+        futurist_thread.ThreadWorker.MAX_IDLE_FOR = before
 
 
 @pytest.fixture
@@ -603,7 +621,7 @@ def test_pools_split_and_each_pool_gets_everything(registry, notifier, transport
         assert sorted(r["payload"]["i"] for r in listener_records(transport, "b1")) == \
             list(range(20))
     finally:
-        assert [p.stop() for p in (a1, a2, b1)] == [0, 0, 0]
+        assert stop_all([a1, a2, b1]) == [0, 0, 0]
 
 
 def test_batch_listener_receives_batches(registry, notifier, transport):
@@ -965,7 +983,7 @@ def test_a_stopped_server_hands_its_share_to_the_others_while_it_finishes(
         release.touch()
         if caller is not None:
             caller.join(30)
-        codes = [p.stop() for p in (h1, h2, hn)]
+        codes = stop_all([h1, h2, hn])
     assert codes == [0, 0, 0]
 
 

@@ -15,7 +15,7 @@ from nova_zmq_fast.exceptions import DiscoveryRefused, DiscoveryUnavailable
 from nova_zmq_fast.matchmaker.redis import RedisBackend
 from nova_zmq_fast.options import Options
 from tests.conftest import (
-    ROOT, RedisServer, ServiceProcess, free_port, make_certificates, wait_until)
+    ROOT, RedisServer, ServiceProcess, free_port, make_certificates, stop_all, wait_until)
 
 CTX = {"user_id": "u"}
 TTL = {"matchmaker_heartbeat_freq": 0.25, "matchmaker_heartbeat_ttl": 1.5}
@@ -192,7 +192,7 @@ def test_calls_casts_fanout_and_topic_host(redis_server, tmp_path, client):
             assert wait_until(lambda: client.call(
                 CTX, f"svc.{h}", msg("count", key="fanout:f")) == 1, 10)
     finally:
-        codes = [s.stop() for s in services]
+        codes = stop_all(services)
     assert codes == [0, 0]
 
 
@@ -292,7 +292,7 @@ def test_redis_outage_existing_traffic_goes_on(redis_server, tmp_path, client, c
             assert wait_until(lambda: r.sismember("nzf:topic:d:steady", first.address), 10)
         assert client.call(CTX, "steady", msg("whoami")) == "o1"
     finally:
-        codes = [s.stop() for s in (first, late) if s is not None]
+        codes = stop_all([s for s in (first, late) if s is not None])
     assert set(codes) == {0}
 
 

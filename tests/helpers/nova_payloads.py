@@ -71,22 +71,28 @@ def body(message_and_context):
                          use_bin_type=True)
 
 
-def payloads(size):
-    """name -> a request body of at most `size` bytes."""
-    out = {
-        "instances": {"method": "sync_instances", "args": {"items": _fill(size, instance)}},
-        "host stats by node": {"method": "update_available_resource", "args": {
+def payloads(size, names=None):
+    """name -> a request body of at most `size` bytes; only those in
+    `names`, if given (each takes a while to build)."""
+    def host_stats():
+        nodes = len(_fill(size, lambda i: [f"compute-{i}.example.org",
+                                            {"vcpus": 64, "memory_mb": 262144,
+                                             "local_gb": 2000, "running_vms": 1,
+                                             "cpu_info": "x86_64 EPYC"}]))
+        return {"method": "update_available_resource", "args": {
             "items": {f"compute-{i}.example.org": {"vcpus": 64, "memory_mb": 262144,
                                                     "local_gb": 2000, "running_vms": i % 50,
                                                     "cpu_info": "x86_64 EPYC"}
-                      for i in range(len(_fill(size, lambda i: [f"compute-{i}.example.org",
-                                                              {"vcpus": 64, "memory_mb": 262144,
-                                                               "local_gb": 2000, "running_vms": 1,
-                                                               "cpu_info": "x86_64 EPYC"}])))}}},
-        "console log": {"method": "get_console_output", "args": {"items": "x"}},
-        "image bytes": {"method": "upload", "args": {"items": b"\x00"}},
-        "instance ids": {"method": "refresh", "args": {"items": _fill(size, lambda i: 100000 + i)}},
+                      for i in range(nodes)}}}
+    makers = {
+        "instances": lambda: {"method": "sync_instances",
+                              "args": {"items": _fill(size, instance)}},
+        "host stats by node": host_stats,
+        "console log": lambda: {"method": "get_console_output",
+                                "args": {"items": "log line\n" * ((size - 200) // 9)}},
+        "image bytes": lambda: {"method": "upload", "args": {"items": b"\x00" * (size - 200)}},
+        "instance ids": lambda: {"method": "refresh",
+                                 "args": {"items": _fill(size, lambda i: 100000 + i)}},
     }
-    out["console log"]["args"]["items"] = "log line\n" * ((size - 200) // 9)
-    out["image bytes"]["args"]["items"] = b"\x00" * (size - 200)
-    return {name: body([message]) for name, message in out.items()}
+    return {name: body([make()]) for name, make in makers.items()
+            if names is None or name in names}

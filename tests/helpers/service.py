@@ -30,6 +30,7 @@ class TestService:
         self.records = {}
         self.lock = threading.Lock()
         self.conn = None
+        self.stopping = threading.Event()       # set once the test says stop
 
     # -- calls ---------------------------------------------------------------
     def echo(self, ctxt, value):
@@ -102,9 +103,11 @@ class TestService:
 
     def hold(self, ctxt, key, seconds):
         """Record `key` on arrival, then take `seconds`: a call a test can
-        see in flight before it cuts the server off."""
+        see in flight before it cuts the server off.  Cut short when the
+        service is told to stop: its cleanup() would otherwise wait out
+        the linger for it."""
         self.record(ctxt, key, True)
-        time.sleep(seconds)
+        self.stopping.wait(seconds)
         return self.host
 
     def journal(self, ctxt, value):
@@ -179,6 +182,7 @@ def main():
     # A test that sees us hang asks for every thread's stack.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     serve_until_told(conn)
+    service.stopping.set()
     rpc.cleanup()
     sys.exit(0)
 
