@@ -76,24 +76,6 @@ def servers(registry):
     assert codes == [0] * len(procs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prompt_executor_workers():
-    """As in tests/helpers/oslo_service.py: the "threading" executor's idle
-    futurist workers look for a stop every 50 ms, not once a second (each
-    server's wait() here would take that second; nothing depends on it)."""
-    try:
-        from futurist import _thread as futurist_thread
-        before = futurist_thread.ThreadWorker.MAX_IDLE_FOR
-    except (ImportError, AttributeError):
-        yield
-        return
-    futurist_thread.ThreadWorker.MAX_IDLE_FOR = 0.05
-    try:
-        yield
-    finally:
-        futurist_thread.ThreadWorker.MAX_IDLE_FOR = before
-
-
 @pytest.fixture
 def no_leaks():
     """Set up first, torn down last: every transport a test made must have

@@ -49,14 +49,6 @@ def main():
 
     import oslo_messaging as messaging
     from oslo_config import cfg
-    try:
-        # The "threading" executor's idle futurist workers look for a stop
-        # once a second (MAX_IDLE_FOR): each server's wait() would take
-        # that second.  Nothing here depends on it; they look every 50 ms.
-        from futurist import _thread as futurist_thread
-        futurist_thread.ThreadWorker.MAX_IDLE_FOR = 0.05
-    except (ImportError, AttributeError):
-        pass
 
     from tests.helpers.errors import CustomError
 
