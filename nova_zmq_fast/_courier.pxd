@@ -64,7 +64,6 @@ cdef class Courier:
     cdef double hold_seconds
     cdef readonly unsigned long long acked, resent, rejected, lost
     cdef readonly unsigned long long held_total, held_delivered, held_expired, held_dropped
-    cdef readonly unsigned long long forwarded      # casts and notifications sent on
 
     cdef bint _accept(self, Parcel p)
     cdef dict _count_dropped(self, double linger)

@@ -210,39 +210,6 @@ cdef class Courier:
         self._wake()
         return True
 
-    def forward(self, int kind, str topic not None, bytes body not None):
-        """Send on a plain cast or a notification that reached this process
-        for a topic it no longer serves (sent on a route cached before it
-        withdrew), to a consumer that does; never waits (the receive loop
-        calls it).  A cast goes as an at-least-once one: carried until a
-        server acknowledges it.  A notification is carried as a held one
-        is, up to rpc_zmq_hold_notifications_seconds and within
-        rpc_zmq_hold_notifications_bytes.  False if there is no room (10 x
-        rpc_zmq_topic_backlog on their way) or close() began."""
-        cdef Parcel p
-        if not self.has_room() or self.closed:
-            return False
-        if kind == KIND_NOTIFY:
-            if (self.held_count >= self.max_pending
-                    or self.held_bytes + PyBytes_GET_SIZE(body) > self.hold_bytes):
-                return False
-            p = parcel(KIND_NOTIFY, 0, 0, topic, None, body)
-            p.expires = _now() + self.hold_seconds
-        elif kind == KIND_CAST:
-            self.next_id += 1
-            p = parcel(KIND_CAST, FLAG_ACK, self.next_id, topic, None, body)
-        else:
-            raise ValueError(f"only a cast or a notification is sent on, not kind {kind}")
-        if not self._accept(p):
-            return False
-        if kind == KIND_NOTIFY:
-            self.held_count += 1
-            self.held_bytes += PyBytes_GET_SIZE(body)
-        self.forwarded += 1
-        self.start()
-        self._wake()
-        return True
-
     cdef bint _accept(self, Parcel p):
         """Queue `p` for the thread; False once close() began.  Under the
         lock close() takes: a parcel is either refused or queued before
@@ -262,7 +229,6 @@ cdef class Courier:
                 "notifications_held_delivered": self.held_delivered,
                 "notifications_held_expired": self.held_expired,
                 "notifications_held_dropped": self.held_dropped,
-                "forwarded": self.forwarded,
                 "peers_probed": len(self.probes),
                 "peers_down": sorted(a for a in self.probes if self.routes.is_down(a))}
 

@@ -36,7 +36,6 @@ cdef enum:                          # indexes into Server.counters
     REPLIES_HANDOFF_TIMEOUT,        # ... and found none in send_timeout: dropped
     STREAMS_TRUNCATED,              # multicalls that lost values: FAILURE instead of END
     REPLIES_TOO_LARGE,              # over rpc_zmq_max_message_size: FAILURE instead
-    FORWARDED,                      # casts and notifications for a withdrawn topic, sent on
     NCOUNTERS
 
 
@@ -89,7 +88,6 @@ cdef class Server:
     cdef int epoch
     cdef object serialize_failure   # exception -> msgpack-able failure
     cdef object on_failure          # called once if the receive loop dies
-    cdef object forward             # (kind, topic, body) of a topic not served: taken?
     cdef double send_timeout        # the longest a reply waits for the leader to take it
     cdef bint green                 # ... in a green thread (eventlet), cooperatively
     cdef public object before_close # called by stop() just before the sockets close
@@ -117,7 +115,6 @@ cdef class Server:
     cdef _forward_lost(self, zmq_msg_t *parts)
     cdef _drain(self, Worker w, uint64_t gen, zmq_msg_t *parts)
     cdef _handle(self, Worker w, uint64_t gen, zmq_msg_t *parts, Header *h)
-    cdef bint _forwarded(self, zmq_msg_t *parts, Header *h)
     cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
               Consumer consumer, RpcContext ctxt, dict msg)
     cdef _pong(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,

@@ -126,7 +126,7 @@ _COUNTER_NAMES = (
     "dropped_oversize", "dropped_bad_body", "dropped_unknown_topic",
     "dropped_revoked", "replies_undeliverable", "acks", "duplicates", "pings",
     "replies_delayed", "replies_handoff_timeout", "streams_truncated",
-    "replies_too_large", "forwarded",
+    "replies_too_large",
 )
 # Handled at-least-once casts remembered at most (see Seen): about 190
 # bytes each, 75 MB.
@@ -259,7 +259,7 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
           double patience=0.005, double quiet=0.05, serialize_failure,
           on_failure=None, bytes curve_secret=None,
           AllowList allow=None, double send_timeout=30.0, bint green=False,
-          double ack_timeout=30.0, forward=None):
+          double ack_timeout=30.0):
     """Bind a Server to `bind`; peers reach it at `address`, which is
     also the routing id it announces (outboxes address it by that).  With
     `curve_secret` (Z85) it speaks only CURVE and requires the context's
@@ -268,10 +268,7 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
     (rpc_cast_timeout) for the leader to take it; in a green thread when
     `green` (eventlet), cooperatively.  `ack_timeout` is
     rpc_zmq_ack_timeout, which sizes the window of at-least-once casts
-    (Seen).  `forward(kind, topic, body)` is offered each plain cast and
-    notification for a topic not served here, and returns True if it took
-    it (to send it on to a server that does); what it does not take is
-    dropped and counted.  It serves once start() is called."""
+    (Seen).  It serves once start() is called."""
     cdef Server server = Server.__new__(Server)
     server._setup(ctx, bind, host, address, max_message_size, max_threads, backlog,
                   socket_buffer, patience, quiet, serialize_failure, on_failure, curve_secret,
@@ -279,7 +276,6 @@ def serve(Context ctx not None, str bind not None, str host not None, str addres
     server.send_timeout = max(0.0, send_timeout)
     server.green = green
     server.seen.window = 2 * max(0.0, ack_timeout)
-    server.forward = forward
     return server
 
 
@@ -895,8 +891,6 @@ cdef class Server:
         if sub is None:
             if kind == KIND_PING:       # to a PING, REFUSED is an answer, not a drop
                 self.counters[PINGS] += 1
-            elif not answered and self._forwarded(parts, h):
-                return
             else:
                 self._drop(DROPPED_TOPIC, "a message for a topic not served here")
             if answered:
@@ -939,28 +933,6 @@ cdef class Server:
             self._run(w, gen, &parts[0], h, consumer,
                       RpcContext.wrap(<dict>(<list>body)[0]), <dict>(<list>body)[1])
             body = None
-
-    cdef bint _forwarded(self, zmq_msg_t *parts, Header *h):
-        """Did `forward` take this plain cast or notification for a topic not
-        served here?  (A fanout reaches every consumer: one that left has
-        nothing to hand on.)  Counted if so; its failure is logged."""
-        if self.forward is None or h.kind == KIND_FANOUT:
-            return False
-        try:
-            topic = PyBytes_FromStringAndSize(h.topic, h.topic_len).decode("utf-8")
-        except UnicodeDecodeError:
-            return False                # never served here, then
-        body = PyBytes_FromStringAndSize(<const char *>zmq_msg_data(&parts[2]),
-                                         zmq_msg_size(&parts[2]))
-        try:
-            if not self.forward(h.kind, topic, body):
-                return False
-        except Exception:
-            self.log.error(("forward",), "could not send on a message for %r", topic,
-                           exc_info=True)
-            return False
-        self.counters[FORWARDED] += 1
-        return True
 
     cdef _run(self, Worker w, uint64_t gen, zmq_msg_t *identity, Header *h,
               Consumer consumer, RpcContext ctxt, dict msg):

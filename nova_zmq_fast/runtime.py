@@ -132,7 +132,6 @@ class Runtime:
         self.node = None                    # this process's Endpoint, once serving
         self.connections = set()
         self._announced = {}                # (topic, fanout) -> consuming Connections
-        self._withdrawn = set()             # topics served once, not now (_forward)
         self.lock = unpatched("threading").RLock()
 
     # -- the process's one listening socket ------------------------------------
@@ -204,7 +203,7 @@ class Runtime:
                     on_failure=self._server_failed,
                     curve_secret=self.curve[1] if self.curve else None, allow=allow,
                     send_timeout=opts.rpc_cast_timeout, green=self.client.green,
-                    ack_timeout=opts.rpc_zmq_ack_timeout, forward=self._forward)
+                    ack_timeout=opts.rpc_zmq_ack_timeout)
             except OSError as exc:
                 # EADDRINUSE: another process took the free port first, or a
                 # fixed port is still held by a server just closed.
@@ -261,8 +260,6 @@ class Runtime:
             holders.add(conn)
             if len(holders) == 1:
                 self.backend.register(self.node, topic, fanout)
-                if not fanout:
-                    self._withdrawn.discard(topic)
 
     def withdraw(self, conn, topic, fanout):
         """`conn` stops consuming (topic, fanout): unregister after the last."""
@@ -273,8 +270,6 @@ class Runtime:
             holders.discard(conn)
             if not holders:
                 del self._announced[(topic, fanout)]
-                if not fanout:
-                    self._withdrawn.add(topic)
                 try:
                     self.backend.unregister(self.node, topic, fanout)
                 except Exception as exc:            # noqa: BLE001
@@ -306,14 +301,6 @@ class Runtime:
         zap, self.zap = self.zap, None
         if zap is not None:
             zap.stop()
-
-    def _forward(self, kind, topic, body):
-        """The server's `forward`: a plain cast or notification for a topic
-        this process withdrew, which reached it on a route its sender cached
-        before, is sent on by the courier to a server that consumes it
-        (Courier.forward), as a broker hands a cancelled consumer's share to
-        the others.  Anything else not served here is dropped and counted."""
-        return topic in self._withdrawn and self.courier.forward(kind, topic, body)
 
     def _server_failed(self):
         # The receive loop died: withdraw from discovery at once, so that
@@ -525,8 +512,8 @@ class Connection:
         """Stop consuming every topic, as remove_consumer() does one: each
         is withdrawn from discovery first, then drained.  Afterwards a call
         that still arrives (sent on a route cached before) is refused, and
-        its caller tries another server; a cast or notification is sent on
-        to another consumer (Runtime._forward).  The listening socket stays up
+        its caller tries another server; a cast or notification is dropped
+        and counted in the server's stats().  The listening socket stays up
         until close(), so that handlers still running (a deferred
         consumer's) can send their replies."""
         with self._lock:
