@@ -874,9 +874,13 @@ cdef class Server:
         cdef bint answered = kind == KIND_CALL or kind == KIND_PING or (
             kind == KIND_CAST and h.flags & FLAG_ACK)
         if self.allow is not None and self.allow.revoked and self._revoked(&parts[1]):
-            # Nothing runs; a caller learns why rather than timing out.
+            # Nothing runs.  A call learns why rather than timing out; a
+            # PING stays unanswered, so that the sender's probes pass this
+            # server over (for the others, which may still accept its key),
+            # and an at-least-once cast unacknowledged, so that it goes
+            # to another.
             self._drop(DROPPED_REVOKED, "a message over a connection whose key was revoked")
-            if answered:
+            if kind == KIND_CALL:
                 self._fail(w, gen, &parts[0], msg_id, KeyRevoked(
                     f"{self.address} took this process's CURVE key out of its allow-list"))
             return
