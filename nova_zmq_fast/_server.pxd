@@ -96,7 +96,8 @@ cdef class Server:
     cdef dict about                 # what a PING is answered with
     cdef Seen seen                  # at-least-once casts received: never run twice
     cdef dict broken                # (caller, msg_id) of a stream that lost values ->
-                                    # (how many, whether the leader lost one forwarding)
+                                    # (how many, whether the leader lost one forwarding,
+                                    # the error its end reports or None: StreamTruncated)
     cdef uint64_t loop_gen          # the token's generation an event loop leads with, or 0
     cdef unsigned long loop_thread  # ... and that loop's thread
     cdef Worker loop_worker

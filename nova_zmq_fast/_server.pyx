@@ -31,7 +31,9 @@ A multicall streams its values as CHUNKs, then END.  Once a CHUNK is lost
 (the caller reads more slowly than the server yields, and its queue of
 ZMQ_SNDHWM replies is full), the stream is *broken*: its later CHUNKs are
 dropped too, so that the caller never sees a gap, and its end (END, or a
-last value sent as RESULT) goes as a FAILURE (StreamTruncated).  "Later"
+last value sent as RESULT) goes as a FAILURE (StreamTruncated).  A value
+over rpc_zmq_max_message_size is never sent: it breaks its stream the same
+way, and the end's FAILURE is MessageTooLarge.  "Later"
 in the stream's order, not the clock's: replies handed to the control
 socket wait there for the leader, so what is queued ahead of a loss still
 goes, what is queued behind one does not, and the end is settled only
@@ -1083,8 +1085,10 @@ cdef class Server:
                     return
                 kind, body = KIND_FAILURE, fate
         if 0 < self.max_message_size < PyBytes_GET_SIZE(body):
-            kind, body = KIND_FAILURE, self._too_large(identity, identity_len, kind, msg_id,
-                                                       PyBytes_GET_SIZE(body))
+            body = self._too_large(identity, identity_len, kind, msg_id, PyBytes_GET_SIZE(body))
+            if body is None:
+                return                      # a stream's value: its end says why
+            kind = KIND_FAILURE
         hlen = write_header(header, kind, 0, msg_id, NULL, 0)
         data = PyBytes_AS_STRING(body)
         size = PyBytes_GET_SIZE(body)
@@ -1108,16 +1112,21 @@ cdef class Server:
 
     cdef bytes _too_large(self, const char *identity, size_t identity_len, int kind,
                           uint64_t msg_id, Py_ssize_t size):
-        """The FAILURE body sent in place of a reply over
-        rpc_zmq_max_message_size, which no caller would accept: the caller
-        learns why at once, not at its timeout.  A stream ends there: its
-        later values are dropped as a broken stream's are."""
+        """A reply over rpc_zmq_max_message_size, which no caller would
+        accept, is not sent.  Returns the FAILURE body to send in its place,
+        so that the caller learns why rather than timing out; or None for a
+        stream's value (CHUNK): the stream breaks there, as when a value is
+        lost, and its end is this FAILURE (_stream_fate)."""
         self.counters[REPLIES_TOO_LARGE] += 1
-        if kind == KIND_CHUNK:
-            # Its later CHUNKs are dropped; those queued before it still go.
-            self.broken[(identity[:identity_len], msg_id)] = (1, False)
         error = MessageTooLarge(f"the reply is {size} bytes; the server's "
                                 f"rpc_zmq_max_message_size is {self.max_message_size}")
+        if kind == KIND_CHUNK:
+            key = (identity[:identity_len], msg_id)
+            lost, behind, why = self.broken.get(key, (0, False, None))
+            self.broken[key] = (lost + 1, behind, why or error)
+            if len(self.broken) > BROKEN_MAX:
+                del self.broken[next(iter(self.broken))]
+            return None
         try:
             return _packb(self.serialize_failure(error))
         except Exception:
@@ -1131,8 +1140,8 @@ cdef class Server:
         self.counters[REPLIES_UNDELIVERABLE] += 1
         if kind == KIND_CHUNK:
             key = (identity[:identity_len], msg_id)
-            lost, behind = self.broken.get(key, (0, False))
-            self.broken[key] = (lost + 1, behind or forwarding)
+            lost, behind, why = self.broken.get(key, (0, False, None))
+            self.broken[key] = (lost + 1, behind or forwarding, why)
             if len(self.broken) > BROKEN_MAX:
                 del self.broken[next(iter(self.broken))]
 
@@ -1165,22 +1174,23 @@ cdef class Server:
         found = self.broken.get(key)
         if found is None or kind == KIND_HEARTBEAT:
             return None
-        lost, behind = found
+        lost, behind, why = found
         if kind == KIND_CHUNK:
             if forwarding and not behind:
                 return None
-            self.broken[key] = (lost + 1, behind)
+            self.broken[key] = (lost + 1, behind, why)
             self.counters[REPLIES_UNDELIVERABLE] += 1
             return b""
         del self.broken[key]                # the stream's last reply
         if kind == KIND_FAILURE:
             return None                     # a failure already
         self.counters[STREAMS_TRUNCATED] += 1       # END, or a last value (RESULT)
+        # Why it broke: a value over the size limit, or values lost.
+        error = why if why is not None else StreamTruncated(lost=lost)
         try:
-            return _packb(self.serialize_failure(StreamTruncated(lost=lost)))
+            return _packb(self.serialize_failure(error))
         except Exception:
-            return _packb(["builtins", "RuntimeError",
-                           f"{lost} value(s) of the stream were lost on the way", [], ""])
+            return _packb(["builtins", "RuntimeError", str(error), [], ""])
 
     @cython.final
     cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,

@@ -139,7 +139,8 @@ def test_a_frame_far_over_the_limit_drops_only_that_sender(target, bad_client):
 
 def test_a_reply_over_the_limit_fails_the_call_at_once(target, bad_client):
     """The server sends no reply its own limit forbids: the caller gets
-    MessageTooLarge instead, not its timeout; a stream ends there."""
+    MessageTooLarge instead, not its timeout; a stream's values stop
+    there, and it ends with that failure."""
     before = stats_of(bad_client)
     blobs = {"method": "blobs", "args": {"sizes": [10, MAX + 100, 10]}}
     with pytest.raises(bad_client.MessageTooLarge, match=f"rpc_zmq_max_message_size is {MAX}"):
@@ -149,7 +150,11 @@ def test_a_reply_over_the_limit_fails_the_call_at_once(target, bad_client):
         for value in bad_client.multicall(CTX, "svc.bad1", blobs, timeout=30):
             got.append(value)
     assert got == [b"x" * 10]
-    assert delta(before, stats_of(bad_client))["replies_too_large"] == 2
+    changed = delta(before, stats_of(bad_client))
+    assert changed["replies_too_large"] == 2 and changed["streams_truncated"] == 1, changed
+    # Sent: the call's failure, the first value, the stream's failure, and
+    # the two stats() answers (each counted once it has left).
+    assert changed["replies"] == 4, changed
     assert bad_client.call(CTX, "svc.bad1", {"method": "echo", "args": {"value": 3}}) == 3
 
 
