@@ -26,6 +26,7 @@ cdef class Probe:
     cdef bint connected             # answered on the current probe connection
     cdef str topic                  # a route that held it when last wanted, to ask
     cdef bint fanout                # discovery whether it withdrew (RouteTable.withdrew)
+    cdef double asked               # ... when it last asked
 
 
 cdef class Courier:

@@ -523,6 +523,7 @@ cdef class Courier:
         for p in self.pending.values():
             self._probe_of(p.endpoint, now).wanted = now
         gone = set(self.routes.forgotten())
+        routed = None                       # addresses some cached route holds, if asked
         for address, probe in list(self.probes.items()):
             if address in gone:
                 # Discovery knows it is dead: what it never acknowledged
@@ -537,8 +538,15 @@ cdef class Courier:
             if now - probe.answered >= self.probe_timeout:
                 # Not heard from for the timeout, whatever the reason: frozen,
                 # cut off, every worker stuck, or never even connected.
-                if (probe.topic is not None and address not in self.routes.addresses()
-                        and self.routes.withdrew(address, probe.topic, probe.fanout)):
+                if routed is None:
+                    routed = self.routes.addresses()
+                if (probe.topic is not None and address not in routed
+                        and now - probe.asked >= self.probe_timeout):
+                    probe.asked = now           # discovery is asked at this pace, no faster
+                    withdrew = self.routes.withdrew(address, probe.topic, probe.fanout)
+                else:
+                    withdrew = False
+                if withdrew:
                     # ... or it closed cleanly: discovery no longer lists it
                     # where it was found.  Nothing to warn of, or to probe.
                     self._resend_from(address, now)

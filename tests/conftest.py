@@ -132,7 +132,15 @@ def stop_all(children, timeout=15):
     at once: their cleanups (each up to its rpc_zmq_linger) overlap."""
     for child in children:
         child.terminate()
-    return [child.stop(timeout) for child in children]
+    codes, stuck = [], None
+    for child in children:
+        try:
+            codes.append(child.stop(timeout))
+        except AssertionError as exc:       # killed, after its stacks were dumped
+            stuck = stuck or exc
+    if stuck is not None:
+        raise stuck                         # once every child has been stopped or killed
+    return codes
 
 
 class ServiceProcess(ChildProcess):
