@@ -436,13 +436,11 @@ cdef class Courier:
                     self.unsent_pause = UNSENT_PAUSE_MIN
                     self.resent += 1
                 elif h.kind == KIND_FAILURE:
-                    # The server refused it before running it (it could not
-                    # decode it, or this process's key was revoked there):
-                    # sending it again would fail the same way.
+                    # The server could not even decode it: sending it again
+                    # anywhere would fail the same way.
                     self.rejected += 1
                     THROTTLED.error("rejected", "an at-least-once cast to %s was rejected by "
-                                    "%s: malformed, or this process's key revoked there",
-                                    p.topic, address)
+                                    "%s as malformed", p.topic, address)
                 else:
                     self.pending[h.msg_id] = p
         finally:
