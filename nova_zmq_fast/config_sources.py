@@ -65,9 +65,9 @@ def _known(known, name, where):
 
 
 def typed(opt, text, where):
-    """`text` as option `opt` wants it, checked (a backend, that it
-    exists), with `where` it came from in the error.  An empty value leaves
-    a port unset (the backend's default)."""
+    """`text` as option `opt` wants it, checked, with `where` it came from
+    in the error.  An empty value leaves a port unset (the backend's
+    default)."""
     text = text.strip()
     try:
         if opt.kind in ("int", "port"):
@@ -79,10 +79,7 @@ def typed(opt, text, where):
     except ValueError:
         raise ConfigError(f"{where}: {opt.name} must be a number, not {text!r}") from None
     try:
-        value = opt.value(value)
-        if opt.name == "rpc_zmq_matchmaker":
-            matchmaker.load(matchmaker.canonical(value))
-        return value
+        return opt.value(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -18,7 +18,8 @@ from nova_zmq_fast import matchmaker
 class Option:
     """One option: name, kind, default and help text.
 
-    kinds: 'str', 'host' (a host name), 'int' (>= 1), 'count' (>= 0), 'float'
+    kinds: 'str', 'backend' (a discovery backend that exists, by name or
+    by an original class path; normalised to its name), 'host' (a host name), 'int' (>= 1), 'count' (>= 0), 'float'
     (> 0, or >= 0 with zero_ok), 'bool', 'port' (0..65535, or None), 'list'
     (of str), 'secret'.  Numbers have a `maximum` too: by default a year
     of seconds, or what a C int holds."""
@@ -40,9 +41,12 @@ class Option:
             if kind in ("int", "count", "float", "bool", "list", "host"):
                 raise ValueError(f"{name} must be set")
             return None
-        if kind in ("str", "secret"):
+        if kind in ("str", "secret", "backend"):
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, not {value!r}")
+            if kind == "backend":
+                value = matchmaker.canonical(value)
+                matchmaker.load(value)          # ValueError if there is none
             return value
         if kind == "host":
             if not isinstance(value, str) or not value or value.strip() != value or \
@@ -84,7 +88,7 @@ CORE = [
     Option("rpc_zmq_host", "host", None,
            "Logical host name of this process: 'topic.host' reaches it. "
            "Default: the machine's hostname."),
-    Option("rpc_zmq_matchmaker", "str", "local",
+    Option("rpc_zmq_matchmaker", "backend", "local",
            "Discovery backend: 'local' (embedded, one machine), 'ring' (a JSON "
            "ring file) or 'redis'. The original driver's class paths "
            "(...matchmaker.MatchMakerRing, MatchMakerRedis, MatchMakerLocalhost) name "
@@ -212,9 +216,9 @@ class Options:
             if value is None and opt.name == "rpc_zmq_host":
                 value = socket.gethostname()
             values[opt.name] = opt.value(value)
-        # Fails here, at init, for a backend that does not exist, and for
-        # CURVE that cannot work: a libzmq without it, a key others can read.
-        values["rpc_zmq_matchmaker"] = matchmaker.canonical(values["rpc_zmq_matchmaker"])
+        # Fails at init, for a backend that does not exist (its option's
+        # value(), above), and here for CURVE that cannot work: a libzmq
+        # without it, a key others can read.
         backend = matchmaker.load(values["rpc_zmq_matchmaker"])
         advertise = values["rpc_zmq_advertise_address"]
         if advertise and advertise.strip("[]") in matchmaker.WILDCARDS:
@@ -289,7 +293,7 @@ def oslo_opts(exclude=(), deprecated_group=None):
 
     def opt(name, kind, default, help):
         common = dict(default=default, help=help, deprecated_group=deprecated_group)
-        if name == "rpc_zmq_matchmaker":
+        if kind == "backend":
             return cfg.StrOpt(name, choices=matchmaker.available(), **common)
         if kind == "host":
             return cfg.HostAddressOpt(name, sample_default="<hostname>", **common)
