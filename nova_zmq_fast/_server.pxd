@@ -139,6 +139,9 @@ cdef class Server:
                           uint64_t msg_id, Py_ssize_t size)
     cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id,
                bint forwarding)
+    cdef _break(self, const char *identity, size_t identity_len, uint64_t msg_id,
+                bint forwarding, why)
+    cdef bytes _failure_body(self, error)
     cdef bint _leads(self, uint64_t gen) noexcept
     cdef object _stream_fate(self, const char *identity, size_t identity_len, int kind,
                              uint64_t msg_id, bint forwarding)

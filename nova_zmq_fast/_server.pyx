@@ -1121,16 +1121,9 @@ cdef class Server:
         error = MessageTooLarge(f"the reply is {size} bytes; the server's "
                                 f"rpc_zmq_max_message_size is {self.max_message_size}")
         if kind == KIND_CHUNK:
-            key = (identity[:identity_len], msg_id)
-            lost, behind, why = self.broken.get(key, (0, False, None))
-            self.broken[key] = (lost + 1, behind, why or error)
-            if len(self.broken) > BROKEN_MAX:
-                del self.broken[next(iter(self.broken))]
+            self._break(identity, identity_len, msg_id, False, error)
             return None
-        try:
-            return _packb(self.serialize_failure(error))
-        except Exception:
-            return _packb(["builtins", "RuntimeError", str(error), [], ""])
+        return self._failure_body(error)
 
     cdef _lost(self, const char *identity, size_t identity_len, int kind, uint64_t msg_id,
                bint forwarding):
@@ -1139,11 +1132,26 @@ cdef class Server:
         where later CHUNKs of the stream may already wait behind it."""
         self.counters[REPLIES_UNDELIVERABLE] += 1
         if kind == KIND_CHUNK:
-            key = (identity[:identity_len], msg_id)
-            lost, behind, why = self.broken.get(key, (0, False, None))
-            self.broken[key] = (lost + 1, behind or forwarding, why)
-            if len(self.broken) > BROKEN_MAX:
-                del self.broken[next(iter(self.broken))]
+            self._break(identity, identity_len, msg_id, forwarding, None)
+
+    cdef _break(self, const char *identity, size_t identity_len, uint64_t msg_id,
+                bint forwarding, why):
+        """One more value of a stream not sent: the stream is broken (see
+        the module docstring).  `forwarding`: lost by the leader, with later
+        values maybe queued behind it; `why`: the error its end reports
+        (the first given), else StreamTruncated."""
+        key = (identity[:identity_len], msg_id)
+        lost, behind, was = self.broken.get(key, (0, False, None))
+        self.broken[key] = (lost + 1, behind or forwarding, was or why)
+        if len(self.broken) > BROKEN_MAX:
+            del self.broken[next(iter(self.broken))]
+
+    cdef bytes _failure_body(self, error):
+        """A FAILURE reply's body for `error`, however it serializes."""
+        try:
+            return _packb(self.serialize_failure(error))
+        except Exception:
+            return _packb(["builtins", "RuntimeError", str(error), [], ""])
 
     cdef bint _leads(self, uint64_t gen) noexcept:
         """This thread leads with the token `gen`: what it sends goes
@@ -1186,11 +1194,7 @@ cdef class Server:
             return None                     # a failure already
         self.counters[STREAMS_TRUNCATED] += 1       # END, or a last value (RESULT)
         # Why it broke: a value over the size limit, or values lost.
-        error = why if why is not None else StreamTruncated(lost=lost)
-        try:
-            return _packb(self.serialize_failure(error))
-        except Exception:
-            return _packb(["builtins", "RuntimeError", str(error), [], ""])
+        return self._failure_body(why if why is not None else StreamTruncated(lost=lost))
 
     @cython.final
     cdef inline int _try_send(self, uint64_t gen, const char *identity, size_t identity_len,
